@@ -1,0 +1,43 @@
+# One venv, installed only from the hash-pinned lock (requirements.lock).
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install run test lint bench lock fetch-weights train-cifar clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --require-hashes --no-deps -r requirements.lock
+	$(BIN)/pip install --no-deps --no-build-isolation -e .
+	$(BIN)/python -c "import torch, torchvision, torchvision.ops, faiss, cv2, fastapi; print('deps ok: torch', torch.__version__, 'torchvision', torchvision.__version__)"
+	touch $@
+
+run: install
+	$(BIN)/python -m app.cli serve
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy app models
+
+bench: install
+	$(BIN)/python bench/classify_load.py --matrix
+
+lock:
+	$(BIN)/pip install -q uv
+	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--generate-hashes --no-header --no-annotate -o requirements.lock
+
+fetch-weights: install
+	$(BIN)/python -m app.cli fetch-weights
+
+train-cifar: install
+	$(BIN)/python -m app.cli train images --data ../shared/data/cifar10/train --out runs/cifar10-resnet20 \
+		--name cifar10-resnet20 --depth 20 --epochs 40 --install weights
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

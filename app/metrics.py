@@ -1,0 +1,55 @@
+"""Prometheus metrics of one app instance (its own registry, so several apps can coexist in tests)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+
+
+class Metrics:
+    """HTTP and batching metrics; also the batcher's observer."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("cnn_http_requests", "HTTP requests by route, method and status",
+                                ["route", "method", "status"], registry=r)
+        self.latency = Histogram("cnn_http_request_duration_seconds", "HTTP request latency by route and status",
+                                 ["route", "method", "status"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth_gauge = Gauge("cnn_batch_queue_depth", "Items waiting in a model's batch queue",
+                                       ["model"], registry=r)
+        self.queue_wait_hist = Histogram("cnn_batch_queue_wait_seconds", "Time an item waited before its batch ran",
+                                         ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size_hist = Histogram("cnn_batch_size", "Items per forward pass", ["model"],
+                                         buckets=BATCH_BUCKETS, registry=r)
+        self.batch_seconds = Histogram("cnn_batch_forward_seconds", "Duration of one batched forward pass",
+                                       ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.rejected = Counter("cnn_batch_rejected", "Items rejected because a model's queue was full",
+                                ["model"], registry=r)
+        self.model_ready = Gauge("cnn_model_ready", "1 when a model is loaded and serving", ["model", "task"],
+                                 registry=r)
+
+    # BatchObserver protocol
+    def batch_run(self, model: str, size: int, seconds: float) -> None:
+        """Record one batch."""
+        self.batch_size_hist.labels(model).observe(size)
+        self.batch_seconds.labels(model).observe(seconds)
+
+    def queue_wait(self, model: str, seconds: float) -> None:
+        """Record one item's wait in the queue."""
+        self.queue_wait_hist.labels(model).observe(seconds)
+
+    def queue_depth(self, model: str, depth: int) -> None:
+        """Record a model's queue depth."""
+        self.queue_depth_gauge.labels(model).set(depth)
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Record one HTTP request."""
+        self.requests.labels(route, method, str(status)).inc()
+        self.latency.labels(route, method, str(status)).observe(seconds)
+
+    def render(self) -> bytes:
+        """Prometheus text exposition."""
+        return generate_latest(self.registry)

@@ -1,0 +1,72 @@
+"""Device selection and the inference fast paths (eval, inference mode, autocast, channels_last)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def select_device(setting: str = "auto") -> torch.device:
+    """CUDA when present (or asked for), else CPU."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(setting)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {setting!r} requested but CUDA is not available")
+    return dev
+
+
+def configure_torch(device: torch.device, threads: int = 0) -> None:
+    """Process-wide torch settings for serving."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def prepare_model(model: nn.Module, device: torch.device, *, compile_model: bool = False) -> nn.Module:
+    """Eval mode on the device; channels_last and optional torch.compile on CUDA."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if device.type == "cuda":
+        model = model.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        if compile_model:
+            model = torch.compile(model)  # type: ignore[assignment]
+    else:
+        model = model.to(device)
+    return model
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 where the GPU supports it, fp16 on older GPUs, none on CPU (fp32 there is faster and exact)."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+@contextlib.contextmanager
+def inference_context(device: torch.device) -> Iterator[None]:
+    """torch.inference_mode plus autocast on CUDA."""
+    dtype = autocast_dtype(device)
+    with torch.inference_mode():
+        if dtype is None:
+            yield
+        else:
+            with torch.autocast(device_type="cuda", dtype=dtype):
+                yield
+
+
+def to_device_batch(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move a 4-D batch to the device, channels_last on CUDA."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    return x

@@ -1,0 +1,390 @@
+"""The model registry: manifest, weights resolution, loading, per-model status.
+
+Weights resolution (the same for every model, DESIGN.md):
+1. a file in the weights directory whose sha256 matches the manifest (torchvision files: the hash
+   prefix their file name carries, the check torch.hub itself makes);
+2. the torch hub cache ($TORCH_HOME/hub/checkpoints) under torchvision's own file name;
+3. a download, only when downloads are enabled, failing fast when the network is unreachable;
+4. otherwise the model is unavailable (503 naming the file), unless untrained weights are
+   explicitly allowed, in which case it runs with random weights labelled "untrained".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import socket
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from torch import nn
+
+from models.preprocess import ImageSpec
+from models.zoo import build_classifier, fix_torchvision_state_dict, torchvision_classifiers, torchvision_weights
+
+from .device import inference_context, prepare_model, to_device_batch
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+Status = Literal["loading", "ready", "unavailable", "failed"]
+
+
+class PreprocessingEntry(BaseModel):
+    """How images are prepared for the model (see models.preprocess.ImageSpec)."""
+
+    model_config = ConfigDict(extra="forbid")
+    resize: int = Field(gt=0)
+    crop: int = Field(gt=0)
+    mean: list[float] = Field(min_length=3, max_length=3)
+    std: list[float] = Field(min_length=3, max_length=3)
+    interpolation: Literal["nearest", "bilinear", "bicubic"] = "bilinear"
+
+
+class ManifestEntry(BaseModel):
+    """One model in weights/manifest.json."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    task: Literal["image-classification", "face-embedding", "text-classification", "style-features"]
+    family: str
+    arch: dict[str, Any] = Field(default_factory=dict)
+    file: str = Field(pattern=r"^[^/\\]+$")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    labels: list[str] = Field(default_factory=list)
+    preprocessing: PreprocessingEntry | None = None
+    source: str = "project"
+    training: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    card: str | None = None
+    license: str | None = None
+
+    @model_validator(mode="after")
+    def _classifier_fields(self) -> ManifestEntry:
+        if self.task == "image-classification":
+            if len(self.labels) < 2:
+                raise ValueError("an image classifier needs at least two labels")
+            if self.preprocessing is None:
+                raise ValueError("an image classifier needs its preprocessing")
+        return self
+
+
+class Manifest(BaseModel):
+    """weights/manifest.json."""
+
+    model_config = ConfigDict(extra="forbid")
+    models: list[ManifestEntry]
+
+
+def load_manifest(weights_dir: Path) -> dict[str, ManifestEntry]:
+    """Entries of the manifest in weights_dir by name (empty when there is no manifest)."""
+    path = weights_dir / MANIFEST_NAME
+    if not path.exists():
+        return {}
+    try:
+        manifest = Manifest.model_validate(json.loads(path.read_text()))
+    except (ValueError, ValidationError) as exc:
+        raise RuntimeError(f"{path}: invalid manifest: {exc}") from exc
+    names = [m.name for m in manifest.models]
+    if len(set(names)) != len(names):
+        raise RuntimeError(f"{path}: duplicate model names")
+    return {m.name: m for m in manifest.models}
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hub_checkpoint_dir(torch_home: Path | None = None) -> Path:
+    """torch.hub's checkpoint cache ($TORCH_HOME/hub/checkpoints), honouring an override."""
+    if torch_home is not None:
+        return Path(torch_home) / "hub" / "checkpoints"
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+@dataclass(frozen=True)
+class WeightsRef:
+    """Where a model's weights should come from and how to check them."""
+
+    file_name: str
+    sha256: str | None = None  # full digest (project weights)
+    hash_prefix: str | None = None  # torchvision's file-name prefix
+    url: str | None = None
+
+    def matches(self, path: Path) -> bool:
+        """Whether the file's sha256 is the expected one."""
+        digest = sha256_of(path)
+        if self.sha256:
+            return digest == self.sha256
+        if self.hash_prefix:
+            return digest.startswith(self.hash_prefix)
+        return True
+
+
+class WeightsUnavailable(Exception):
+    """No verified weights file could be found (or fetched)."""
+
+
+@dataclass(frozen=True)
+class ResolvedWeights:
+    """A verified weights file and where it was found."""
+
+    path: Path
+    source: Literal["weights_dir", "hub_cache", "download"]
+
+
+def check_reachable(url: str, timeout: float = 4.0) -> None:
+    """Fail fast (instead of hanging) when the weights host cannot be reached."""
+    parts = urllib.parse.urlparse(url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise WeightsUnavailable(f"cannot reach {host}:{port} to download {url} ({exc}); this machine is offline "
+                                 "or the host is blocked: copy the file in by hand instead") from exc
+
+
+def download_weights(ref: WeightsRef, dest_dir: Path, *, progress: bool = True) -> Path:
+    """Download a weights file into dest_dir with a progress bar, verifying its hash; fail fast offline."""
+    if not ref.url:
+        raise WeightsUnavailable(f"{ref.file_name} has no download URL")
+    check_reachable(ref.url)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / ref.file_name
+    try:
+        # torch.hub's own downloader: temp file, progress bar, sha256-prefix check, atomic rename
+        torch.hub.download_url_to_file(ref.url, str(dest), hash_prefix=ref.hash_prefix, progress=progress)
+    except Exception as exc:  # network or hash failure: never leave a half file behind
+        dest.unlink(missing_ok=True)
+        raise WeightsUnavailable(f"download of {ref.url} failed: {exc}") from exc
+    if not ref.matches(dest):
+        dest.unlink(missing_ok=True)
+        raise WeightsUnavailable(f"downloaded {ref.file_name} does not match its expected sha256")
+    return dest
+
+
+def resolve_weights(ref: WeightsRef, weights_dir: Path, hub_dir: Path, *, allow_download: bool) -> ResolvedWeights:
+    """Find a verified file for `ref` in the weights dir, then the hub cache, then (if allowed) by download."""
+    problems: list[str] = []
+    for where, directory in (("weights_dir", weights_dir), ("hub_cache", hub_dir)):
+        path = directory / ref.file_name
+        if path.is_file():
+            if ref.matches(path):
+                return ResolvedWeights(path, where)  # type: ignore[arg-type]
+            problems.append(f"{path} exists but its sha256 does not match")
+    if allow_download and ref.url:
+        return ResolvedWeights(download_weights(ref, hub_dir), "download")
+    hint = f"put {ref.file_name} in {weights_dir} or {hub_dir}"
+    if ref.url:
+        hint += " (fetch it with `python -m app.cli fetch-weights` on a machine with internet)"
+    raise WeightsUnavailable("; ".join([*problems, f"weights file {ref.file_name} not found: {hint}"]))
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to build, load and describe one servable model."""
+
+    name: str
+    task: str
+    family: str
+    arch: dict[str, Any]
+    labels: list[str]
+    preprocessing: ImageSpec | None
+    weights: WeightsRef
+    source: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def spec_from_manifest(entry: ManifestEntry) -> ModelSpec:
+    """A ModelSpec from a manifest entry."""
+    pre = ImageSpec.from_dict(entry.preprocessing.model_dump()) if entry.preprocessing else None
+    extra = entry.model_extra or {}
+    info = {"training": entry.training, "card": entry.card, "license": entry.license, **extra}
+    return ModelSpec(
+        name=entry.name, task=entry.task, family=entry.family, arch=entry.arch, labels=entry.labels,
+        preprocessing=pre, weights=WeightsRef(entry.file, sha256=entry.sha256, url=extra.get("url")),
+        source=entry.source, metrics=entry.metrics, info=info,
+    )
+
+
+def spec_from_torchvision(name: str) -> ModelSpec:
+    """A ModelSpec from torchvision's own weights metadata (file name, hash, transforms, categories)."""
+    tw = torchvision_weights(name)
+    metrics = {k: v for k, v in tw.meta.get("_metrics", {}).get("ImageNet-1K", {}).items()}
+    return ModelSpec(
+        name=name, task="image-classification", family="torchvision", arch={"name": name}, labels=tw.labels,
+        preprocessing=tw.preprocessing,
+        weights=WeightsRef(tw.file_name, hash_prefix=tw.hash_prefix, url=tw.url),
+        source=f"torchvision {tw.enum}", metrics=metrics,
+        info={"recipe": tw.meta.get("recipe"), "num_params": tw.meta.get("num_params"),
+              "license": "see torchvision's model documentation (ImageNet-1K, non-commercial terms may apply)"},
+    )
+
+
+class LoadedClassifier:
+    """An image classifier ready to serve: preprocess -> batched forward -> probabilities."""
+
+    def __init__(self, spec: ModelSpec, model: nn.Module, device: torch.device, weights_tag: str,
+                 weights_source: str) -> None:
+        assert spec.preprocessing is not None
+        self.spec = spec
+        self.model = model
+        self.device = device
+        self.weights_tag = weights_tag
+        self.weights_source = weights_source
+        self.preprocessing: ImageSpec = spec.preprocessing
+
+    def forward(self, batch: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Class probabilities for a list of preprocessed CHW tensors (runs off the event loop)."""
+        x = to_device_batch(torch.stack(batch), self.device)
+        with inference_context(self.device):
+            logits = self.model(x)
+        probs = logits.float().softmax(-1).cpu()
+        return list(probs.unbind(0))
+
+
+@dataclass
+class ModelState:
+    """Status of one configured model, as /models and /health/ready report it."""
+
+    name: str
+    task: str
+    status: Status = "loading"
+    reason: str | None = None
+    spec: ModelSpec | None = None
+    loaded: LoadedClassifier | None = None
+    load_seconds: float | None = None
+
+
+class ModelRegistry:
+    """Configured models, their status and the loaded instances."""
+
+    def __init__(self, weights_dir: Path, hub_dir: Path, device: torch.device, *, allow_download: bool,
+                 allow_untrained: bool, compile_model: bool = False) -> None:
+        self.weights_dir = weights_dir
+        self.hub_dir = hub_dir
+        self.device = device
+        self.allow_download = allow_download
+        self.allow_untrained = allow_untrained
+        self.compile_model = compile_model
+        self.manifest = load_manifest(weights_dir)
+        self.states: dict[str, ModelState] = {}
+
+    def spec_for(self, name: str) -> ModelSpec:
+        """The spec of a manifest model or a torchvision classifier; KeyError when unknown."""
+        if name in self.manifest:
+            return spec_from_manifest(self.manifest[name])
+        if name in torchvision_classifiers():
+            return spec_from_torchvision(name)
+        raise KeyError(name)
+
+    def load_classifier(self, name: str, *, warmup: bool = True) -> ModelState:
+        """Resolve, build and load one classifier, recording its status (never raises)."""
+        t0 = time.perf_counter()
+        state = ModelState(name=name, task="image-classification")
+        self.states[name] = state
+        try:
+            spec = self.spec_for(name)
+        except KeyError:
+            state.status, state.reason = "failed", (
+                f"unknown model {name!r}: not in {self.weights_dir / MANIFEST_NAME} and not a torchvision classifier")
+            return state
+        state.spec, state.task = spec, spec.task
+        if spec.task != "image-classification":
+            state.status, state.reason = "failed", f"{name} is a {spec.task} model, not an image classifier"
+            return state
+        try:
+            resolved: ResolvedWeights | None = resolve_weights(
+                spec.weights, self.weights_dir, self.hub_dir, allow_download=self.allow_download)
+        except WeightsUnavailable as exc:
+            if not self.allow_untrained:
+                state.status, state.reason = "unavailable", str(exc)
+                return state
+            log.warning("%s: %s; serving UNTRAINED random weights (allow_untrained is on)", name, exc)
+            resolved = None
+        try:
+            model = build_classifier(spec.family, spec.arch, len(spec.labels))
+            if resolved is not None:
+                sd = torch.load(resolved.path, map_location="cpu", weights_only=True)
+                if spec.family == "torchvision":
+                    sd = fix_torchvision_state_dict(name, sd)
+                model.load_state_dict(sd)
+            model = prepare_model(model, self.device, compile_model=self.compile_model)
+            loaded = LoadedClassifier(
+                spec, model, self.device,
+                weights_tag="trained" if resolved else "untrained",
+                weights_source=resolved.source if resolved else "untrained",
+            )
+            if warmup:
+                assert spec.preprocessing is not None
+                side = spec.preprocessing.crop
+                loaded.forward([torch.zeros(3, side, side)])
+        except Exception as exc:  # a corrupt or mismatched checkpoint must not take the service down
+            log.exception("loading %s failed", name)
+            state.status, state.reason = "failed", f"loading failed: {type(exc).__name__}: {exc}"
+            return state
+        state.loaded, state.status, state.reason = loaded, "ready", None
+        state.load_seconds = round(time.perf_counter() - t0, 3)
+        return state
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """The /models view of one model."""
+        st = self.states[name]
+        out: dict[str, Any] = {"name": name, "task": st.task, "status": st.status, "reason": st.reason}
+        spec = st.spec
+        if spec is not None:
+            out.update({
+                "family": spec.family, "source": spec.source, "weights_file": spec.weights.file_name,
+                "sha256": spec.weights.sha256, "num_labels": len(spec.labels),
+                "input_size": spec.preprocessing.crop if spec.preprocessing else None,
+                "metrics": spec.metrics, "info": spec.info,
+            })
+        if st.loaded is not None:
+            out.update({"weights": st.loaded.weights_tag, "weights_source": st.loaded.weights_source,
+                        "device": str(self.device), "load_seconds": st.load_seconds})
+        else:
+            out.update({"weights": None, "weights_source": None})
+        return out
+
+
+def fetch_torchvision_weights(names: list[str], dest: Path, *, progress: bool = True,
+                              echo: Callable[[str], None] = print) -> int:
+    """Download the default torchvision weights of `names` into dest; returns the number of failures."""
+    failures = 0
+    for name in names:
+        try:
+            ref = spec_from_torchvision(name).weights
+        except KeyError:
+            echo(f"{name}: not a torchvision classifier, skipped")
+            failures += 1
+            continue
+        path = dest / ref.file_name
+        if path.is_file() and ref.matches(path):
+            echo(f"{name}: {path} already present and verified")
+            continue
+        try:
+            got = download_weights(ref, dest, progress=progress)
+        except WeightsUnavailable as exc:
+            echo(f"{name}: FAILED: {exc}")
+            failures += 1
+            if "cannot reach" in str(exc):
+                echo("offline: stopping here")
+                return failures + len(names) - names.index(name) - 1
+            continue
+        echo(f"{name}: {got} (sha256 {sha256_of(got)})")
+    return failures

@@ -1,0 +1,82 @@
+"""The one settings class; every value can be set with a CNN_-prefixed environment variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+DEFAULT_IMAGENET_MODELS = [
+    "resnet50", "densenet121", "resnext50_32x4d", "wide_resnet50_2", "vgg16_bn", "efficientnet_b0", "convnext_tiny",
+]
+
+
+def _split_list(v: Any) -> Any:
+    if isinstance(v, str):
+        return [p.strip() for p in v.split(",") if p.strip()]
+    return v
+
+
+class Settings(BaseSettings):
+    """Service configuration (environment prefix CNN_, lists comma-separated)."""
+
+    model_config = SettingsConfigDict(env_prefix="CNN_", env_file=None, extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "info"
+
+    weights_dir: Path = Field(default=PROJECT_ROOT / "weights", description="manifest + checkpoint files")
+    torch_home: Path | None = Field(default=None, description="overrides $TORCH_HOME (hub cache)")
+    allow_downloads: bool = Field(default=False, description="let start-up download missing torchvision weights")
+    allow_untrained: bool = Field(default=False, description="serve random weights, labelled 'untrained' (dev/tests)")
+
+    classifiers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["cifar10-resnet20", *DEFAULT_IMAGENET_MODELS],
+        description="image classifiers loaded at start-up: manifest names or torchvision model names",
+    )
+    default_classifier: str | None = Field(
+        default=None, description="model used when a request names none (default: first ready classifier)"
+    )
+
+    device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N")
+    torch_threads: int = Field(default=0, description="intra-op CPU threads (0: torch default)")
+    inference_threads: int = Field(default=2, description="threads running model forwards (one batch per model)")
+    compile: bool = Field(default=False, description="torch.compile models on CUDA")
+    warmup: bool = Field(default=True, description="run one forward per model at start-up")
+
+    batch_max_size: int = Field(default=16, ge=1, le=1024)
+    batch_max_wait_ms: float = Field(default=5.0, ge=0.0, le=1000.0)
+    batch_max_queue: int = Field(default=256, ge=1)
+    batch_overrides: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description='per-model batcher settings, JSON: {"resnet50": {"max_batch_size": 8, "max_wait_ms": 10}}',
+    )
+
+    max_body_bytes: int = Field(default=50 * 1024 * 1024, description="whole request body limit")
+    max_image_bytes: int = Field(default=10 * 1024 * 1024, description="per uploaded image")
+    max_image_pixels: int = Field(default=40_000_000, description="decoded pixel cap (decompression bombs)")
+    max_images_per_request: int = Field(default=16, ge=1)
+
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="when set, every non-health endpoint needs X-API-Key or Bearer"
+    )
+
+    @field_validator("classifiers", "api_keys", mode="before")
+    @classmethod
+    def _lists(cls, v: Any) -> Any:
+        return _split_list(v)
+
+    def batch_config_for(self, model: str) -> dict[str, float]:
+        """Batcher settings for one model: the global values overlaid with its override."""
+        base: dict[str, float] = {
+            "max_batch_size": self.batch_max_size,
+            "max_wait_ms": self.batch_max_wait_ms,
+            "max_queue": self.batch_max_queue,
+        }
+        base.update(self.batch_overrides.get(model, {}))
+        return base

@@ -1,0 +1,25 @@
+"""The typed state the lifespan builds and the dependencies hand to routers."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from app.metrics import Metrics
+from app.runtime.registry import ModelRegistry
+from app.services.classification import ClassificationService
+from app.settings import Settings
+
+
+@dataclass
+class AppState:
+    """Everything a request may need; created in the lifespan, never at import."""
+
+    settings: Settings
+    metrics: Metrics
+    executor: ThreadPoolExecutor
+    registry: ModelRegistry | None = None
+    classification: ClassificationService | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    startup_error: str | None = None

@@ -1,0 +1,105 @@
+"""Helpers shared by the training commands: splits, checkpoints, reports."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+T = TypeVar("T")
+
+
+def progress(it: Iterable[T], **kw: Any) -> Iterator[T]:
+    """A tqdm progress bar on stderr (plain iteration when tqdm is missing)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return iter(it)
+    return iter(tqdm(it, mininterval=2.0, dynamic_ncols=True, **kw))
+
+
+def stratified_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of a stratified (train, validation) split with about val_size validation items."""
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    frac = val_size / len(labels)
+    train, val = [], []
+    for c in classes:
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        k = round(len(idx) * frac)
+        k = min(max(k, 1 if val_size > 0 else 0), len(idx) - 1)
+        val.append(idx[:k])
+        train.append(idx[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save through a temporary file so a crash never leaves a torn checkpoint."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:
+    """n x n counts; rows are true classes, columns predictions."""
+    cm = np.zeros((n, n), dtype=np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    return cm
+
+
+def confusion_table(cm: np.ndarray, labels: list[str]) -> str:
+    """Markdown table of a confusion matrix."""
+    head = "| true \\ pred | " + " | ".join(labels) + " |"
+    sep = "|---" * (len(labels) + 1) + "|"
+    rows = [f"| {labels[i]} | " + " | ".join(str(int(v)) for v in cm[i]) + " |" for i in range(len(labels))]
+    return "\n".join([head, sep, *rows])
+
+
+def plot_confusion(cm: np.ndarray, labels: list[str], path: Path, title: str) -> None:
+    """Save the confusion matrix as a PNG heat map (skipped quietly without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover
+        return
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * n, 0.8 + 0.6 * n))
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), labels, rotation=45, ha="right")
+    ax.set_yticks(range(n), labels)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def hardware_description(device: torch.device) -> str:
+    """A short description of the hardware that ran the training."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"

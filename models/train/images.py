@@ -1,0 +1,305 @@
+"""Train a CIFAR-style ResNet on any ImageFolder directory (one sub-folder per class).
+
+    python -m models.train.images --data ../shared/data/cifar10/train --out runs/cifar10-resnet20
+
+The images are decoded once through the same preprocessing spec the service uses and kept as
+uint8 in memory (cached on disk), so an epoch costs only the augmentation and the network.
+Every epoch writes a resumable checkpoint and a line of metrics; rerunning the same command
+resumes. When training ends the command writes a report (validation accuracy, per-class
+accuracy, confusion matrix as a table and a PNG, wall time, hardware), the weights file and
+the manifest entry that describes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from models.cifar_resnet import cifar_resnet, count_parameters
+from models.preprocess import ImageSpec, normalize_uint8, to_uint8_array
+from models.train.common import (
+    atomic_save,
+    confusion_matrix,
+    confusion_table,
+    hardware_description,
+    plot_confusion,
+    progress,
+    sha256_file,
+    stratified_split,
+)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def scan_image_folder(root: Path) -> tuple[list[str], list[Path], np.ndarray]:
+    """Classes (sorted folder names), file paths and integer labels of an ImageFolder tree."""
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise SystemExit(f"{root}: need at least two class folders, found {classes}")
+    files: list[Path] = []
+    labels: list[int] = []
+    for idx, name in enumerate(classes):
+        for f in sorted((root / name).rglob("*")):
+            if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():
+                files.append(f)
+                labels.append(idx)
+    return classes, files, np.asarray(labels, dtype=np.int64)
+
+
+def load_images(files: list[Path], size: int, cache: Path | None) -> np.ndarray:
+    """Decode every file to an NHWC uint8 array at size x size, through the serving spec."""
+    key = hashlib.sha256(("\n".join(str(f) for f in files) + f"|{size}").encode()).hexdigest()[:16]
+    if cache is not None:
+        cached = cache / f"images-{key}.npy"
+        if cached.exists():
+            return np.load(cached)
+    spec = ImageSpec(resize=size, crop=size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    out = np.empty((len(files), size, size, 3), dtype=np.uint8)
+    for i, f in enumerate(progress(files, desc="decode", unit="img")):
+        with Image.open(f) as im:
+            out[i] = to_uint8_array(im, spec)
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / f"images-{key}.tmp.npy"
+        np.save(tmp, out)
+        os.replace(tmp, cache / f"images-{key}.npy")
+    return out
+
+
+def augment(batch: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Pad-and-random-crop plus random horizontal flip on an NCHW batch (He et al. 2016)."""
+    n, _, h, w = batch.shape
+    padded = F.pad(batch, (pad, pad, pad, pad))
+    xs = torch.randint(0, 2 * pad + 1, (n,), generator=gen).tolist()
+    ys = torch.randint(0, 2 * pad + 1, (n,), generator=gen).tolist()
+    flips = (torch.rand(n, generator=gen) < 0.5).tolist()
+    out = torch.empty_like(batch)
+    for i in range(n):
+        crop = padded[i, :, ys[i] : ys[i] + h, xs[i] : xs[i] + w]
+        out[i] = crop.flip(-1) if flips[i] else crop
+    return out
+
+
+def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
+    """Linear warm-up to `peak`, then cosine decay to zero (a one-cycle-style schedule)."""
+    warm = max(1, int(total * warmup_frac))
+    if step < warm:
+        return peak * (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, x: torch.Tensor, batch: int, tta: bool) -> torch.Tensor:
+    """Class probabilities for a normalised NCHW tensor, optionally averaged with the h-flip."""
+    model.eval()
+    outs = []
+    for i in range(0, len(x), batch):
+        xb = x[i : i + batch]
+        p = model(xb).softmax(-1)
+        if tta:
+            p = 0.5 * (p + model(xb.flip(-1)).softmax(-1))
+        outs.append(p)
+    return torch.cat(outs)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True, help="ImageFolder root (one folder per class)")
+    p.add_argument("--out", type=Path, required=True, help="run directory (checkpoint, log, report)")
+    p.add_argument("--name", default=None, help="model name for the manifest (default: <folder>-resnet<depth>)")
+    p.add_argument("--depth", type=int, default=20, help="6n+2: 20, 32, 44, 56, 110")
+    p.add_argument("--shortcut", choices=["A", "B"], default="A")
+    p.add_argument("--size", type=int, default=32, help="input side in pixels")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.2, help="peak learning rate")
+    p.add_argument("--warmup", type=float, default=0.15, help="fraction of steps for warm-up")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--val-size", type=int, default=5000, help="stratified hold-out size")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
+    p.add_argument("--cache", type=Path, default=Path(".cache/datasets"), help="decoded-image cache")
+    p.add_argument("--limit-per-class", type=int, default=0, help="use at most N images per class (smoke runs)")
+    p.add_argument("--install", type=Path, default=None, help="copy weights + merge the manifest entry into this dir")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    t_start = time.time()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    name = args.name or f"{args.data.name.rstrip('/') or 'images'}-resnet{args.depth}"
+
+    classes, files, labels = scan_image_folder(args.data)
+    if args.limit_per_class:
+        keep = np.concatenate([np.flatnonzero(labels == c)[: args.limit_per_class] for c in range(len(classes))])
+        files = [files[i] for i in keep]
+        labels = labels[keep]
+    images = load_images(files, args.size, args.cache)
+    train_idx, val_idx = stratified_split(labels, args.val_size, args.seed)
+    train_u8 = torch.from_numpy(images[train_idx]).permute(0, 3, 1, 2).contiguous()
+    val_u8 = torch.from_numpy(images[val_idx]).permute(0, 3, 1, 2).contiguous()
+    y_train = torch.from_numpy(labels[train_idx])
+    y_val = torch.from_numpy(labels[val_idx])
+    mean = tuple(float(v) for v in (train_u8.float().mean(dim=(0, 2, 3)) / 255.0))
+    std = tuple(float(v) for v in (train_u8.float().std(dim=(0, 2, 3)) / 255.0))
+    spec = ImageSpec(resize=args.size, crop=args.size, mean=mean, std=std)  # type: ignore[arg-type]
+    x_train = normalize_uint8(train_u8, spec)
+    x_val = normalize_uint8(val_u8, spec).to(device)
+
+    model = cifar_resnet(args.depth, len(classes), args.shortcut).to(device)
+    decay = [p for n, p in model.named_parameters() if p.dim() > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1]
+    opt = torch.optim.SGD(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, momentum=args.momentum, nesterov=True,
+    )
+    steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
+    total_steps = steps_per_epoch * args.epochs
+    start_epoch, history, train_seconds = 0, [], 0.0
+    ckpt_path = out / "checkpoint.pt"
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        start_epoch, history, train_seconds = ck["epoch"], ck["history"], ck["train_seconds"]
+        print(f"resumed from {ckpt_path} at epoch {start_epoch}", file=sys.stderr)
+
+    print(f"{name}: {len(classes)} classes, {len(x_train)} train / {len(x_val)} val, "
+          f"ResNet-{args.depth} ({count_parameters(model):,} params) on {device}", file=sys.stderr)
+    for epoch in range(start_epoch, args.epochs):
+        t0 = time.time()
+        model.train()
+        gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+        perm = torch.randperm(len(x_train), generator=gen)
+        seen = correct = 0
+        loss_sum = 0.0
+        bar = progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch")
+        for b in bar:
+            step = epoch * steps_per_epoch + b
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total_steps, args.lr, args.warmup)
+            idx = perm[b * args.batch_size : (b + 1) * args.batch_size]
+            xb = augment(x_train[idx], gen).to(device, non_blocking=True)
+            yb = y_train[idx].to(device)
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb, label_smoothing=args.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            seen += len(yb)
+            loss_sum += float(loss.detach()) * len(yb)
+            correct += int((logits.argmax(-1) == yb).sum())
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        probs = predict(model, x_val, 512, tta=False)
+        val_acc = float((probs.argmax(-1).cpu() == y_val).float().mean())
+        train_seconds += time.time() - t0
+        rec = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+               "val_acc": val_acc, "lr_end": opt.param_groups[0]["lr"], "seconds": time.time() - t0}
+        history.append(rec)
+        with open(out / "log.jsonl", "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        print(json.dumps(rec), file=sys.stderr)
+        atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                     "history": history, "train_seconds": train_seconds, "args": vars(args) | {
+                         "data": str(args.data), "out": str(args.out), "cache": str(args.cache),
+                         "install": str(args.install)}}, ckpt_path)
+
+    return finish(args, name, model, classes, spec, x_val, y_val, history, train_seconds, t_start, device,
+                  n_train=len(x_train))
+
+
+def finish(args: argparse.Namespace, name: str, model: torch.nn.Module, classes: list[str], spec: ImageSpec,
+           x_val: torch.Tensor, y_val: torch.Tensor, history: list[dict[str, Any]], train_seconds: float,
+           t_start: float, device: torch.device, n_train: int) -> dict[str, Any]:
+    """Write the weights, the report (JSON, Markdown, confusion PNG) and the manifest entry."""
+    out: Path = args.out
+    probs = predict(model, x_val, 512, tta=False).cpu()
+    probs_tta = predict(model, x_val, 512, tta=True).cpu()
+    pred = probs.argmax(-1).numpy()
+    y = y_val.numpy()
+    cm = confusion_matrix(y, pred, len(classes))
+    per_class = {c: float(cm[i, i] / max(1, cm[i].sum())) for i, c in enumerate(classes)}
+    acc = float((pred == y).mean())
+    acc_tta = float((probs_tta.argmax(-1).numpy() == y).mean())
+    weights_file = out / f"{name}.pt"
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights_file)
+    digest = sha256_file(weights_file)
+    plot_confusion(cm, classes, out / "confusion.png", f"{name}: validation confusion matrix")
+    report = {
+        "model": name, "val_accuracy": acc, "val_accuracy_hflip_tta": acc_tta, "per_class_accuracy": per_class,
+        "confusion_matrix": cm.tolist(), "epochs": len(history), "train_seconds": round(train_seconds, 1),
+        "wall_seconds_this_run": round(time.time() - t_start, 1), "hardware": hardware_description(device),
+        "torch": torch.__version__, "python": platform.python_version(), "val_size": len(y),
+        "train_size": n_train, "history": history,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    md = [f"# {name} training report", "",
+          f"- validation accuracy: **{acc:.4f}** (with horizontal-flip averaging: {acc_tta:.4f}) "
+          f"on {len(y)} held-out images",
+          f"- epochs: {len(history)}, training time: {train_seconds / 60:.1f} min on {report['hardware']}", "",
+          "| class | accuracy |", "|---|---|"]
+    md += [f"| {c} | {a:.4f} |" for c, a in per_class.items()]
+    md += ["", "Confusion matrix (rows: true class, columns: predicted):", "", confusion_table(cm, classes)]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    entry = {
+        "name": name, "task": "image-classification", "family": "cifar-resnet",
+        "arch": {"depth": args.depth, "shortcut": args.shortcut, "num_classes": len(classes)},
+        "file": weights_file.name, "sha256": digest, "labels": classes,
+        "preprocessing": spec.to_dict(), "source": "project",
+        "training": {"data": str(args.data), "train_images": n_train, "val_images": len(y), "recipe": {
+            "epochs": args.epochs, "batch_size": args.batch_size, "optimizer": "SGD nesterov",
+            "peak_lr": args.lr, "warmup": args.warmup, "schedule": "linear warm-up + cosine",
+            "momentum": args.momentum, "weight_decay": args.weight_decay,
+            "label_smoothing": args.label_smoothing, "augmentation": "pad 4 + random crop, h-flip",
+            "seed": args.seed}},
+        "metrics": {"val_accuracy": round(acc, 4), "val_accuracy_hflip_tta": round(acc_tta, 4),
+                    "val_images": len(y)},
+    }
+    (out / "manifest_entry.json").write_text(json.dumps(entry, indent=2))
+    if args.install:
+        install_entry(entry, weights_file, args.install)
+    print((out / "report.md").read_text())
+    return report
+
+
+def install_entry(entry: dict[str, Any], weights_file: Path, weights_dir: Path) -> None:
+    """Copy a weights file into a weights dir and add or replace its manifest entry."""
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    dest = weights_dir / weights_file.name
+    dest.write_bytes(weights_file.read_bytes())
+    manifest_path = weights_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"models": []}
+    manifest["models"] = [m for m in manifest["models"] if m.get("name") != entry["name"]] + [entry]
+    tmp = manifest_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, manifest_path)
+
+
+if __name__ == "__main__":
+    main()

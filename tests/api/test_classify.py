@@ -1,0 +1,195 @@
+"""API tests through the lifespan: health, models, /classify and its error paths, keys, metrics, batching."""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.settings import Settings
+from tests.conftest import TINY_LABELS, image_bytes
+
+PROBLEM = "application/problem+json"
+
+
+def assert_problem(r, status: int) -> dict:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith(PROBLEM)
+    body = r.json()
+    assert body["status"] == status and body["title"] and body["detail"] and body["type"]
+    assert "Traceback" not in r.text
+    return body
+
+
+def test_live_and_ready(client: TestClient) -> None:
+    assert client.get("/health/live").json() == {"status": "ok"}
+    r = client.get("/health/ready")
+    assert r.status_code == 200
+    assert r.json()["status"] == "ready"
+    assert r.json()["models"][0]["name"] == "tiny-cifar"
+
+
+def test_models_lists_status_source_and_metrics(client: TestClient) -> None:
+    body = client.get("/models").json()
+    assert body["default_classifier"] == "tiny-cifar"
+    (m,) = body["models"]
+    assert m["status"] == "ready" and m["weights"] == "trained" and m["weights_source"] == "weights_dir"
+    assert m["metrics"] == {"val_accuracy": 0.5}
+    assert client.get("/models/tiny-cifar").json()["name"] == "tiny-cifar"
+    assert_problem(client.get("/models/nope"), 404)
+
+
+def test_classify_one_image(client: TestClient) -> None:
+    r = client.post("/classify", files={"image": ("red.png", image_bytes(), "image/png")}, data={"top_k": "2"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "tiny-cifar" and body["weights"] == "trained"
+    (res,) = body["results"]
+    assert res["filename"] == "red.png"
+    assert len(res["top_k"]) == 2
+    probs = [p["probability"] for p in res["top_k"]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0 + 1e-6
+    assert {p["label"] for p in res["top_k"]} <= set(TINY_LABELS)
+    assert all(TINY_LABELS[p["index"]] == p["label"] for p in res["top_k"])
+
+
+def test_classify_several_images_and_top_k_capped(client: TestClient) -> None:
+    files = [("image", (f"{i}.png", image_bytes((i * 40, 10, 10)), "image/png")) for i in range(3)]
+    r = client.post("/classify", files=files, data={"top_k": "100"})
+    assert r.status_code == 200
+    results = r.json()["results"]
+    assert [x["filename"] for x in results] == ["0.png", "1.png", "2.png"]
+    assert all(len(x["top_k"]) == 3 for x in results)  # only 3 classes exist
+    assert all(abs(sum(p["probability"] for p in x["top_k"]) - 1.0) < 1e-4 for x in results)
+
+
+@pytest.mark.parametrize("top_k", ["0", "101", "abc"])
+def test_bad_top_k_is_422(client: TestClient, top_k: str) -> None:
+    r = client.post("/classify", files={"image": ("a.png", image_bytes(), "image/png")}, data={"top_k": top_k})
+    assert_problem(r, 422)
+
+
+def test_missing_image_is_422(client: TestClient) -> None:
+    assert_problem(client.post("/classify", data={"top_k": "3"}), 422)
+
+
+def test_not_an_image_is_415(client: TestClient) -> None:
+    r = client.post("/classify", files={"image": ("notes.txt", b"hello, this is text", "text/plain")})
+    body = assert_problem(r, 415)
+    assert "notes.txt" in body["detail"]
+
+
+def test_truncated_image_is_400(client: TestClient) -> None:
+    data = image_bytes(size=(64, 64), fmt="JPEG")
+    assert_problem(client.post("/classify", files={"image": ("cut.jpg", data[: len(data) // 2], "image/jpeg")}), 400)
+
+
+def test_unknown_model_is_404(client: TestClient) -> None:
+    r = client.post("/classify", files={"image": ("a.png", image_bytes(), "image/png")}, data={"model": "nope"})
+    assert "tiny-cifar" in assert_problem(r, 404)["detail"]
+
+
+def test_too_many_images_is_422(base_settings: Settings, client_factory) -> None:
+    with client_factory(base_settings.model_copy(update={"max_images_per_request": 2})) as c:
+        files = [("image", (f"{i}.png", image_bytes(), "image/png")) for i in range(3)]
+        assert_problem(c.post("/classify", files=files), 422)
+
+
+def test_image_and_body_size_limits_are_413(base_settings: Settings, client_factory) -> None:
+    big = image_bytes(size=(300, 300), fmt="BMP")  # about 270 kB
+    with client_factory(base_settings.model_copy(update={"max_image_bytes": 100_000})) as c:
+        body = assert_problem(c.post("/classify", files={"image": ("big.bmp", big, "image/bmp")}), 413)
+        assert "big.bmp" in body["detail"]
+    with client_factory(base_settings.model_copy(update={"max_body_bytes": 50_000})) as c:
+        assert_problem(c.post("/classify", files={"image": ("big.bmp", big, "image/bmp")}), 413)
+
+
+def test_missing_weights_answer_503_naming_the_file(base_settings: Settings, client_factory) -> None:
+    s = base_settings.model_copy(update={"classifiers": ["tiny-cifar", "resnet18"]})
+    with client_factory(s) as c:
+        m = c.get("/models/resnet18").json()
+        assert m["status"] == "unavailable" and "resnet18-f37072fd.pth" in m["reason"]
+        r = c.post("/classify", files={"image": ("a.png", image_bytes(), "image/png")}, data={"model": "resnet18"})
+        assert "resnet18-f37072fd.pth" in assert_problem(r, 503)["detail"]
+        assert c.get("/health/ready").status_code == 200  # the default model still serves
+
+
+def test_untrained_models_are_labelled(base_settings: Settings, client_factory) -> None:
+    s = base_settings.model_copy(update={"classifiers": ["resnet18"], "allow_untrained": True})
+    with client_factory(s) as c:
+        r = c.post("/classify", files={"image": ("a.png", image_bytes(), "image/png")})
+        assert r.status_code == 200
+        body = r.json()
+        assert body["model"] == "resnet18" and body["weights"] == "untrained" and body["weights_source"] == "untrained"
+        assert len(body["results"][0]["top_k"]) == 5
+        assert c.get("/models").json()["models"][0]["weights"] == "untrained"
+
+
+def test_ready_is_503_when_no_model_loads(tmp_path: Path, client_factory) -> None:
+    s = Settings(weights_dir=tmp_path / "empty", torch_home=tmp_path / "th", classifiers=["resnet18"],
+                 device="cpu", warmup=False)
+    with client_factory(s) as c:
+        assert c.get("/health/ready").status_code == 503
+        assert c.get("/health/live").status_code == 200
+        assert_problem(c.post("/classify", files={"image": ("a.png", image_bytes(), "image/png")}), 503)
+
+
+def test_api_keys(base_settings: Settings, client_factory) -> None:
+    files = {"image": ("a.png", image_bytes(), "image/png")}
+    with client_factory(base_settings.model_copy(update={"api_keys": ["k-one", "k-two"]})) as c:
+        assert_problem(c.post("/classify", files=files), 401)
+        assert_problem(c.get("/models", headers={"X-API-Key": "wrong"}), 401)
+        assert_problem(c.get("/models", headers={"Authorization": "Bearer nope"}), 401)
+        assert c.get("/models", headers={"X-API-Key": "k-two"}).status_code == 200
+        assert c.post("/classify", files=files, headers={"Authorization": "Bearer k-one"}).status_code == 200
+        for open_path in ("/health/live", "/health/ready", "/metrics", "/docs", "/openapi.json"):
+            assert c.get(open_path).status_code == 200, open_path
+
+
+def test_api_keys_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CNN_API_KEYS", "a,b")
+    monkeypatch.setenv("CNN_CLASSIFIERS", "x, y")
+    s = Settings()
+    assert s.api_keys == ["a", "b"] and s.classifiers == ["x", "y"]
+
+
+def test_metrics_count_requests_and_batches(client: TestClient) -> None:
+    client.post("/classify", files={"image": ("a.png", image_bytes(), "image/png")})
+    client.post("/classify", files={"image": ("t.txt", b"text", "text/plain")})
+    text = client.get("/metrics").text
+    assert 'cnn_http_requests_total{method="POST",route="/classify",status="200"} 1.0' in text
+    assert 'cnn_http_requests_total{method="POST",route="/classify",status="415"} 1.0' in text
+    assert 'cnn_batch_size_count{model="tiny-cifar"} 1.0' in text
+    assert "cnn_batch_queue_wait_seconds_bucket" in text and "cnn_batch_queue_depth" in text
+
+
+def _batch_stats(text: str, model: str) -> tuple[float, float]:
+    total = float(re.search(rf'cnn_batch_size_sum{{model="{model}"}} ([0-9.e+]+)', text).group(1))
+    count = float(re.search(rf'cnn_batch_size_count{{model="{model}"}} ([0-9.e+]+)', text).group(1))
+    return total, count
+
+
+def test_concurrent_requests_are_batched(base_settings: Settings, client_factory) -> None:
+    s = base_settings.model_copy(update={"batch_max_wait_ms": 200.0, "batch_max_size": 8})
+    with client_factory(s) as c:
+        data = image_bytes()
+
+        def one(i: int) -> int:
+            return c.post("/classify", files={"image": (f"{i}.png", data, "image/png")}).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(one, range(16)))
+        assert codes == [200] * 16
+        total, count = _batch_stats(c.get("/metrics").text, "tiny-cifar")
+        assert total == 16
+        assert total / count > 1.0, f"mean batch size {total / count}"
+
+
+def test_openapi_documents_every_endpoint(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    for p in ("/classify", "/models", "/models/{name}", "/health/live", "/health/ready", "/metrics"):
+        assert p in paths
+    assert "413" in paths["/classify"]["post"]["responses"]

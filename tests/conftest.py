@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny real models, settings pointing at temporary directories, a client through the lifespan."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.main import create_app
+from app.settings import Settings
+from models.cifar_resnet import cifar_resnet
+from models.train.common import sha256_file
+
+# one intra-op thread: tests use tiny models, and oversubscribed OpenMP threads are slower on 2 cores
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+TINY_LABELS = ["red", "green", "blue"]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip tests whose data or hardware is absent, saying why."""
+    no_data = pytest.mark.skip(reason=f"{SHARED_DATA} is not present")
+    no_cuda = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "shared_data" in item.keywords and not SHARED_DATA.is_dir():
+            item.add_marker(no_data)
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_cuda)
+
+
+def write_tiny_classifier(weights_dir: Path, name: str = "tiny-cifar", *, corrupt_sha: bool = False) -> Path:
+    """A real ResNet-8 checkpoint (random init, seeded) with a manifest entry in weights_dir."""
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = cifar_resnet(8, len(TINY_LABELS))
+    path = weights_dir / f"{name}.pt"
+    torch.save(model.state_dict(), path)
+    entry = {
+        "name": name, "task": "image-classification", "family": "cifar-resnet",
+        "arch": {"depth": 8, "shortcut": "A", "num_classes": 3}, "file": path.name,
+        "sha256": "0" * 64 if corrupt_sha else sha256_file(path), "labels": TINY_LABELS,
+        "preprocessing": {"resize": 32, "crop": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+        "source": "project", "metrics": {"val_accuracy": 0.5},
+    }
+    manifest = weights_dir / "manifest.json"
+    models = json.loads(manifest.read_text())["models"] if manifest.exists() else []
+    models = [m for m in models if m["name"] != name] + [entry]
+    manifest.write_text(json.dumps({"models": models}))
+    return path
+
+
+@pytest.fixture
+def weights_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "weights"
+    write_tiny_classifier(d)
+    return d
+
+
+@pytest.fixture
+def base_settings(weights_dir: Path, tmp_path: Path) -> Settings:
+    return Settings(
+        weights_dir=weights_dir, torch_home=tmp_path / "torch_home", classifiers=["tiny-cifar"],
+        allow_untrained=False, allow_downloads=False, device="cpu", warmup=False,
+    )
+
+
+def wait_ready(client: TestClient, timeout: float = 60.0) -> None:
+    """Poll /health/ready until start-up has finished (loaded or failed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = client.get("/health/ready")
+        if r.json().get("status") != "loading":
+            return
+        time.sleep(0.02)
+    raise TimeoutError("service did not finish loading")
+
+
+@pytest.fixture
+def client_factory() -> Callable[[Settings], object]:
+    @contextmanager
+    def make(settings: Settings) -> Iterator[TestClient]:
+        with TestClient(create_app(settings)) as client:
+            wait_ready(client)
+            yield client
+
+    return make
+
+
+@pytest.fixture
+def client(base_settings: Settings, client_factory: Callable[[Settings], object]) -> Iterator[TestClient]:
+    with client_factory(base_settings) as c:  # type: ignore[attr-defined]
+        yield c
+
+
+def image_bytes(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (40, 30),
+                fmt: str = "PNG") -> bytes:
+    """A small solid-colour image file."""
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format=fmt)
+    return buf.getvalue()
