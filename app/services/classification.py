@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from app.errors import InvalidParameters, NotFound, ServiceUnavailable
-from app.runtime.batcher import BatchConfig, BatchObserver, MicroBatcher, QueueFullError
+from app.runtime.batcher import BatchConfig, BatcherClosedError, BatchObserver, MicroBatcher, QueueFullError
 from app.runtime.images import decode_image
 from app.runtime.registry import LoadedClassifier, ModelRegistry
 from models.preprocess import image_to_tensor
@@ -48,8 +48,14 @@ class ClassificationService:
             if st.loaded is not None and st.task == "image-classification":
                 self.batchers[name] = MicroBatcher(name, st.loaded.forward, batch_configs[name],
                                                    executor=executor, observer=observer)
-        ready = [n for n, s in registry.states.items() if s.status == "ready" and s.task == "image-classification"]
-        self.default_model = default_model if default_model else (ready[0] if ready else None)
+        self.default_model = default_model or self._first_ready()
+
+    def _first_ready(self) -> str | None:
+        """The first configured classifier that serves, preferring trained weights over untrained ones."""
+        ready = [s for s in self.registry.states.values() if s.loaded is not None and s.task == "image-classification"]
+        trained = [s.name for s in ready if s.loaded is not None and s.loaded.weights_tag == "trained"]
+        names = trained or [s.name for s in ready]
+        return names[0] if names else None
 
     async def start(self) -> None:
         """Start every batcher."""
@@ -94,6 +100,8 @@ class ClassificationService:
         except QueueFullError as exc:
             raise ServiceUnavailable(f"model {name!r} is overloaded (queue full); retry later",
                                      retry_after=exc.retry_after) from exc
+        except BatcherClosedError as exc:
+            raise ServiceUnavailable("the service is shutting down; retry on another instance", retry_after=5) from exc
         return {
             "model": name,
             "weights": loaded.weights_tag,

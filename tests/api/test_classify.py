@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -193,3 +194,53 @@ def test_openapi_documents_every_endpoint(client: TestClient) -> None:
     for p in ("/classify", "/models", "/models/{name}", "/health/live", "/health/ready", "/metrics"):
         assert p in paths
     assert "413" in paths["/classify"]["post"]["responses"]
+
+
+def test_full_queue_answers_503_with_retry_after(base_settings: Settings, client_factory,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """One batch running (held), one request queued, the next is shed at once with 503 + Retry-After."""
+    import threading
+
+    from app.runtime.registry import LoadedClassifier
+
+    entered, release = threading.Event(), threading.Event()
+    original = LoadedClassifier.forward
+
+    def held_forward(self, batch):
+        entered.set()
+        assert release.wait(30)
+        return original(self, batch)
+
+    s = base_settings.model_copy(update={"batch_max_size": 1, "batch_max_queue": 1, "batch_max_wait_ms": 0.0})
+    monkeypatch.setattr(LoadedClassifier, "forward", held_forward)  # warm-up is off: no call at start-up
+    with client_factory(s) as c:
+        files = {"image": ("a.png", image_bytes(), "image/png")}
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(c.post, "/classify", files=files)
+            assert entered.wait(30)
+            second = pool.submit(c.post, "/classify", files=files)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and 'cnn_batch_queue_depth{model="tiny-cifar"} 1.0' not in \
+                    c.get("/metrics").text:
+                time.sleep(0.01)
+            shed = c.post("/classify", files=files)
+            body = assert_problem(shed, 503)
+            assert int(shed.headers["Retry-After"]) >= 1 and "overloaded" in body["detail"]
+            release.set()
+            assert first.result().status_code == 200 and second.result().status_code == 200
+
+
+def test_per_model_batch_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CNN_BATCH_OVERRIDES", '{"resnet50": {"max_batch_size": 4, "max_wait_ms": 20}}')
+    monkeypatch.setenv("CNN_BATCH_MAX_SIZE", "32")
+    s = Settings()
+    assert s.batch_config_for("resnet50") == {"max_batch_size": 4, "max_wait_ms": 20, "max_queue": 256}
+    assert s.batch_config_for("other")["max_batch_size"] == 32
+
+
+def test_default_prefers_trained_weights(base_settings: Settings, client_factory) -> None:
+    s = base_settings.model_copy(update={"classifiers": ["resnet18", "tiny-cifar"], "allow_untrained": True})
+    with client_factory(s) as c:
+        assert c.get("/models").json()["default_classifier"] == "tiny-cifar"
+        r = c.post("/classify", files={"image": ("a.png", image_bytes(), "image/png")})
+        assert r.json()["model"] == "tiny-cifar" and r.json()["weights"] == "trained"

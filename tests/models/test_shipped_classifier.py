@@ -1,0 +1,71 @@
+"""The shipped CIFAR-10 classifier: manifest, sha256, real accuracy, served without any untrained flag."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.cli import evaluate_classifier
+from app.main import create_app
+from app.runtime.registry import load_manifest, sha256_of
+from app.settings import Settings
+from tests.conftest import ROOT, SHARED_DATA, wait_ready
+
+NAME = "cifar10-resnet20"
+CIFAR_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def shipped_settings(tmp_path: Path) -> Settings:
+    return Settings(weights_dir=ROOT / "weights", torch_home=tmp_path / "th", classifiers=[NAME], device="cpu",
+                    allow_untrained=False)
+
+
+def test_manifest_entry_and_sha256() -> None:
+    entry = load_manifest(ROOT / "weights")[NAME]
+    assert entry.labels == CIFAR_LABELS
+    assert sha256_of(ROOT / "weights" / entry.file) == entry.sha256
+    assert entry.preprocessing is not None and entry.preprocessing.crop == 32
+    assert entry.metrics["val_accuracy"] >= 0.9
+    assert entry.arch["depth"] == 20 and entry.card and (ROOT / "weights" / entry.card).is_file()
+
+
+def test_served_as_trained_default(tmp_path: Path) -> None:
+    with TestClient(create_app(shipped_settings(tmp_path))) as c:
+        wait_ready(c)
+        assert c.get("/health/ready").status_code == 200
+        m = c.get("/models").json()
+        assert m["default_classifier"] == NAME
+        assert m["models"][0]["metrics"]["val_accuracy"] >= 0.9
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 48), (40, 90, 200)).save(buf, "JPEG")
+        r = c.post("/classify", files={"image": ("blue.jpg", buf.getvalue(), "image/jpeg")})
+        assert r.status_code == 200
+        assert r.json()["weights"] == "trained" and r.json()["weights_source"] == "weights_dir"
+
+
+@pytest.mark.shared_data
+def test_accuracy_on_200_training_folder_images(tmp_path: Path) -> None:
+    report = evaluate_classifier(NAME, SHARED_DATA / "cifar10" / "train", limit_per_class=20,
+                                 settings=shipped_settings(tmp_path))
+    assert report["images"] == 200
+    assert report["accuracy"] > 0.6, report  # chance is 0.1
+    assert report["weights"] == "trained"
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("label", ["ship", "cat", "truck"])
+def test_real_photos_through_the_api(tmp_path: Path, label: str) -> None:
+    """Ten real images per class: the majority get their CIFAR-10 label with a real probability."""
+    files = sorted((SHARED_DATA / "cifar10" / "train" / label).glob("*.jpg"))[-10:]
+    with TestClient(create_app(shipped_settings(tmp_path))) as c:
+        wait_ready(c)
+        uploads = [("image", (f.name, f.read_bytes(), "image/jpeg")) for f in files]
+        r = c.post("/classify", files=uploads, data={"top_k": "3"})
+        assert r.status_code == 200
+        tops = [x["top_k"][0] for x in r.json()["results"]]
+        assert sum(t["label"] == label for t in tops) >= 6, tops
+        assert all(0.0 < t["probability"] <= 1.0 for t in tops)
