@@ -450,7 +450,7 @@ def run_matrix(args: argparse.Namespace, image: bytes) -> tuple[list[LoadResult]
     machine = machine_description(", ".join(devices) or args.device)
     weights = {m: f"{i.get('weights')} ({i.get('weights_source')})" for m, i in infos.items() if i}
     lines = ["## /classify load benchmark", "", *machine_lines(machine)]
-    lines.append(f"- load: closed loop, {fmt(args.duration, 0)} s per row after {fmt(args.warmup, 0)} s warm-up, "
+    lines.append(f"- load: closed loop, {args.duration:g} s per row after {args.warmup:g} s warm-up, "
                  f"{args.images_per_request} image(s) per request ({len(image)} B {args.image_name}), top_k "
                  f"{args.top_k}; server restarted per model x batching; torch threads "
                  f"{args.torch_threads if args.torch_threads is not None else 'default'}")
@@ -521,13 +521,13 @@ def main(argv: list[str] | None = None) -> int:
                     args.url, model=model, concurrency=c, duration=args.duration, warmup=args.warmup, image=image,
                     image_name=args.image_name, images_per_request=args.images_per_request, top_k=args.top_k,
                     api_key=args.api_key, timeout=args.timeout)))
-        infos = {str(m): asyncio.run(model_info(args.url, m, args.api_key)) for m in models}
+        infos = {m or "(default)": asyncio.run(model_info(args.url, m, args.api_key)) for m in models}
         for r in results:
-            r.model = r.model or infos.get("None", {}).get("name") or "(default)"
+            r.model = r.model or infos.get("(default)", {}).get("name") or "(default)"
         devices = sorted({str(i.get("device")) for i in infos.values() if i.get("device")})
         meta = {"machine": machine_description(", ".join(devices) or None), "models": infos, "url": args.url}
         lines = [f"## /classify load benchmark against {args.url}", "", *machine_lines(meta["machine"]),
-                 f"- {fmt(args.duration, 0)} s per level after {fmt(args.warmup, 0)} s warm-up, "
+                 f"- {args.duration:g} s per level after {args.warmup:g} s warm-up, "
                  f"{args.images_per_request} image(s) per request ({len(image)} B {args.image_name})", "",
                  "| model | concurrency | req/s | p50 ms | p95 ms | p99 ms | errors | mean batch |",
                  "|---|---:|---:|---:|---:|---:|---|---:|"]
