@@ -62,7 +62,7 @@ def evaluate_classifier(name: str, data: Path, *, batch_size: int = 64, limit_pe
 
     from app.runtime.device import select_device
     from app.runtime.images import decode_image
-    from app.runtime.registry import ModelRegistry, hub_checkpoint_dir
+    from app.runtime.registry import LoadedClassifier, ModelRegistry, hub_checkpoint_dir
     from models.preprocess import image_to_tensor
     from models.train.common import confusion_matrix
     from models.train.images import scan_image_folder
@@ -74,6 +74,7 @@ def evaluate_classifier(name: str, data: Path, *, batch_size: int = 64, limit_pe
     if st.loaded is None:
         raise SystemExit(f"{name}: {st.status}: {st.reason}")
     loaded = st.loaded
+    assert isinstance(loaded, LoadedClassifier)
     classes, files, labels = scan_image_folder(data)
     if limit_per_class:
         keep = np.concatenate([np.flatnonzero(labels == c)[:limit_per_class] for c in range(len(classes))])

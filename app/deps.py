@@ -10,6 +10,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from app.errors import ServiceUnavailable, Unauthorized
 from app.services.classification import ClassificationService
+from app.services.text import TextService
 from app.state import AppState
 
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key (when keys are configured)")
@@ -33,6 +34,16 @@ def get_classification(state: State) -> ClassificationService:
 
 
 Classification = Annotated[ClassificationService, Depends(get_classification)]
+
+
+def get_text(state: State) -> TextService:
+    """The text service, or 503 while models are still loading."""
+    if state.text is None:
+        raise ServiceUnavailable("models are still loading; retry shortly", retry_after=5)
+    return state.text
+
+
+Text = Annotated[TextService, Depends(get_text)]
 
 
 def require_api_key(

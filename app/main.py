@@ -7,18 +7,21 @@ import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI
 
-from app.api import classify, health, models
+from app.api import classify, health, models, text
 from app.deps import require_api_key
 from app.errors import install_handlers
 from app.metrics import Metrics
 from app.middleware import ServiceMiddleware
 from app.runtime.batcher import BatchConfig
 from app.runtime.device import configure_torch, select_device
-from app.runtime.registry import ModelRegistry, hub_checkpoint_dir
+from app.runtime.registry import LoadedClassifier, LoadedTextClassifier, ModelRegistry, hub_checkpoint_dir
 from app.services.classification import ClassificationService
+from app.services.pool import ModelPool
+from app.services.text import TextService
 from app.settings import Settings
 from app.state import AppState
 
@@ -34,8 +37,9 @@ def _load_models(state: AppState) -> ModelRegistry:
         s.weights_dir, hub_checkpoint_dir(s.torch_home), device,
         allow_download=s.allow_downloads, allow_untrained=s.allow_untrained, compile_model=s.compile,
     )
-    for name in dict.fromkeys(s.classifiers):
-        st = registry.load_classifier(name, warmup=s.warmup)
+    wanted = [(n, "image-classification") for n in s.classifiers] + [(n, "text-classification") for n in s.text_models]
+    for name, task in dict.fromkeys(wanted):
+        st = registry.load(name, task, warmup=s.warmup)
         state.metrics.model_ready.labels(name, st.task).set(1 if st.status == "ready" else 0)
         log.info("model %s: %s%s", name, st.status, f" ({st.reason})" if st.reason else "")
     return registry
@@ -53,13 +57,19 @@ async def _start(state: AppState) -> None:
     try:
         registry = await asyncio.get_running_loop().run_in_executor(None, _load_models, state)
         configs = {n: _batch_config(s, n) for n in registry.states}
-        service = ClassificationService(
-            registry, default_model=s.default_classifier, max_image_bytes=s.max_image_bytes,
-            max_image_pixels=s.max_image_pixels, max_images=s.max_images_per_request, executor=state.executor,
-            observer=state.metrics, batch_configs=configs,
-        )
-        await service.start()
-        state.registry, state.classification = registry, service
+        common: dict[str, Any] = {"executor": state.executor, "observer": state.metrics, "batch_configs": configs}
+        images = ModelPool(registry, "image-classification", LoadedClassifier, default_model=s.default_classifier,
+                           **common)
+        texts = ModelPool(registry, "text-classification", LoadedTextClassifier, default_model=s.default_text_model,
+                          **common)
+        for pool in (images, texts):
+            await pool.start()
+        state.pools = [images, texts]
+        state.classification = ClassificationService(images, max_image_bytes=s.max_image_bytes,
+                                                     max_image_pixels=s.max_image_pixels,
+                                                     max_images=s.max_images_per_request)
+        state.text = TextService(texts, max_texts=s.max_texts_per_request, max_text_chars=s.max_text_chars)
+        state.registry = registry
     except Exception as exc:  # keep serving /health so the failure is visible, not a crash loop
         log.exception("start-up failed")
         state.startup_error = f"{type(exc).__name__}: {exc}"
@@ -82,8 +92,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             loader.cancel()
             await asyncio.gather(loader, return_exceptions=True)
-            if state.classification is not None:
-                await state.classification.close()
+            for pool in state.pools:
+                await pool.close()
             executor.shutdown(wait=True, cancel_futures=True)
 
     app = FastAPI(
@@ -99,4 +109,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     protected = [Depends(require_api_key)]
     app.include_router(models.router, dependencies=protected)
     app.include_router(classify.router, dependencies=protected)
+    app.include_router(text.router, dependencies=protected)
     return app

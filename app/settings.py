@@ -44,6 +44,13 @@ class Settings(BaseSettings):
         "trained weights, so an ImageNet model when its weights are present, else cifar10-resnet20)"
     )
 
+    text_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="text classifiers loaded at start-up (manifest names)"
+    )
+    default_text_model: str | None = Field(default=None, description="text model used when a request names none")
+    max_texts_per_request: int = Field(default=64, ge=1)
+    max_text_chars: int = Field(default=100_000, ge=1, description="characters per text (longer: 422)")
+
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N")
     torch_threads: int = Field(default=0, description="intra-op CPU threads (0: torch default)")
     inference_threads: int = Field(default=2, description="threads running model forwards (one batch per model)")
@@ -67,7 +74,7 @@ class Settings(BaseSettings):
         default_factory=list, description="when set, every non-health endpoint needs X-API-Key or Bearer"
     )
 
-    @field_validator("classifiers", "api_keys", mode="before")
+    @field_validator("classifiers", "text_models", "api_keys", mode="before")
     @classmethod
     def _lists(cls, v: Any) -> Any:
         return _split_list(v)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from app.metrics import Metrics
 from app.runtime.registry import ModelRegistry
 from app.services.classification import ClassificationService
+from app.services.pool import ModelPool
+from app.services.text import TextService
 from app.settings import Settings
 
 
@@ -21,5 +24,7 @@ class AppState:
     executor: ThreadPoolExecutor
     registry: ModelRegistry | None = None
     classification: ClassificationService | None = None
+    text: TextService | None = None
+    pools: list[ModelPool[Any]] = field(default_factory=list)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     startup_error: str | None = None

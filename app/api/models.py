@@ -17,7 +17,8 @@ async def list_models(state: State) -> ModelList:
     if state.registry is None:
         raise ServiceUnavailable("models are still loading; retry shortly", retry_after=5)
     default = state.classification.default_model if state.classification else None
-    return ModelList(default_classifier=default,
+    default_text = state.text.default_model if state.text else None
+    return ModelList(default_classifier=default, default_text_model=default_text,
                      models=[ModelInfo.model_validate(state.registry.describe(n)) for n in state.registry.states])
 
 

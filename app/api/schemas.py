@@ -66,6 +66,7 @@ class ModelInfo(BaseModel):
 
 class ModelList(BaseModel):
     default_classifier: str | None
+    default_text_model: str | None = None
     models: list[ModelInfo]
 
 

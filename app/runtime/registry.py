@@ -67,12 +67,13 @@ class ManifestEntry(BaseModel):
     license: str | None = None
 
     @model_validator(mode="after")
-    def _classifier_fields(self) -> ManifestEntry:
-        if self.task == "image-classification":
-            if len(self.labels) < 2:
-                raise ValueError("an image classifier needs at least two labels")
-            if self.preprocessing is None:
-                raise ValueError("an image classifier needs its preprocessing")
+    def _task_fields(self) -> ManifestEntry:
+        if self.task in ("image-classification", "text-classification") and len(self.labels) < 2:
+            raise ValueError(f"a {self.task} model needs at least two labels")
+        if self.task == "image-classification" and self.preprocessing is None:
+            raise ValueError("an image classifier needs its preprocessing")
+        if self.task == "text-classification" and not isinstance((self.model_extra or {}).get("encoding"), dict):
+            raise ValueError("a text classifier needs its character encoding ('encoding')")
         return self
 
 
@@ -208,17 +209,19 @@ class ModelSpec:
     source: str
     metrics: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    encoding: dict[str, Any] | None = None
 
 
 def spec_from_manifest(entry: ManifestEntry) -> ModelSpec:
     """A ModelSpec from a manifest entry."""
     pre = ImageSpec.from_dict(entry.preprocessing.model_dump()) if entry.preprocessing else None
-    extra = entry.model_extra or {}
+    extra = dict(entry.model_extra or {})
+    encoding = extra.pop("encoding", None)
     info = {"training": entry.training, "card": entry.card, "license": entry.license, **extra}
     return ModelSpec(
         name=entry.name, task=entry.task, family=entry.family, arch=entry.arch, labels=entry.labels,
         preprocessing=pre, weights=WeightsRef(entry.file, sha256=entry.sha256, url=extra.get("url")),
-        source=entry.source, metrics=entry.metrics, info=info,
+        source=entry.source, metrics=entry.metrics, info=info, encoding=encoding,
     )
 
 
@@ -236,26 +239,90 @@ def spec_from_torchvision(name: str) -> ModelSpec:
     )
 
 
-class LoadedClassifier:
-    """An image classifier ready to serve: preprocess -> batched forward -> probabilities."""
+class LoadedModel:
+    """A model ready to serve: one small contract, preprocess -> batched forward -> probabilities."""
+
+    task = ""
 
     def __init__(self, spec: ModelSpec, model: nn.Module, device: torch.device, weights_tag: str,
                  weights_source: str) -> None:
-        assert spec.preprocessing is not None
         self.spec = spec
         self.model = model
         self.device = device
         self.weights_tag = weights_tag
         self.weights_source = weights_source
+
+    def _probabilities(self, x: torch.Tensor) -> list[torch.Tensor]:
+        with inference_context(self.device):
+            logits = self.model(x)
+        return list(logits.float().softmax(-1).cpu().unbind(0))
+
+    def forward(self, batch: list[Any]) -> list[torch.Tensor]:
+        """Class probabilities, one row per input (runs off the event loop)."""
+        raise NotImplementedError
+
+    def warmup(self) -> None:
+        """One forward at start-up so the first request does not pay for lazy initialisation."""
+        raise NotImplementedError
+
+
+class LoadedClassifier(LoadedModel):
+    """An image classifier; inputs are CHW tensors made by its ImageSpec."""
+
+    task = "image-classification"
+
+    def __init__(self, spec: ModelSpec, model: nn.Module, device: torch.device, weights_tag: str,
+                 weights_source: str) -> None:
+        super().__init__(spec, model, device, weights_tag, weights_source)
+        if spec.preprocessing is None:
+            raise ValueError(f"{spec.name}: an image classifier needs its preprocessing")
         self.preprocessing: ImageSpec = spec.preprocessing
 
     def forward(self, batch: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Class probabilities for a list of preprocessed CHW tensors (runs off the event loop)."""
-        x = to_device_batch(torch.stack(batch), self.device)
-        with inference_context(self.device):
-            logits = self.model(x)
-        probs = logits.float().softmax(-1).cpu()
-        return list(probs.unbind(0))
+        """Class probabilities for a list of preprocessed CHW tensors."""
+        return self._probabilities(to_device_batch(torch.stack(batch), self.device))
+
+    def warmup(self) -> None:
+        """One forward on a black image of the model's input size."""
+        side = self.preprocessing.crop
+        self.forward([torch.zeros(3, side, side)])
+
+
+class LoadedTextClassifier(LoadedModel):
+    """A character-level text classifier; inputs are raw strings, encoded as the model was trained."""
+
+    task = "text-classification"
+
+    def __init__(self, spec: ModelSpec, model: nn.Module, device: torch.device, weights_tag: str,
+                 weights_source: str) -> None:
+        super().__init__(spec, model, device, weights_tag, weights_source)
+        from models.text.encoding import CharSpec
+
+        if not spec.encoding:
+            raise ValueError(f"{spec.name}: a text model needs its character encoding")
+        self.encoding = CharSpec.from_dict(spec.encoding)
+
+    def forward(self, batch: list[str]) -> list[torch.Tensor]:
+        """Class probabilities for a list of texts."""
+        return self._probabilities(self.encoding.encode(batch).to(self.device))
+
+    def warmup(self) -> None:
+        """One forward on a short text."""
+        self.forward(["warm-up"])
+
+
+_LOADERS: dict[str, type[LoadedModel]] = {c.task: c for c in (LoadedClassifier, LoadedTextClassifier)}
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """An untrained module for a spec (family and arch from the manifest or torchvision)."""
+    if spec.task == "text-classification":
+        from models.text import build_text_model
+        from models.text.encoding import CharSpec
+
+        vocab = CharSpec.from_dict(spec.encoding or {}).vocab_size
+        return build_text_model(spec.family, spec.arch, len(spec.labels), vocab)
+    return build_classifier(spec.family, spec.arch, len(spec.labels))
 
 
 @dataclass
@@ -267,7 +334,7 @@ class ModelState:
     status: Status = "loading"
     reason: str | None = None
     spec: ModelSpec | None = None
-    loaded: LoadedClassifier | None = None
+    loaded: LoadedModel | None = None
     load_seconds: float | None = None
 
 
@@ -294,19 +361,24 @@ class ModelRegistry:
         raise KeyError(name)
 
     def load_classifier(self, name: str, *, warmup: bool = True) -> ModelState:
-        """Resolve, build and load one classifier, recording its status (never raises)."""
+        """Load an image classifier (see load)."""
+        return self.load(name, "image-classification", warmup=warmup)
+
+    def load(self, name: str, task: str, *, warmup: bool = True) -> ModelState:
+        """Resolve, build and load one model of the given task, recording its status (never raises)."""
         t0 = time.perf_counter()
-        state = ModelState(name=name, task="image-classification")
+        state = ModelState(name=name, task=task)
         self.states[name] = state
         try:
             spec = self.spec_for(name)
         except KeyError:
+            where = " and not a torchvision classifier" if task == "image-classification" else ""
             state.status, state.reason = "failed", (
-                f"unknown model {name!r}: not in {self.weights_dir / MANIFEST_NAME} and not a torchvision classifier")
+                f"unknown model {name!r}: not in {self.weights_dir / MANIFEST_NAME}{where}")
             return state
-        state.spec, state.task = spec, spec.task
-        if spec.task != "image-classification":
-            state.status, state.reason = "failed", f"{name} is a {spec.task} model, not an image classifier"
+        state.spec = spec
+        if spec.task != task:
+            state.status, state.reason = "failed", f"{name} is a {spec.task} model, not a {task} model"
             return state
         try:
             resolved: ResolvedWeights | None = resolve_weights(
@@ -318,22 +390,20 @@ class ModelRegistry:
             log.warning("%s: %s; serving UNTRAINED random weights (allow_untrained is on)", name, exc)
             resolved = None
         try:
-            model = build_classifier(spec.family, spec.arch, len(spec.labels))
+            model = build_model(spec)
             if resolved is not None:
                 sd = torch.load(resolved.path, map_location="cpu", weights_only=True)
                 if spec.family == "torchvision":
                     sd = fix_torchvision_state_dict(name, sd)
                 model.load_state_dict(sd)
             model = prepare_model(model, self.device, compile_model=self.compile_model)
-            loaded = LoadedClassifier(
+            loaded = _LOADERS[task](
                 spec, model, self.device,
                 weights_tag="trained" if resolved else "untrained",
                 weights_source=resolved.source if resolved else "untrained",
             )
             if warmup:
-                assert spec.preprocessing is not None
-                side = spec.preprocessing.crop
-                loaded.forward([torch.zeros(3, side, side)])
+                loaded.warmup()
         except Exception as exc:  # a corrupt or mismatched checkpoint must not take the service down
             log.exception("loading %s failed", name)
             state.status, state.reason = "failed", f"loading failed: {type(exc).__name__}: {exc}"
@@ -341,6 +411,10 @@ class ModelRegistry:
         state.loaded, state.status, state.reason = loaded, "ready", None
         state.load_seconds = round(time.perf_counter() - t0, 3)
         return state
+
+    def names(self, task: str) -> list[str]:
+        """Configured models of one task, in configuration order."""
+        return [n for n, s in self.states.items() if s.task == task]
 
     def describe(self, name: str) -> dict[str, Any]:
         """The /models view of one model."""
@@ -351,7 +425,7 @@ class ModelRegistry:
             out.update({
                 "family": spec.family, "source": spec.source, "weights_file": spec.weights.file_name,
                 "sha256": spec.weights.sha256, "num_labels": len(spec.labels),
-                "input_size": spec.preprocessing.crop if spec.preprocessing else None,
+                "input_size": spec.preprocessing.crop if spec.preprocessing else (spec.encoding or {}).get("length"),
                 "metrics": spec.metrics, "info": spec.info,
             })
         if st.loaded is not None:

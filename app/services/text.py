@@ -1,0 +1,54 @@
+"""Text categorisation: validate texts -> micro-batched character-level CNN -> top-k labels."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.errors import InvalidParameters
+from app.runtime.registry import LoadedTextClassifier
+from app.services.pool import ModelPool
+
+
+class TextService:
+    """Serves every loaded text classifier through its own micro-batcher."""
+
+    def __init__(self, pool: ModelPool[LoadedTextClassifier], *, max_texts: int, max_text_chars: int) -> None:
+        self.pool = pool
+        self.max_texts = max_texts
+        self.max_text_chars = max_text_chars
+
+    @property
+    def default_model(self) -> str | None:
+        """The model used when a request names none."""
+        return self.pool.default_model
+
+    def validate(self, texts: list[str]) -> None:
+        """422 naming the offending index for empty, blank or over-long texts; 422 for too many texts."""
+        if not texts:
+            raise InvalidParameters("texts: at least one text is required")
+        if len(texts) > self.max_texts:
+            raise InvalidParameters(f"texts: {len(texts)} texts sent; at most {self.max_texts} per request")
+        for i, t in enumerate(texts):
+            if not t.strip():
+                raise InvalidParameters(f"texts[{i}] is empty or whitespace only", extra={"index": i})
+            if len(t) > self.max_text_chars:
+                raise InvalidParameters(f"texts[{i}] has {len(t)} characters; at most {self.max_text_chars}",
+                                        extra={"index": i})
+
+    async def classify(self, texts: list[str], model: str | None, k: int) -> dict[str, Any]:
+        """Top-k labels for each text."""
+        self.validate(texts)
+        name, loaded = self.pool.resolve(model)
+        probs = await self.pool.run(name, texts)
+        labels = loaded.spec.labels
+        window = loaded.encoding.length
+        results = []
+        for text, p in zip(texts, probs, strict=True):
+            values, indices = p.topk(min(k, p.numel()))
+            results.append({
+                "top_k": [{"label": labels[int(i)], "index": int(i), "probability": round(float(v), 6)}
+                          for v, i in zip(values, indices, strict=True)],
+                "truncated": len(loaded.encoding.prepare(text)) > window,
+            })
+        return {"model": name, "weights": loaded.weights_tag, "weights_source": loaded.weights_source,
+                "window": window, "results": results}
