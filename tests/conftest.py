@@ -108,3 +108,26 @@ def image_bytes(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, in
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format=fmt)
     return buf.getvalue()
+
+
+TEXT_LABELS = ["World", "Sports", "Business"]
+
+
+def write_tiny_text_model(weights_dir: Path, name: str = "tiny-text", length: int = 64) -> Path:
+    """A real (random-init, seeded) VDCNN-9 with a small head and window, with its manifest entry."""
+    from models.text import build_text_model
+    from models.text.encoding import CharSpec
+
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    spec = CharSpec(length=length)
+    arch = {"depth": 9, "pool": "max", "shortcut": False, "hidden": 32}
+    torch.manual_seed(0)
+    model = build_text_model("vdcnn", arch, len(TEXT_LABELS), spec.vocab_size)
+    path = weights_dir / f"{name}.pt"
+    torch.save(model.state_dict(), path)
+    entry = {"name": name, "task": "text-classification", "family": "vdcnn", "arch": arch, "file": path.name,
+             "sha256": sha256_file(path), "labels": TEXT_LABELS, "encoding": spec.to_dict(), "source": "project"}
+    manifest = weights_dir / "manifest.json"
+    models = json.loads(manifest.read_text())["models"] if manifest.exists() else []
+    manifest.write_text(json.dumps({"models": [m for m in models if m["name"] != name] + [entry]}))
+    return path
