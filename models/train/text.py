@@ -1,0 +1,497 @@
+"""Train a character-level text CNN (VDCNN or the Zhang et al. char-CNN) on CSV files.
+
+    python -m models.train.text --train ../shared/data/agnews/train.csv \\
+        --train ../shared/data/agnews/train_extra_concat.csv --classes ../shared/data/agnews/classes.txt \\
+        --out runs/ag-news-vdcnn9 --name ag-news-vdcnn9 --family vdcnn --depth 9
+
+The default CSV layout is AG News' (no header; "class","title","description"; 1-based class;
+a backslash followed by "n" inside a text means a newline): the text is the title and the
+description joined by a space, whichever is non-empty. Other CSV files work with --label-column
+and --text-columns (1-based positions, or names with --header); a label is a class name from
+--classes or a 1-based index into it.
+
+The validation split is stratified and, by default, drawn only from the first --train file (the
+gold file); rows of later files only ever go to training, and training rows whose text equals a
+validation text are dropped so the validation accuracy stays honest. Every row is encoded once
+into an index tensor kept in memory (on the GPU when training there). Every epoch writes a
+resumable checkpoint and a line of metrics; rerunning the same command resumes. When training
+ends the command writes a report (validation accuracy, per-class precision/recall/F1, confusion
+matrix as a table and a PNG, wall time, hardware), the weights file and the manifest entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import platform
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.text import ALPHABETS, CharSpec, build_text_model, count_parameters
+from models.text.vdcnn import BLOCKS_PER_DEPTH, POOLINGS
+from models.train.common import (
+    atomic_save,
+    confusion_matrix,
+    confusion_table,
+    hardware_description,
+    plot_confusion,
+    progress,
+    sha256_file,
+    stratified_split,
+)
+from models.train.images import install_entry, lr_at
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # the manifest's rule for model names
+DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-3}  # SGD: the value of both papers
+DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 0.05}
+ENCODE_CHUNK = 4096
+
+
+@dataclass
+class TextRows:
+    """Texts and integer labels read from one CSV file."""
+
+    path: Path
+    texts: list[str]
+    labels: np.ndarray
+
+
+def read_classes(path: Path) -> list[str]:
+    """Class names, one per non-empty line, in order (line 1 is class 1)."""
+    names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    if len(names) < 2:
+        raise SystemExit(f"{path}: need at least two class names, found {names}")
+    if len(set(names)) != len(names):
+        raise SystemExit(f"{path}: class names repeat")
+    return names
+
+
+def unescape_newlines(text: str) -> str:
+    """Turn AG News' two-character escape backslash + "n" into a newline."""
+    return text.replace("\\n", "\n")
+
+
+def _column_index(spec: str, header: list[str] | None, path: Path) -> int:
+    """Zero-based index of a column given as a 1-based position or (with a header) a name."""
+    if header is not None and spec in header:
+        return header.index(spec)
+    if spec.isdigit() and int(spec) >= 1:
+        return int(spec) - 1
+    raise SystemExit(f"{path}: no column {spec!r}" + (f" (header: {header})" if header is not None else ""))
+
+
+def read_csv(path: Path, *, label_column: str, text_columns: list[str], header: bool, unescape: bool,
+             encoding: str, limit: int = 0) -> tuple[list[str], list[str]]:
+    """Raw label strings and joined texts of a CSV file (errors name the file and line)."""
+    csv.field_size_limit(2**31 - 1)
+    labels: list[str] = []
+    texts: list[str] = []
+    with open(path, encoding=encoding, newline="") as fh:
+        reader = csv.reader(fh)
+        head = next(reader, None) if header else None
+        li = _column_index(label_column, head, path)
+        tis = [_column_index(c, head, path) for c in text_columns]
+        need = max([li, *tis]) + 1
+        for row in reader:
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue  # blank line
+            if len(row) < need:
+                raise SystemExit(f"{path}:{reader.line_num}: expected at least {need} columns, got {len(row)}")
+            text = " ".join(part for part in (row[i].strip() for i in tis) if part)
+            texts.append(unescape_newlines(text) if unescape else text)
+            labels.append(row[li].strip())
+            if limit and len(texts) >= limit:
+                break
+    if not texts:
+        raise SystemExit(f"{path}: no rows")
+    return labels, texts
+
+
+def map_labels(raw: list[str], classes: list[str], label_base: int | None, path: Path) -> np.ndarray:
+    """Integer class indices for raw labels that are class names or (label_base-based) numbers."""
+    by_name = {c: i for i, c in enumerate(classes)}
+    out = np.empty(len(raw), dtype=np.int64)
+    for i, value in enumerate(raw):
+        if value in by_name:
+            out[i] = by_name[value]
+        elif label_base is not None and value.isdigit() and 0 <= int(value) - label_base < len(classes):
+            out[i] = int(value) - label_base
+        else:
+            allowed = "" if label_base is None else f" nor a number in {label_base}..{label_base + len(classes) - 1}"
+            raise SystemExit(f"{path}: data row {i + 1}: label {value!r} is neither a class name{allowed}")
+    return out
+
+
+def load_rows(args: argparse.Namespace) -> tuple[list[str], list[TextRows]]:
+    """Class names and the rows of every --train file, labels mapped to indices."""
+    text_columns = [c.strip() for c in args.text_columns.split(",") if c.strip()]
+    raw = [read_csv(p, label_column=args.label_column, text_columns=text_columns, header=args.header,
+                    unescape=args.unescape_newlines, encoding=args.encoding, limit=args.limit_per_file)
+           for p in args.train]
+    base: int | None = args.label_base
+    if args.classes is not None:
+        classes = read_classes(args.classes)
+    else:
+        # no class list: the distinct labels, numbers in numeric order, and every label is a name
+        values = {v for labels, _ in raw for v in labels}
+        classes = sorted(values, key=lambda v: (0, int(v), "") if v.isdigit() else (1, 0, v))
+        base = None
+        if len(classes) < 2:
+            raise SystemExit(f"need at least two classes, found {classes}")
+    rows = [TextRows(p, texts, map_labels(labels, classes, base, p))
+            for p, (labels, texts) in zip(args.train, raw, strict=True)]
+    return classes, rows
+
+
+def parse_val_size(value: str, n: int) -> int:
+    """A validation size given as a count ("1500") or a fraction ("0.1") of n rows."""
+    try:
+        v = float(value)
+    except ValueError:
+        raise SystemExit(f"--val-size {value!r}: give a row count or a fraction") from None
+    k = round(v * n) if 0 < v < 1 else int(v)
+    if not 0 < k < n:
+        raise SystemExit(f"--val-size {value} gives {k} validation rows out of {n}")
+    return k
+
+
+def split_rows(rows: list[TextRows], val_size: str, val_from_first: bool,
+               seed: int) -> tuple[list[str], np.ndarray, list[str], np.ndarray, int]:
+    """(train texts, train labels, val texts, val labels, training rows dropped as duplicates of val)."""
+    pool = rows[:1] if val_from_first else rows
+    texts = [t for r in pool for t in r.texts]
+    labels = np.concatenate([r.labels for r in pool])
+    tr, va = stratified_split(labels, parse_val_size(val_size, len(labels)), seed)
+    val_texts = [texts[i] for i in va]
+    train_texts = [texts[i] for i in tr]
+    train_labels = [labels[tr]]
+    for r in (rows[1:] if val_from_first else []):
+        train_texts += r.texts
+        train_labels.append(r.labels)
+    y_train = np.concatenate(train_labels)
+    # a text seen in training must not be graded in validation (files can overlap, rows can repeat)
+    seen = set(val_texts)
+    keep = np.array([t not in seen for t in train_texts], dtype=bool)
+    dropped = int((~keep).sum())
+    train_texts = [t for t, k in zip(train_texts, keep, strict=True) if k]
+    return train_texts, y_train[keep], val_texts, labels[va], dropped
+
+
+def encode_all(spec: CharSpec, texts: list[str]) -> torch.Tensor:
+    """Encode every text once, stored as the smallest integer type that holds the vocabulary."""
+    dtype = torch.uint8 if spec.vocab_size <= 256 else torch.int32
+    out = torch.empty((len(texts), spec.length), dtype=dtype)
+    chunks = range(0, len(texts), ENCODE_CHUNK)
+    for i in progress(chunks, desc="encode", unit="chunk", total=len(chunks), disable=len(chunks) < 4):
+        out[i : i + ENCODE_CHUNK] = spec.encode(texts[i : i + ENCODE_CHUNK]).to(dtype)
+    return out
+
+
+def arch_from_args(args: argparse.Namespace, num_classes: int, vocab_size: int) -> dict[str, Any]:
+    """Every keyword the model builder needs to rebuild the network (the manifest's "arch")."""
+    if args.family == "vdcnn":
+        arch: dict[str, Any] = {"depth": args.depth, "pool": args.pool, "shortcut": args.shortcut,
+                                "hidden": args.hidden, "embedding_dim": 16, "k": 8}
+    else:
+        arch = {"size": args.size, "length": args.length, "input": args.input, "dropout": 0.5}
+    return arch | {"num_classes": num_classes, "vocab_size": vocab_size}
+
+
+def step_lr(epoch: int, peak: float, every: int, gamma: float) -> float:
+    """The papers' schedule: the learning rate times gamma every `every` epochs."""
+    return peak * gamma ** (epoch // max(1, every))
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, x: torch.Tensor, batch: int, device: torch.device, amp: bool) -> torch.Tensor:
+    """Class probabilities (float32, on the CPU) for encoded texts."""
+    model.eval()
+    outs = []
+    for i in range(0, len(x), batch):
+        xb = x[i : i + batch].to(device).long()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            outs.append(model(xb).float().softmax(-1).cpu())
+    return torch.cat(outs)
+
+
+def per_class_metrics(cm: np.ndarray, classes: list[str]) -> dict[str, dict[str, float]]:
+    """Precision, recall, F1 and support of each class from a confusion matrix."""
+    out = {}
+    for i, c in enumerate(classes):
+        tp = float(cm[i, i])
+        pred, true = float(cm[:, i].sum()), float(cm[i].sum())
+        p = tp / pred if pred else 0.0
+        r = tp / true if true else 0.0
+        f1 = 2 * p * r / (p + r) if p + r else 0.0
+        out[c] = {"precision": p, "recall": r, "f1": f1, "support": int(true)}
+    return out
+
+
+def resolve_device(name: str) -> torch.device:
+    """The training device: "auto" picks CUDA when present."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but no CUDA device is available")
+    return device
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--train", type=Path, action="append", required=True,
+                   help="training CSV; repeat for more files (the first is the gold file for validation)")
+    g.add_argument("--classes", type=Path, default=None,
+                   help="class names, one per line (line 1 = class 1); default: the distinct labels, sorted")
+    g.add_argument("--label-column", default="1", help="1-based position or (with --header) name")
+    g.add_argument("--text-columns", default="2,3", help="comma-separated positions or names, joined by a space")
+    g.add_argument("--header", action="store_true", help="the CSV files start with a header row")
+    g.add_argument("--label-base", type=int, default=1, help="the number of the first class in numeric labels")
+    g.add_argument("--unescape-newlines", action=argparse.BooleanOptionalAction, default=True,
+                   help="turn backslash-n inside texts into a newline (AG News' escape)")
+    g.add_argument("--encoding", default="utf-8-sig", help="text encoding of the CSV files")
+    g.add_argument("--val-size", default="1500", help="validation rows: a count or a fraction (0.1)")
+    g.add_argument("--val-from-first", action=argparse.BooleanOptionalAction, default=True,
+                   help="draw validation rows only from the first --train file")
+    g.add_argument("--limit-per-file", type=int, default=0, help="read at most N rows per file (smoke runs)")
+    g = p.add_argument_group("encoding")
+    g.add_argument("--alphabet", default="zhang", choices=sorted(ALPHABETS),
+                   help="zhang: the 69 distinct characters of Zhang et al. 2015 incl. newline; zhang+space adds ' '")
+    g.add_argument("--length", type=int, default=1014, help="characters per text (truncate / pad)")
+    g.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--unknown", choices=["index", "skip", "zero"], default="index",
+                   help="characters outside the alphabet: own index, dropped, or the zero/padding vector")
+    g = p.add_argument_group("model")
+    g.add_argument("--out", type=Path, required=True, help="run directory (checkpoint, log, report)")
+    g.add_argument("--name", default=None, help="model name for the manifest (default: <data folder>-<model>)")
+    g.add_argument("--family", choices=["vdcnn", "char-cnn"], default="vdcnn")
+    g.add_argument("--depth", type=int, choices=sorted(BLOCKS_PER_DEPTH), default=9, help="VDCNN depth")
+    g.add_argument("--pool", choices=list(POOLINGS), default="max", help="VDCNN down-sampling between stages")
+    g.add_argument("--shortcut", action="store_true", help="VDCNN residual shortcuts")
+    g.add_argument("--hidden", type=int, default=2048, help="VDCNN fully connected width (paper: 2048)")
+    g.add_argument("--size", choices=["small", "large"], default="small", help="char-CNN size")
+    g.add_argument("--input", choices=["onehot", "embedding"], default="onehot", help="char-CNN input")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=15)
+    g.add_argument("--batch-size", type=int, default=128, help="the papers' 128")
+    g.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: sgd 0.01, adamw 0.001)")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=None, help="default: sgd 1e-4, adamw 0.05")
+    g.add_argument("--schedule", choices=["cosine", "step"], default="cosine",
+                   help="cosine: linear warm-up then cosine decay; step: halve every --step-epochs (the papers')")
+    g.add_argument("--warmup", type=float, default=0.05, help="cosine: fraction of steps for warm-up")
+    g.add_argument("--step-epochs", type=int, default=3, help="step: epochs between halvings")
+    g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm (0: off)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 autocast (default: on with CUDA)")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    g.add_argument("--install", type=Path, default=None, help="copy weights + merge the manifest entry into this dir")
+    args = p.parse_args(argv)
+    if args.lr is None:
+        args.lr = DEFAULT_LR[args.optimizer]
+    if args.weight_decay is None:
+        args.weight_decay = DEFAULT_WEIGHT_DECAY[args.optimizer]
+    if args.name is None:
+        folder = args.train[0].resolve().parent.name or "text"
+        model = f"vdcnn{args.depth}" if args.family == "vdcnn" else f"charcnn-{args.size}"
+        args.name = re.sub(r"[^A-Za-z0-9._-]", "-", f"{folder}-{model}").lstrip("-._") or model
+    if not NAME_PATTERN.match(args.name):
+        p.error(f"--name {args.name!r}: use letters, digits, '.', '_' and '-' (at most 128, starting alphanumeric)")
+    return args
+
+
+def _jsonable(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) else v)
+            for k, v in vars(args).items()}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    t_start = time.time()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    amp = device.type == "cuda" if args.amp is None else bool(args.amp)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every batch has the same shape (fixed length)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+
+    classes, rows = load_rows(args)
+    train_texts, y_train_np, val_texts, y_val_np, dropped = split_rows(rows, args.val_size, args.val_from_first,
+                                                                       args.seed)
+    spec = CharSpec(alphabet=ALPHABETS[args.alphabet], length=args.length, lowercase=args.lowercase,
+                    unknown=args.unknown)
+    arch = arch_from_args(args, len(classes), spec.vocab_size)
+    x_train = encode_all(spec, train_texts).to(device)
+    x_val = encode_all(spec, val_texts)
+    y_train = torch.from_numpy(y_train_np).to(device)
+    y_val = torch.from_numpy(y_val_np)
+
+    model = build_text_model(args.family, arch, len(classes), spec.vocab_size).to(device)
+    # no weight decay on biases, BatchNorm and the character embedding (as usual for such parameters)
+    decay = [p for n, p in model.named_parameters() if p.dim() > 1 and not n.startswith("embedding")]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1 or n.startswith("embedding")]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt: torch.optim.Optimizer
+    if args.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
+    else:
+        opt = torch.optim.AdamW(groups, lr=args.lr)
+    steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
+    total_steps = steps_per_epoch * args.epochs
+
+    # what must not change between a run and its resumption
+    fingerprint = {"family": args.family, "arch": arch, "encoding": spec.to_dict(), "classes": classes,
+                   "train": [str(p.resolve()) for p in args.train], "val_size": args.val_size, "seed": args.seed,
+                   "val_from_first": args.val_from_first, "optimizer": args.optimizer}
+    start_epoch, history, train_seconds = 0, [], 0.0
+    ckpt_path = out / "checkpoint.pt"
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if ck.get("fingerprint") != fingerprint:
+            raise SystemExit(f"{ckpt_path} belongs to a different configuration (model, encoding, data or seed); "
+                             "use another --out or delete it")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        start_epoch, history, train_seconds = ck["epoch"], ck["history"], ck["train_seconds"]
+        torch.set_rng_state(ck["rng"].cpu())  # map_location may have moved it to the GPU
+        print(f"resumed from {ckpt_path} at epoch {start_epoch}", file=sys.stderr)
+
+    print(f"{args.name}: {len(classes)} classes, {len(x_train)} train / {len(x_val)} val rows "
+          f"({dropped} training duplicates of validation texts dropped), {args.family} "
+          f"({count_parameters(model):,} params), L={spec.length}, vocab {spec.vocab_size}, on {device}"
+          f"{' bf16' if amp else ''}", file=sys.stderr)
+    for epoch in range(start_epoch, args.epochs):
+        t0 = time.time()
+        model.train()
+        gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+        perm = torch.randperm(len(x_train), generator=gen).to(device)
+        seen = correct = 0
+        loss_sum = 0.0
+        bar = progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch")
+        for b in bar:
+            step = epoch * steps_per_epoch + b
+            lr = (lr_at(step, total_steps, args.lr, args.warmup) if args.schedule == "cosine"
+                  else step_lr(epoch, args.lr, args.step_epochs, 0.5))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            idx = perm[b * args.batch_size : (b + 1) * args.batch_size]
+            xb = x_train[idx].long()
+            yb = y_train[idx]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(xb)
+            loss = F.cross_entropy(logits.float(), yb, label_smoothing=args.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            opt.step()
+            seen += len(yb)
+            loss_sum += float(loss.detach()) * len(yb)
+            correct += int((logits.argmax(-1) == yb).sum())
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", lr=f"{lr:.2g}")
+        probs = predict(model, x_val, 512, device, amp)
+        val_loss = float(F.nll_loss(probs.clamp_min(1e-12).log(), y_val))
+        val_acc = float((probs.argmax(-1) == y_val).float().mean())
+        train_seconds += time.time() - t0
+        rec = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+               "val_loss": val_loss, "val_acc": val_acc, "lr_end": opt.param_groups[0]["lr"],
+               "seconds": round(time.time() - t0, 2)}
+        history.append(rec)
+        with open(out / "log.jsonl", "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        print(json.dumps(rec), file=sys.stderr)
+        atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                     "history": history, "train_seconds": train_seconds, "rng": torch.get_rng_state(),
+                     "fingerprint": fingerprint, "args": _jsonable(args)}, ckpt_path)
+
+    return finish(args, model, classes, spec, arch, rows, x_val, y_val, history, train_seconds, t_start, device,
+                  amp, n_train=len(x_train), dropped=dropped)
+
+
+def finish(args: argparse.Namespace, model: torch.nn.Module, classes: list[str], spec: CharSpec,
+           arch: dict[str, Any], rows: list[TextRows], x_val: torch.Tensor, y_val: torch.Tensor,
+           history: list[dict[str, Any]], train_seconds: float, t_start: float, device: torch.device, amp: bool,
+           n_train: int, dropped: int) -> dict[str, Any]:
+    """Write the weights, the report (JSON, Markdown, confusion PNG) and the manifest entry."""
+    out: Path = args.out
+    name: str = args.name
+    pred = predict(model, x_val, 512, device, amp).argmax(-1).numpy()
+    y = y_val.numpy()
+    cm = confusion_matrix(y, pred, len(classes))
+    per_class = per_class_metrics(cm, classes)
+    acc = float((pred == y).mean())
+    macro_f1 = float(np.mean([m["f1"] for m in per_class.values()]))
+    weights_file = out / f"{name}.pt"
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights_file)
+    digest = sha256_file(weights_file)
+    plot_confusion(cm, classes, out / "confusion.png", f"{name}: validation confusion matrix")
+    report = {
+        "model": name, "family": args.family, "arch": arch, "val_accuracy": acc, "val_macro_f1": macro_f1,
+        "per_class": per_class, "confusion_matrix": cm.tolist(), "epochs": len(history),
+        "train_seconds": round(train_seconds, 1), "wall_seconds_this_run": round(time.time() - t_start, 1),
+        "hardware": hardware_description(device), "torch": torch.__version__, "python": platform.python_version(),
+        "parameters": count_parameters(model), "val_rows": len(y), "train_rows": n_train,
+        "train_duplicates_dropped": dropped, "history": history,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    md = [f"# {name} training report", "",
+          f"- validation accuracy: **{acc:.4f}**, macro F1 {macro_f1:.4f}, on {len(y)} held-out rows of "
+          f"{rows[0].path.name if args.val_from_first else 'all files'}",
+          f"- model: {args.family} {json.dumps(arch)} ({report['parameters']:,} parameters), "
+          f"L={spec.length}, vocabulary {spec.vocab_size}",
+          f"- training rows: {n_train} ({dropped} duplicates of validation texts dropped)",
+          f"- epochs: {len(history)}, training time: {train_seconds / 60:.1f} min on {report['hardware']}", "",
+          "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    md += [f"| {c} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {m['support']} |"
+           for c, m in per_class.items()]
+    md += ["", "Confusion matrix (rows: true class, columns: predicted):", "", confusion_table(cm, classes)]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    entry = {
+        "name": name, "task": "text-classification", "family": args.family, "arch": arch,
+        "file": weights_file.name, "sha256": digest, "labels": classes, "encoding": spec.to_dict(),
+        "source": "project",
+        "training": {
+            "data": [str(r.path) for r in rows], "rows": {str(r.path): len(r.texts) for r in rows},
+            "train_rows": n_train, "val_rows": len(y), "val_from": str(rows[0].path) if args.val_from_first else "all",
+            "train_duplicates_dropped": dropped,
+            "recipe": {"epochs": args.epochs, "batch_size": args.batch_size, "optimizer": args.optimizer,
+                       "peak_lr": args.lr, "momentum": args.momentum if args.optimizer == "sgd" else None,
+                       "weight_decay": args.weight_decay,
+                       "schedule": ("linear warm-up + cosine" if args.schedule == "cosine"
+                                    else f"halved every {args.step_epochs} epochs"),
+                       "warmup": args.warmup if args.schedule == "cosine" else None,
+                       "label_smoothing": args.label_smoothing, "clip_grad": args.clip_grad,
+                       "bf16_autocast": amp, "seed": args.seed}},
+        "metrics": {"val_accuracy": round(acc, 4), "val_macro_f1": round(macro_f1, 4),
+                    "per_class_f1": {c: round(m["f1"], 4) for c, m in per_class.items()}, "val_rows": len(y)},
+    }
+    (out / "manifest_entry.json").write_text(json.dumps(entry, indent=2))
+    if args.install:
+        install_entry(entry, weights_file, args.install)
+    print((out / "report.md").read_text())
+    return report
+
+
+if __name__ == "__main__":
+    main()

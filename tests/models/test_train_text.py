@@ -1,0 +1,160 @@
+"""The text training command end to end on tiny generated CSV files in AG News' layout."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from app.runtime.registry import ManifestEntry, load_manifest
+from models.text import CharSpec, build_text_model
+from models.train import text as train_text
+
+CLASSES = ["Sports", "Business", "Politics"]
+KEYWORDS = {1: ["football", "match", "goal"], 2: ["stocks", "market", "shares"], 3: ["election", "vote", "senate"]}
+FILLER = ["the", "a", "report", "new", "today", "week", "after", "before", "local", "people", "said", "more", "over",
+          "about", "year"]
+
+
+def make_csv(path: Path, per_class: int, seed: int, title: bool = True) -> Path:
+    """AG News layout: "class","title","description"; the class shows only through its keyword."""
+    rng = random.Random(seed)
+    rows = []
+    for c, words in KEYWORDS.items():
+        for i in range(per_class):
+            w = rng.choice(words)
+            head = " ".join([*rng.sample(FILLER, 2), w]).title() if title else ""
+            sep = "\\n" if i % 3 == 0 else " "  # AG News' escaped newline
+            desc = " ".join(rng.sample(FILLER, 3)) + f"{sep}{w} " + " ".join(rng.sample(FILLER, 3))
+            rows.append([str(c), head, desc])
+    rng.shuffle(rows)
+    with open(path, "w", newline="") as fh:
+        csv.writer(fh, quoting=csv.QUOTE_ALL).writerows(rows)
+    return path
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> tuple[Path, Path, Path]:
+    gold = make_csv(tmp_path / "gold.csv", per_class=30, seed=0)
+    extra = make_csv(tmp_path / "extra.csv", per_class=6, seed=1, title=False)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(CLASSES) + "\n")
+    return gold, extra, classes
+
+
+def test_training_learns_and_writes_a_loadable_model(tmp_path: Path, data: tuple[Path, Path, Path]) -> None:
+    gold, extra, classes = data
+    out, weights = tmp_path / "run", tmp_path / "weights"
+    args = ["--train", str(gold), "--train", str(extra), "--classes", str(classes), "--out", str(out),
+            "--name", "tiny-news", "--length", "64", "--hidden", "64", "--epochs", "8", "--batch-size", "16",
+            "--val-size", "30", "--optimizer", "adamw", "--lr", "3e-3", "--threads", "1", "--seed", "0",
+            "--device", "cpu", "--install", str(weights)]
+    report = train_text.main(args)
+    # three balanced classes: chance is 1/3; the keyword makes them separable
+    assert report["val_accuracy"] > 0.8, report["history"]
+    assert report["epochs"] == 8 and report["val_rows"] == 30
+    # validation only from the gold file: 90 - 30 gold rows + all 18 extra rows train
+    assert report["train_rows"] == 60 + 18
+    for f in ("checkpoint.pt", "log.jsonl", "report.json", "report.md", "confusion.png", "tiny-news.pt",
+              "manifest_entry.json"):
+        assert (out / f).is_file(), f
+    assert sum(map(sum, report["confusion_matrix"])) == 30
+    assert set(report["per_class"]) == set(CLASSES)
+    assert "| Sports |" in (out / "report.md").read_text()
+
+    raw = json.loads((out / "manifest_entry.json").read_text())
+    entry = ManifestEntry.model_validate(raw)
+    assert entry.task == "text-classification" and entry.family == "vdcnn" and entry.labels == CLASSES
+    assert entry.metrics["val_rows"] == 30 and set(entry.metrics["per_class_f1"]) == set(CLASSES)
+    assert entry.training["rows"] == {str(gold): 90, str(extra): 18}
+    spec = CharSpec.from_dict(raw["encoding"])
+    assert spec.length == 64 and spec.unknown == "index" and spec.vocab_size == entry.arch["vocab_size"]
+    assert load_manifest(weights)["tiny-news"].sha256 == entry.sha256 and (weights / entry.file).is_file()
+
+    # the weights file is a plain state_dict that loads strictly into the builder's model
+    model = build_text_model(entry.family, entry.arch, len(entry.labels), spec.vocab_size)
+    model.load_state_dict(torch.load(weights / entry.file, weights_only=True))
+    model.eval()
+    with torch.no_grad():
+        pred = model(spec.encode(["Football: a late goal wins the match", "Stocks fall as market shares slide",
+                                  "Senate election: the vote is close"])).argmax(-1).tolist()
+    assert sum(p == i for i, p in enumerate(pred)) >= 2, pred
+
+    # rerunning resumes from the checkpoint with no epochs left and reproduces the same weights
+    before = (out / "tiny-news.pt").read_bytes()
+    train_text.main(args)
+    assert len((out / "log.jsonl").read_text().splitlines()) == 8
+    sd_a = torch.load(out / "tiny-news.pt", weights_only=True)
+    sd_b = torch.load(io.BytesIO(before), weights_only=True)
+    assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+
+    # resuming with another model into the same run directory is refused
+    with pytest.raises(SystemExit, match="different configuration"):
+        train_text.main([*args, "--pool", "kmax"])
+
+
+def test_resume_continues_an_interrupted_run(tmp_path: Path, data: tuple[Path, Path, Path]) -> None:
+    gold, _, classes = data
+    common = ["--train", str(gold), "--classes", str(classes), "--out", str(tmp_path / "run"), "--length", "64",
+              "--hidden", "8", "--batch-size", "32", "--val-size", "0.2", "--threads", "1", "--device", "cpu"]
+    first = train_text.main([*common, "--epochs", "1"])
+    assert first["epochs"] == 1 and first["val_rows"] == 18
+    second = train_text.main([*common, "--epochs", "2"])
+    assert second["epochs"] == 2 and [h["epoch"] for h in second["history"]] == [1, 2]
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 2
+    entry = json.loads((tmp_path / "run" / "manifest_entry.json").read_text())
+    assert entry["name"].endswith("-vdcnn9")  # default name: <folder of the first file>-<model>
+    ManifestEntry.model_validate(entry)
+
+
+def test_csv_reading_unescapes_newlines_and_joins_columns(tmp_path: Path) -> None:
+    path = tmp_path / "a.csv"
+    path.write_text('"2","Title here","First line\\nsecond line"\n"1","","Only a description"\n'
+                    '"3","Only a title",""\n')
+    labels, texts = train_text.read_csv(path, label_column="1", text_columns=["2", "3"], header=False,
+                                        unescape=True, encoding="utf-8")
+    assert labels == ["2", "1", "3"]
+    assert texts == ["Title here First line\nsecond line", "Only a description", "Only a title"]
+    _, kept = train_text.read_csv(path, label_column="1", text_columns=["2", "3"], header=False, unescape=False,
+                                  encoding="utf-8")
+    assert kept[0] == "Title here First line\\nsecond line"
+    enc = CharSpec(length=40).encode(texts[:1])[0]
+    assert 69 in enc.tolist()  # the newline's index in the default alphabet
+
+
+def test_generic_csv_with_header_and_named_labels(tmp_path: Path) -> None:
+    path = tmp_path / "b.csv"
+    path.write_text("id,body,topic\n1,hello there,greeting\n2,buy now,spam\n3,hi,greeting\n")
+    args = train_text.parse_args(["--train", str(path), "--out", str(tmp_path / "o"), "--header",
+                                  "--label-column", "topic", "--text-columns", "body"])
+    classes, rows = train_text.load_rows(args)
+    assert classes == ["greeting", "spam"] and rows[0].labels.tolist() == [0, 1, 0]
+    assert rows[0].texts == ["hello there", "buy now", "hi"]
+    bad = tmp_path / "c.csv"
+    bad.write_text('"5","t","d"\n')
+    classes_file = tmp_path / "classes.txt"
+    classes_file.write_text("a\nb\n")
+    with pytest.raises(SystemExit, match="label '5'"):
+        train_text.load_rows(train_text.parse_args(["--train", str(bad), "--classes", str(classes_file),
+                                                    "--out", str(tmp_path / "o")]))
+
+
+def test_split_takes_validation_from_the_gold_file_and_drops_leaks(tmp_path: Path) -> None:
+    gold = train_text.TextRows(tmp_path / "g.csv", [f"text {i}" for i in range(20)], np.array([0, 1] * 10))
+    extra = train_text.TextRows(tmp_path / "e.csv", [f"text {i}" for i in range(20)] + ["new"],
+                                np.array([0, 1] * 10 + [0]))
+    tr_x, tr_y, va_x, va_y, dropped = train_text.split_rows([gold, extra], "4", True, seed=0)
+    assert len(va_x) == 4 and sorted(va_y.tolist()) == [0, 0, 1, 1]
+    assert not set(va_x) & set(tr_x)  # extra copies of validation texts were dropped
+    assert dropped == 4 and len(tr_x) == len(tr_y) == 16 + 17
+
+
+def test_bad_name_is_refused_before_training(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        train_text.parse_args(["--train", "x.csv", "--out", str(tmp_path), "--name", "bad name/with slash"])
