@@ -3,7 +3,9 @@
     python -m app.cli serve                      # start the API (settings from CNN_* variables)
     python -m app.cli fetch-weights resnet50     # official torchvision weights (needs internet)
     python -m app.cli train images --data DIR --out runs/x
+    python -m app.cli train text --train CSV --out runs/y
     python -m app.cli evaluate cifar10-resnet20 --data DIR
+    python -m app.cli evaluate-text agnews-vdcnn9 --csv FILE
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
         from models.train import images
 
         images.main(rest)
+        return 0
+    if args.what == "text":
+        from models.train import text
+
+        text.main(rest)
         return 0
     print(f"unknown training target {args.what!r}", file=sys.stderr)
     return 2
@@ -104,6 +111,52 @@ def evaluate_classifier(name: str, data: Path, *, batch_size: int = 64, limit_pe
             "weights": loaded.weights_tag}
 
 
+def evaluate_text_model(name: str, csv_path: Path, *, text_columns: str = "2,3", label_column: str = "1",
+                        header: bool = False, label_base: int | None = 1, limit: int = 0, batch_size: int = 64,
+                        settings: Settings | None = None) -> dict[str, Any]:
+    """Accuracy, per-class precision/recall/F1 and texts/s of a registered text model on a CSV file,
+    through the service's own encoding and forward (labels: class names or label_base-based numbers)."""
+    import numpy as np
+
+    from app.runtime.device import select_device
+    from app.runtime.registry import LoadedTextClassifier, ModelRegistry, hub_checkpoint_dir
+    from models.train.common import confusion_matrix
+    from models.train.text import map_labels, per_class_metrics, read_csv
+
+    s = settings or Settings()
+    registry = ModelRegistry(s.weights_dir, hub_checkpoint_dir(s.torch_home), select_device(s.device),
+                             allow_download=False, allow_untrained=False)
+    st = registry.load(name, "text-classification")
+    if st.loaded is None:
+        raise SystemExit(f"{name}: {st.status}: {st.reason}")
+    loaded = st.loaded
+    assert isinstance(loaded, LoadedTextClassifier)
+    raw, texts = read_csv(csv_path, label_column=label_column, text_columns=text_columns.split(","), header=header,
+                          unescape=True, encoding="utf-8", limit=limit)
+    labels = loaded.spec.labels
+    target = map_labels(raw, labels, label_base, csv_path)
+    preds: list[int] = []
+    t0 = time.perf_counter()
+    for i in range(0, len(texts), batch_size):
+        preds.extend(int(p.argmax()) for p in loaded.forward(texts[i : i + batch_size]))
+    seconds = time.perf_counter() - t0
+    pred = np.asarray(preds)
+    cm = confusion_matrix(target, pred, len(labels))
+    return {"model": name, "texts": len(texts), "accuracy": float((pred == target).mean()),
+            "per_class": per_class_metrics(cm, labels), "confusion_matrix": cm.tolist(),
+            "seconds": round(seconds, 2), "texts_per_second": round(len(texts) / seconds, 1),
+            "batch_size": batch_size, "device": str(loaded.device), "weights": loaded.weights_tag}
+
+
+def cmd_evaluate_text(args: argparse.Namespace) -> int:
+    """Print the evaluation of a text model on a CSV file as JSON."""
+    report = evaluate_text_model(args.model, Path(args.csv), text_columns=args.text_columns,
+                                 label_column=args.label_column, header=args.header, label_base=args.label_base,
+                                 limit=args.limit, batch_size=args.batch_size)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Print the evaluation of a classifier on an ImageFolder directory as JSON."""
     report = evaluate_classifier(args.model, Path(args.data), batch_size=args.batch_size,
@@ -125,12 +178,21 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--hub-cache", action="store_true", help="store in the torch hub cache instead")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     t = sub.add_parser("train", help="train a model (options after the target go to the trainer)")
-    t.add_argument("what", choices=["images"])
+    t.add_argument("what", choices=["images", "text"])
     e = sub.add_parser("evaluate", help="evaluate a classifier on an ImageFolder directory")
     e.add_argument("model")
     e.add_argument("--data", required=True)
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--limit-per-class", type=int, default=0)
+    et = sub.add_parser("evaluate-text", help="evaluate a text model on a CSV file (AG News layout by default)")
+    et.add_argument("model")
+    et.add_argument("--csv", required=True)
+    et.add_argument("--text-columns", default="2,3", help="1-based positions (or names with --header)")
+    et.add_argument("--label-column", default="1")
+    et.add_argument("--header", action="store_true")
+    et.add_argument("--label-base", type=int, default=1, help="number of the first class in numeric labels")
+    et.add_argument("--limit", type=int, default=0, help="at most N rows")
+    et.add_argument("--batch-size", type=int, default=64)
     return p
 
 
@@ -141,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         args, rest = parser.parse_known_args(argv)
         return cmd_train(args, rest)
     args = parser.parse_args(argv)
-    handlers = {"serve": cmd_serve, "fetch-weights": cmd_fetch_weights, "evaluate": cmd_evaluate}
+    handlers = {"serve": cmd_serve, "fetch-weights": cmd_fetch_weights, "evaluate": cmd_evaluate,
+                "evaluate-text": cmd_evaluate_text}
     return handlers[args.command](args)
 
 
