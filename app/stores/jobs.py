@@ -186,7 +186,7 @@ class JobStore:
         row = self._conn().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return Job.from_row(row) if row else None
 
-    def list(self, *, limit: int = 20, offset: int = 0, status: str | None = None) -> tuple[list[Job], int]:
+    def list_jobs(self, *, limit: int = 20, offset: int = 0, status: str | None = None) -> tuple[list[Job], int]:
         """Jobs newest first, and the total count (for pagination)."""
         where, args = ("WHERE status = ?", [status]) if status else ("", [])
         db = self._conn()

@@ -104,11 +104,11 @@ def test_expiry_removes_old_finished_jobs(tmp_path: Path) -> None:
 def test_list_is_paginated_newest_first(tmp_path: Path) -> None:
     store = JobStore(tmp_path)
     ids = [new_job(store) for _ in range(5)]
-    page, total = store.list(limit=2, offset=0)
+    page, total = store.list_jobs(limit=2, offset=0)
     assert total == 5 and [j.id for j in page] == ids[::-1][:2]
-    page2, _ = store.list(limit=2, offset=2)
+    page2, _ = store.list_jobs(limit=2, offset=2)
     assert [j.id for j in page2] == ids[::-1][2:4]
-    assert store.list(status="running")[1] == 0
+    assert store.list_jobs(status="running")[1] == 0
 
 
 def _claim_all(root: str, worker: str, out: mp.Queue) -> None:  # type: ignore[type-arg]
