@@ -1,6 +1,7 @@
 """Command line: serve, fetch-weights, train, evaluate.
 
     python -m app.cli serve                      # start the API (settings from CNN_* variables)
+    python -m app.cli worker                     # run style-transfer jobs from the shared store
     python -m app.cli fetch-weights resnet50     # official torchvision weights (needs internet)
     python -m app.cli train images --data DIR --out runs/x
     python -m app.cli train text --train CSV --out runs/y
@@ -30,6 +31,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or settings.host
     port = args.port or settings.port
     uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level, workers=1)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run style-transfer jobs from the shared store until SIGINT/SIGTERM (several workers may share it)."""
+    import logging
+    import signal
+
+    from app.runtime.device import configure_torch, select_device
+    from app.runtime.registry import hub_checkpoint_dir
+    from app.services.style import FeatureSource, StyleWorker
+    from app.stores.jobs import JobStore
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    s = Settings()
+    device = select_device(s.device)
+    configure_torch(device, s.torch_threads)
+    store = JobStore(s.data_dir / "style-jobs", stale_after=s.style_stale_seconds)
+    worker = StyleWorker(store, FeatureSource(s.weights_dir, hub_checkpoint_dir(s.torch_home)), device,
+                         ttl_seconds=s.style_ttl_hours * 3600)
+
+    def stop(signum: int, frame: object) -> None:
+        worker._stop.set()
+        worker.wake.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    worker.recover()
+    logging.getLogger("app").info("style worker %s on %s, store %s", worker.id, device, store.root)
+    worker.run_forever()
     return 0
 
 
@@ -172,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="start the API server")
     s.add_argument("--host", default=None)
     s.add_argument("--port", type=int, default=None)
+    sub.add_parser("worker", help="run style-transfer jobs from the shared job store (no HTTP)")
     f = sub.add_parser("fetch-weights", help="download official torchvision weights (needs internet)")
     f.add_argument("models", nargs="*", help="torchvision model names (default: the configured ImageNet models)")
     f.add_argument("--dest", default=None, help="target directory (default: the weights dir)")
@@ -203,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         args, rest = parser.parse_known_args(argv)
         return cmd_train(args, rest)
     args = parser.parse_args(argv)
-    handlers = {"serve": cmd_serve, "fetch-weights": cmd_fetch_weights, "evaluate": cmd_evaluate,
+    handlers = {"serve": cmd_serve, "worker": cmd_worker, "fetch-weights": cmd_fetch_weights, "evaluate": cmd_evaluate,
                 "evaluate-text": cmd_evaluate_text}
     return handlers[args.command](args)
 

@@ -10,6 +10,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from app.errors import ServiceUnavailable, Unauthorized
 from app.services.classification import ClassificationService
+from app.services.style import StyleJobs
 from app.services.text import TextService
 from app.state import AppState
 
@@ -44,6 +45,18 @@ def get_text(state: State) -> TextService:
 
 
 Text = Annotated[TextService, Depends(get_text)]
+
+
+def get_style_jobs(state: State) -> StyleJobs:
+    """The style-job service, or 503 while starting (404-like 503 when disabled)."""
+    if state.style is None:
+        if not state.settings.style_enabled:
+            raise ServiceUnavailable("style transfer is disabled on this server (CNN_STYLE_ENABLED=false)")
+        raise ServiceUnavailable("the job store is still opening; retry shortly", retry_after=5)
+    return state.style
+
+
+StyleJobsDep = Annotated[StyleJobs, Depends(get_style_jobs)]
 
 
 def require_api_key(

@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 
-from app.api import classify, health, models, text
+from app.api import classify, health, models, style, text
 from app.deps import require_api_key
 from app.errors import install_handlers
 from app.metrics import Metrics
@@ -21,9 +21,11 @@ from app.runtime.device import configure_torch, select_device
 from app.runtime.registry import LoadedClassifier, LoadedTextClassifier, ModelRegistry, hub_checkpoint_dir
 from app.services.classification import ClassificationService
 from app.services.pool import ModelPool
+from app.services.style import FeatureSource, StyleJobs, StyleLimits, StyleWorker
 from app.services.text import TextService
 from app.settings import Settings
 from app.state import AppState
+from app.stores.jobs import JobStore
 
 log = logging.getLogger("app")
 
@@ -51,6 +53,23 @@ def _batch_config(s: Settings, model: str) -> BatchConfig:
                        max_queue=int(c["max_queue"]))
 
 
+def _open_style(state: AppState, registry: ModelRegistry) -> None:
+    """Open the job store, recover jobs a crash left running, and start the in-process workers."""
+    s = state.settings
+    store = JobStore(s.data_dir / "style-jobs", stale_after=s.style_stale_seconds)
+    limits = StyleLimits(max_size=s.style_max_size, max_steps=s.style_max_steps, max_styles=s.style_max_styles,
+                         max_queue=s.style_max_queue, max_image_bytes=s.max_image_bytes,
+                         max_image_pixels=s.max_image_pixels)
+    worker = StyleWorker(store, FeatureSource(s.weights_dir, registry.hub_dir), registry.device,
+                         ttl_seconds=s.style_ttl_hours * 3600, on_finish=state.metrics.style_job_finished)
+    if s.style_workers > 0:
+        worker.start(s.style_workers)
+        state.style_worker = worker
+    else:
+        worker.recover()
+    state.style = StyleJobs(store, limits, wake=worker.wake if s.style_workers > 0 else None)
+
+
 async def _start(state: AppState) -> None:
     """Load models off the event loop, then start the services and mark the app ready."""
     s = state.settings
@@ -70,6 +89,8 @@ async def _start(state: AppState) -> None:
                                                      max_images=s.max_images_per_request)
         state.text = TextService(texts, max_texts=s.max_texts_per_request, max_text_chars=s.max_text_chars)
         state.registry = registry
+        if s.style_enabled:
+            await asyncio.to_thread(_open_style, state, registry)
     except Exception as exc:  # keep serving /health so the failure is visible, not a crash loop
         log.exception("start-up failed")
         state.startup_error = f"{type(exc).__name__}: {exc}"
@@ -94,6 +115,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await asyncio.gather(loader, return_exceptions=True)
             for pool in state.pools:
                 await pool.close()
+            if state.style_worker is not None:
+                await asyncio.to_thread(state.style_worker.stop)
             executor.shutdown(wait=True, cancel_futures=True)
 
     app = FastAPI(
@@ -110,4 +133,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router, dependencies=protected)
     app.include_router(classify.router, dependencies=protected)
     app.include_router(text.router, dependencies=protected)
+    app.include_router(style.router, dependencies=protected)
     return app

@@ -28,6 +28,11 @@ class Metrics:
                                        ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.rejected = Counter("cnn_batch_rejected", "Items rejected because a model's queue was full",
                                 ["model"], registry=r)
+        self.style_jobs = Gauge("cnn_style_jobs", "Style-transfer jobs by state", ["state"], registry=r)
+        self.style_queue = Gauge("cnn_style_queue_length", "Style-transfer jobs waiting", registry=r)
+        self.style_seconds = Histogram("cnn_style_job_duration_seconds", "Run time of style-transfer jobs",
+                                       ["status"], buckets=(1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 3600),
+                                       registry=r)
         self.model_ready = Gauge("cnn_model_ready", "1 when a model is loaded and serving", ["model", "task"],
                                  registry=r)
 
@@ -49,6 +54,16 @@ class Metrics:
         """Record one HTTP request."""
         self.requests.labels(route, method, str(status)).inc()
         self.latency.labels(route, method, str(status)).observe(seconds)
+
+    def style_job_finished(self, status: str, seconds: float) -> None:
+        """Record one finished style job."""
+        self.style_seconds.labels(status).observe(seconds)
+
+    def set_style_counts(self, counts: dict[str, int]) -> None:
+        """Job counts by state, read from the store at scrape time."""
+        for state, n in counts.items():
+            self.style_jobs.labels(state).set(n)
+        self.style_queue.set(counts.get("queued", 0))
 
     def render(self) -> bytes:
         """Prometheus text exposition."""

@@ -51,6 +51,17 @@ class Settings(BaseSettings):
     max_texts_per_request: int = Field(default=64, ge=1)
     max_text_chars: int = Field(default=100_000, ge=1, description="characters per text (longer: 422)")
 
+    style_enabled: bool = Field(default=True, description="serve /style-transfer")
+    data_dir: Path = Field(default=PROJECT_ROOT / "data", description="stores: style jobs (and later the gallery)")
+    style_workers: int = Field(default=1, ge=0, le=16,
+                               description="style jobs run at once inside the server (0: only external workers)")
+    style_max_queue: int = Field(default=32, ge=1)
+    style_max_size: int = Field(default=1024, ge=32, description="largest result side in pixels")
+    style_max_steps: int = Field(default=1000, ge=1)
+    style_max_styles: int = Field(default=4, ge=1)
+    style_ttl_hours: float = Field(default=24.0, gt=0, description="finished jobs and their files are deleted after")
+    style_stale_seconds: float = Field(default=120.0, gt=0, description="a running job without heartbeat is requeued")
+
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N")
     torch_threads: int = Field(default=0, description="intra-op CPU threads (0: torch default)")
     inference_threads: int = Field(default=2, description="threads running model forwards (one batch per model)")

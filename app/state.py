@@ -11,6 +11,7 @@ from app.metrics import Metrics
 from app.runtime.registry import ModelRegistry
 from app.services.classification import ClassificationService
 from app.services.pool import ModelPool
+from app.services.style import StyleJobs, StyleWorker
 from app.services.text import TextService
 from app.settings import Settings
 
@@ -26,5 +27,7 @@ class AppState:
     classification: ClassificationService | None = None
     text: TextService | None = None
     pools: list[ModelPool[Any]] = field(default_factory=list)
+    style: StyleJobs | None = None
+    style_worker: StyleWorker | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     startup_error: str | None = None

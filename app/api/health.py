@@ -41,5 +41,7 @@ async def ready(state: State) -> JSONResponse:
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
             responses={200: {"content": {"text/plain": {}}}})
 async def metrics(state: State) -> Response:
-    """Prometheus text exposition: requests, latency, queue depth and wait, batch sizes."""
+    """Prometheus text exposition: requests, latency, queue depth and wait, batch sizes, style jobs."""
+    if state.style is not None:
+        state.metrics.set_style_counts(state.style.store.counts())
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -264,6 +264,14 @@ class JobStore:
                        (status, time.time(), error, json.dumps(merged), job_id))
         return True
 
+    def release(self, job_id: str, worker: str) -> bool:
+        """Give a running job back to the queue (its worker is shutting down); the attempt does not count."""
+        with self._tx() as db:
+            cur = db.execute("UPDATE jobs SET status = 'queued', worker = NULL, heartbeat_at = NULL, progress = 0, "
+                             "step = 0, attempts = MAX(attempts - 1, 0) WHERE id = ? AND worker = ? AND "
+                             "status = 'running' AND cancel_requested = 0", (job_id, worker))
+            return cur.rowcount == 1
+
     def cancel(self, job_id: str) -> Job | None:
         """Cancel a queued job at once; ask a running one to stop (its worker sees it at the next step)."""
         with self._tx() as db:

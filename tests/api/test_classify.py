@@ -131,7 +131,7 @@ def test_untrained_models_are_labelled(base_settings: Settings, client_factory) 
 
 def test_ready_is_503_when_no_model_loads(tmp_path: Path, client_factory) -> None:
     s = Settings(weights_dir=tmp_path / "empty", torch_home=tmp_path / "th", classifiers=["resnet18"],
-                 device="cpu", warmup=False)
+                 device="cpu", warmup=False, data_dir=tmp_path / "data", style_workers=0)
     with client_factory(s) as c:
         assert c.get("/health/ready").status_code == 503
         assert c.get("/health/live").status_code == 200

@@ -21,7 +21,7 @@ CIFAR_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", 
 
 def shipped_settings(tmp_path: Path) -> Settings:
     return Settings(weights_dir=ROOT / "weights", torch_home=tmp_path / "th", classifiers=[NAME], device="cpu",
-                    allow_untrained=False)
+                    allow_untrained=False, data_dir=tmp_path / "data", style_workers=0)
 
 
 def test_manifest_entry_and_sha256() -> None:

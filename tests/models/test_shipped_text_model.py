@@ -26,7 +26,8 @@ def test_manifest_entry_and_sha256() -> None:
 
 
 def test_default_service_classifies_headlines(tmp_path: Path) -> None:
-    s = Settings(torch_home=tmp_path / "th", device="cpu")  # the embedded defaults
+    # the embedded defaults, with stores in a temporary directory
+    s = Settings(torch_home=tmp_path / "th", device="cpu", data_dir=tmp_path / "data", style_workers=0)
     with TestClient(create_app(s)) as c:
         wait_ready(c)
         r = c.post("/text/classify", json={"texts": [
@@ -43,6 +44,6 @@ def test_default_service_classifies_headlines(tmp_path: Path) -> None:
 
 @pytest.mark.shared_data
 def test_accuracy_on_200_rows_of_the_training_csv(tmp_path: Path) -> None:
-    s = Settings(torch_home=tmp_path / "th", device="cpu")
+    s = Settings(torch_home=tmp_path / "th", device="cpu", data_dir=tmp_path / "data", style_workers=0)
     report = evaluate_text_model(NAME, SHARED_DATA / "agnews" / "train.csv", limit=200, settings=s)
     assert report["texts"] == 200 and report["accuracy"] > 0.7, report  # chance is 0.25

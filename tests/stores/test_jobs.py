@@ -134,3 +134,13 @@ def test_two_processes_never_claim_the_same_job(tmp_path: Path) -> None:
     claimed = [j for r in results for j in r]
     assert sorted(claimed) == sorted(ids)  # every job exactly once
     assert store.counts()["succeeded"] == 40
+
+
+def test_release_hands_a_job_back_without_using_an_attempt(tmp_path: Path) -> None:
+    store = JobStore(tmp_path)
+    a = new_job(store)
+    store.claim("w")
+    assert store.release(a, "w")
+    job = store.get(a)
+    assert job is not None and job.status == "queued" and job.attempts == 0
+    assert store.claim("w2").id == a  # type: ignore[union-attr]
