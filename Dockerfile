@@ -48,7 +48,7 @@ RUN pip install --no-deps --no-build-isolation --no-index -e . \
 # Non-root user; /data holds the torch hub cache and the stores (a volume, owned by the user).
 RUN groupadd --system --gid 10001 app \
     && useradd --system --uid 10001 --gid app --create-home --home-dir /home/app --shell /usr/sbin/nologin app \
-    && mkdir -p /data/torch \
+    && mkdir -p /data/torch /data/stores \
     && chown -R app:app /data
 USER app
 

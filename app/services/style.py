@@ -259,7 +259,7 @@ class StyleWorker:
 
     def run_forever(self) -> None:
         """Claim and run jobs until stopped; also requeue stale jobs and expire old ones."""
-        last_housekeeping = 0.0
+        last_housekeeping = float("-inf")
         while not self._stop.is_set():
             try:
                 now = time.monotonic()
