@@ -41,7 +41,7 @@ class StyleParameters(BaseModel):
     steps: int = Field(300, ge=1, description="optimisation steps (L-BFGS iterations or Adam steps)")
     size: int = Field(512, ge=32, description="longest side of the result in pixels")
     content_weight: float = Field(1.0, ge=0.0, le=1e12, description="alpha")
-    style_weight: float = Field(1e6, ge=0.0, le=1e15, description="beta")
+    style_weight: float = Field(1e3, ge=0.0, le=1e15, description="beta (losses are relative errors per layer)")
     tv_weight: float = Field(0.0, ge=0.0, le=1e12, description="total-variation weight")
     init: Literal["content", "noise"] = "content"
     optimizer: Literal["lbfgs", "adam"] = "lbfgs"

@@ -151,19 +151,22 @@ def test_jobs_survive_restarts_in_every_state(base_settings: Settings, worker_se
         queued = c.post("/style-transfer", files=files(), data=TINY).json()
         canceled = c.post("/style-transfer", files=files(), data=TINY).json()
         c.delete(canceled["links"]["self"])
-    # 2. a job "running" on a worker of this host whose process is gone (the server was killed)
+    # 2. a job "running" on a worker of this host whose process is gone (the server was killed),
+    #    and a job queued directly in the store
     store = JobStore(base_settings.data_dir / "style-jobs")
     crashed = store.create("style", {**{k: int(v) for k, v in TINY.items()}}, {
         "content": image_bytes(size=(30, 20)), "style_0": image_bytes((9, 9, 9))}, max_queued=10, info={"styles": 1})
     import socket
 
-    assert store.claim(f"{socket.gethostname()}:999999:deadbeef") is not None
+    was_running = store.claim(f"{socket.gethostname()}:999999:deadbeef")  # the oldest queued job
+    assert was_running is not None and was_running.id == queued["id"]
     store.close()
     # 3. restart with a worker: the queued and the crashed job both run; the canceled one stays canceled
     with client_factory(worker_settings) as c:
         a = wait_status(c, queued["links"]["self"], {"succeeded", "failed"})
         b = wait_status(c, f"/style-transfer/{crashed.id}", {"succeeded", "failed"})
-        assert a["status"] == b["status"] == "succeeded" and b["attempts"] == 2
+        assert a["status"] == b["status"] == "succeeded"
+        assert a["attempts"] == 2 and b["attempts"] == 1  # the interrupted run counts as an attempt
         assert c.get(canceled["links"]["self"]).json()["status"] == "canceled"
         result = c.get(a["links"]["result"]).content
     # 4. after another restart the finished result is still served, byte for byte
@@ -184,3 +187,12 @@ def test_expired_jobs_are_removed(worker_settings: Settings, client_factory, tmp
             time.sleep(0.05)
         assert_problem(c.get(job["links"]["self"]), 404)
     assert store.get(job["id"]) is None and not store.job_dir(job["id"]).exists()
+
+
+def test_api_defaults_are_the_algorithms_defaults() -> None:
+    from app.services.style import StyleParameters
+    from models.style import StyleParams
+
+    api, algo = StyleParameters(), StyleParams()
+    for name, value in api.model_dump().items():
+        assert getattr(algo, name) == value, name
