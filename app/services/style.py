@@ -356,9 +356,8 @@ class FeatureSource:
             return self._cache[key]
 
     def _build(self, device: torch.device) -> tuple[Any, str]:
-        from models.style import VGGFeatures, random_vgg_features
-
         from app.runtime.registry import WeightsUnavailable, resolve_weights, spec_from_torchvision
+        from models.style import VGGFeatures, random_vgg_features
 
         spec = spec_from_torchvision("vgg19")
         try:
