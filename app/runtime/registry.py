@@ -277,10 +277,20 @@ class LoadedClassifier(LoadedModel):
         if spec.preprocessing is None:
             raise ValueError(f"{spec.name}: an image classifier needs its preprocessing")
         self.preprocessing: ImageSpec = spec.preprocessing
+        tta = spec.info.get("test_time_augmentation")
+        if tta not in (None, "hflip"):
+            raise ValueError(f"{spec.name}: unknown test_time_augmentation {tta!r} (supported: 'hflip')")
+        self.hflip_tta = tta == "hflip"
 
     def forward(self, batch: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Class probabilities for a list of preprocessed CHW tensors."""
-        return self._probabilities(to_device_batch(torch.stack(batch), self.device))
+        """Class probabilities for a list of preprocessed CHW tensors (averaged with the mirror image when
+        the manifest asks for horizontal-flip test-time augmentation)."""
+        x = torch.stack(batch)
+        if not self.hflip_tta:
+            return self._probabilities(to_device_batch(x, self.device))
+        probs = self._probabilities(to_device_batch(torch.cat([x, x.flip(-1)]), self.device))
+        n = len(batch)
+        return [(probs[i] + probs[n + i]) / 2 for i in range(n)]
 
     def warmup(self) -> None:
         """One forward on a black image of the model's input size."""

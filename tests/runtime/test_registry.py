@@ -166,3 +166,22 @@ def test_densenet_old_keys_are_renamed() -> None:
     assert old.keys() != sd.keys()
     fixed = fix_torchvision_state_dict("densenet121", old)
     m.load_state_dict(fixed)
+
+
+def test_hflip_test_time_augmentation_averages_the_mirror(tmp_path: Path) -> None:
+    wd = tmp_path / "w"
+    write_tiny_classifier(wd)
+    plain = make_registry(wd, tmp_path / "hub").load_classifier("tiny-cifar", warmup=False).loaded
+    data = json.loads((wd / "manifest.json").read_text())
+    data["models"][0]["test_time_augmentation"] = "hflip"
+    (wd / "manifest.json").write_text(json.dumps(data))
+    tta = make_registry(wd, tmp_path / "hub").load_classifier("tiny-cifar", warmup=False).loaded
+    assert plain is not None and tta is not None
+    x = torch.rand(3, 32, 32)
+    expected = (plain.forward([x])[0] + plain.forward([x.flip(-1)])[0]) / 2
+    got = tta.forward([x, torch.rand(3, 32, 32)])
+    assert torch.allclose(got[0], expected, atol=1e-6) and len(got) == 2
+    data["models"][0]["test_time_augmentation"] = "rotate"
+    (wd / "manifest.json").write_text(json.dumps(data))
+    st = make_registry(wd, tmp_path / "hub").load_classifier("tiny-cifar", warmup=False)
+    assert st.status == "failed" and "test_time_augmentation" in (st.reason or "")
