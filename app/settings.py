@@ -69,7 +69,10 @@ class Settings(BaseSettings):
     warmup: bool = Field(default=True, description="run one forward per model at start-up")
 
     batch_max_size: int = Field(default=16, ge=1, le=1024)
-    batch_max_wait_ms: float = Field(default=5.0, ge=0.0, le=1000.0)
+    batch_max_wait_ms: float = Field(
+        default=0.0, ge=0.0, le=1000.0,
+        description="how long a batch waits for company; 0 = greedy: take what queued while the model was busy",
+    )
     batch_max_queue: int = Field(default=256, ge=1)
     batch_overrides: dict[str, dict[str, float]] = Field(
         default_factory=dict,

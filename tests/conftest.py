@@ -71,7 +71,7 @@ def base_settings(weights_dir: Path, tmp_path: Path) -> Settings:
     return Settings(
         weights_dir=weights_dir, torch_home=tmp_path / "torch_home", classifiers=["tiny-cifar"],
         allow_untrained=False, allow_downloads=False, device="cpu", warmup=False,
-        data_dir=tmp_path / "data", style_workers=0,
+        data_dir=tmp_path / "data", style_workers=0, text_models=[],
     )
 
 
