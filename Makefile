@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test lint bench lock fetch-weights train-cifar clean
+.PHONY: install run test lint bench lock fetch-weights train-cifar train-text clean
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,13 @@ fetch-weights: install
 train-cifar: install
 	$(BIN)/python -m app.cli train images --data ../shared/data/cifar10/train --out runs/cifar10-resnet20 \
 		--name cifar10-resnet20 --depth 20 --epochs 40 --install weights
+
+train-text: install
+	$(BIN)/python -m app.cli train text --train ../shared/data/agnews/train.csv \
+		--train ../shared/data/agnews/train_extra_concat.csv --train ../shared/data/agnews/train_extra_desc_only.csv \
+		--classes ../shared/data/agnews/classes.txt --out runs/agnews-vdcnn9 --name agnews-vdcnn9 --family vdcnn \
+		--depth 9 --pool max --hidden 512 --length 320 --alphabet zhang+space --optimizer adamw \
+		--label-smoothing 0.1 --epochs 12 --batch-size 64 --seed 0 --install weights
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
