@@ -295,7 +295,10 @@ def install_entry(entry: dict[str, Any], weights_file: Path, weights_dir: Path) 
     dest.write_bytes(weights_file.read_bytes())
     manifest_path = weights_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"models": []}
-    manifest["models"] = [m for m in manifest["models"] if m.get("name") != entry["name"]] + [entry]
+    old = next((m for m in manifest["models"] if m.get("name") == entry["name"]), {})
+    # hand-written fields (model card, licence, serving options) survive a retrain
+    kept = {k: old[k] for k in ("card", "license", "test_time_augmentation") if k in old and k not in entry}
+    manifest["models"] = [m for m in manifest["models"] if m.get("name") != entry["name"]] + [entry | kept]
     tmp = manifest_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, manifest_path)

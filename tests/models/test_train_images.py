@@ -67,3 +67,16 @@ def test_lr_schedule_warms_up_then_decays() -> None:
     lrs = [train_images.lr_at(s, 100, 0.2, 0.1) for s in range(100)]
     assert lrs[0] < lrs[9] == max(lrs)
     assert lrs[-1] < 0.01 and all(a >= b for a, b in itertools.pairwise(lrs[10:]))
+
+
+def test_install_keeps_hand_written_fields(tmp_path: Path) -> None:
+    wd = tmp_path / "weights"
+    f = tmp_path / "m.pt"
+    f.write_bytes(b"x")
+    train_images.install_entry({"name": "m", "sha256": "1"}, f, wd)
+    manifest = json.loads((wd / "manifest.json").read_text())
+    manifest["models"][0]["card"] = "m.md"
+    (wd / "manifest.json").write_text(json.dumps(manifest))
+    train_images.install_entry({"name": "m", "sha256": "2"}, f, wd)
+    (entry,) = json.loads((wd / "manifest.json").read_text())["models"]
+    assert entry == {"name": "m", "sha256": "2", "card": "m.md"}
