@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from app.errors import Conflict, InvalidParameters, NotFound, ServiceUnavailable
 from app.runtime.images import decode_image
 from app.stores.jobs import Job, JobStore, QueueFull
+from models.style import StyleCancelled, StyleParams, stylize
 
 log = logging.getLogger(__name__)
 
@@ -280,12 +281,11 @@ class StyleWorker:
 
     def run_job(self, job: Job) -> str:
         """Run one claimed job to a final state; returns that state."""
-        from models.style import StyleCancelled, StyleParams, stylize
-
         t0 = time.perf_counter()
         d = self.store.job_dir(job.id)
         status, error = "failed", None
         try:
+            # everything that can fail sits inside the try: a job must always reach a final state
             content = decode_image((d / CONTENT_FILE).read_bytes(), max_pixels=10**9, max_bytes=10**10)
             styles = [decode_image((d / style_file(i)).read_bytes(), max_pixels=10**9, max_bytes=10**10)
                       for i in range(int(job.info.get("styles", 1)))]

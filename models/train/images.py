@@ -295,7 +295,7 @@ def install_entry(entry: dict[str, Any], weights_file: Path, weights_dir: Path) 
     dest.write_bytes(weights_file.read_bytes())
     manifest_path = weights_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"models": []}
-    old = next((m for m in manifest["models"] if m.get("name") == entry["name"]), {})
+    old: dict[str, Any] = next((m for m in manifest["models"] if m.get("name") == entry["name"]), {})
     # hand-written fields (model card, licence, serving options) survive a retrain
     kept = {k: old[k] for k in ("card", "license", "test_time_augmentation") if k in old and k not in entry}
     manifest["models"] = [m for m in manifest["models"] if m.get("name") != entry["name"]] + [entry | kept]

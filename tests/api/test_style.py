@@ -196,3 +196,22 @@ def test_api_defaults_are_the_algorithms_defaults() -> None:
     api, algo = StyleParameters(), StyleParams()
     for name, value in api.model_dump().items():
         assert getattr(algo, name) == value, name
+
+
+def test_a_job_that_breaks_ends_failed_with_its_reason(tmp_path: Path) -> None:
+    import torch
+
+    from app.services.style import StyleWorker
+
+    class BrokenFeatures:
+        def get(self, device: torch.device) -> tuple[object, str]:
+            raise RuntimeError("feature network could not be built")
+
+    store = JobStore(tmp_path)
+    job = store.create("style", {"steps": 3, "size": 32}, {"content": image_bytes(), "style_0": image_bytes()},
+                       max_queued=5, info={"styles": 1})
+    worker = StyleWorker(store, BrokenFeatures(), torch.device("cpu"), ttl_seconds=3600)  # type: ignore[arg-type]
+    claimed = store.claim(worker.id)
+    assert claimed is not None and worker.run_job(claimed) == "failed"
+    done = store.get(job.id)
+    assert done is not None and done.status == "failed" and "could not be built" in (done.error or "")
