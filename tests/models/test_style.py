@@ -226,8 +226,11 @@ def test_preserve_colors_keeps_chroma(features: VGGFeatures) -> None:
     out = _run(features, params)
     content = to_tensor(_content().resize(out.size, Image.Resampling.LANCZOS))
     yiq_out, yiq_in = rgb_to_yiq(to_tensor(out)), rgb_to_yiq(content)
-    # chroma (I, Q) stays the content's, up to 8-bit rounding; the luminance was restyled
-    assert (yiq_out[:, 1:] - yiq_in[:, 1:]).abs().max().item() < 0.015
+    # chroma (I, Q) stays the content's, up to 8-bit rounding and the [0, 1] clamp of pixels whose new
+    # luminance plus the old chroma falls outside the RGB cube; the luminance was restyled
+    diff = (yiq_out[:, 1:] - yiq_in[:, 1:]).abs()
+    assert diff.mean().item() < 0.005
+    assert torch.quantile(diff.flatten(), 0.95).item() < 0.01
     assert (yiq_out[:, :1] - yiq_in[:, :1]).abs().mean().item() > 0.01
     plain = rgb_to_yiq(to_tensor(_run(features, StyleParams(steps=10, size=40))))
     assert (plain[:, 1:] - yiq_in[:, 1:]).abs().max().item() > 0.05  # without it the colours move
