@@ -62,6 +62,7 @@ from classify_load import (  # noqa: E402
     percentile,
     scrape_batches,
 )
+from classify_load import server_env as classify_server_env  # noqa: E402
 
 DEFAULT_CSV = PROJECT_ROOT.parent / "shared" / "data" / "agnews" / "train.csv"
 
@@ -381,28 +382,16 @@ class TextServer(Server):
 
 
 def server_env(args: argparse.Namespace, model: str, batching: bool) -> dict[str, str]:
-    env = {
+    """The classify benchmark's server settings (batching, threads, device), serving only the text model."""
+    env = classify_server_env(args, model, batching)
+    env.pop("CNN_DEFAULT_CLASSIFIER")
+    env.update({
         "CNN_WEIGHTS_DIR": str(args.weights_dir),
         "CNN_CLASSIFIERS": "",  # empty list: only the text model is loaded
         "CNN_TEXT_MODELS": model,
         "CNN_DEFAULT_TEXT_MODEL": model,
         "CNN_MAX_TEXTS_PER_REQUEST": str(max(64, args.texts_per_request)),
-        "CNN_BATCH_MAX_SIZE": str(args.batch_size if batching else 1),
-        "CNN_BATCH_MAX_WAIT_MS": str(args.batch_wait_ms),
-        "CNN_BATCH_MAX_QUEUE": str(args.batch_queue),
-        "CNN_BATCH_OVERRIDES": "{}",
-        "CNN_ALLOW_UNTRAINED": "true" if args.allow_untrained else "false",
-        "CNN_ALLOW_DOWNLOADS": "false",
-        "CNN_API_KEYS": "",
-        "CNN_LOG_LEVEL": "warning",
-        "CNN_WARMUP": "true",
-    }
-    if args.device:
-        env["CNN_DEVICE"] = args.device
-    if args.torch_threads is not None:
-        env["CNN_TORCH_THREADS"] = str(args.torch_threads)
-    if args.inference_threads is not None:
-        env["CNN_INFERENCE_THREADS"] = str(args.inference_threads)
+    })
     return env
 
 
@@ -479,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, seconds")
     g.add_argument("--batching", type=parse_str_list, default=["on", "off"], help="on,off (default both)")
     g.add_argument("--batch-size", type=int, default=16, help="CNN_BATCH_MAX_SIZE with batching on")
-    g.add_argument("--batch-wait-ms", type=float, default=5.0, help="CNN_BATCH_MAX_WAIT_MS")
+    g.add_argument("--batch-wait-ms", type=float, default=0.0, help="CNN_BATCH_MAX_WAIT_MS (the service default, greedy)")
     g.add_argument("--batch-queue", type=int, default=256, help="CNN_BATCH_MAX_QUEUE")
     g.add_argument("--inference-threads", type=int, default=None, help="CNN_INFERENCE_THREADS")
     g.add_argument("--python", default=sys.executable, help="interpreter that runs the server")
