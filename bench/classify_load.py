@@ -487,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--matrix", action="store_true", help="models x batching on/off x concurrency")
     m.add_argument("--batching", type=parse_str_list, default=["on", "off"], help="on,off (default both)")
     m.add_argument("--batch-size", type=int, default=16, help="CNN_BATCH_MAX_SIZE with batching on")
-    m.add_argument("--batch-wait-ms", type=float, default=0.0, help="CNN_BATCH_MAX_WAIT_MS (the service default, greedy)")
+    m.add_argument("--batch-wait-ms", type=float, default=0.0, help="CNN_BATCH_MAX_WAIT_MS (0: greedy)")
     m.add_argument("--batch-queue", type=int, default=256, help="CNN_BATCH_MAX_QUEUE")
     m.add_argument("--device", default=None, help="CNN_DEVICE (default: inherited, else auto)")
     m.add_argument("--torch-threads", type=int, default=None, help="CNN_TORCH_THREADS")

@@ -468,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, seconds")
     g.add_argument("--batching", type=parse_str_list, default=["on", "off"], help="on,off (default both)")
     g.add_argument("--batch-size", type=int, default=16, help="CNN_BATCH_MAX_SIZE with batching on")
-    g.add_argument("--batch-wait-ms", type=float, default=0.0, help="CNN_BATCH_MAX_WAIT_MS (the service default, greedy)")
+    g.add_argument("--batch-wait-ms", type=float, default=0.0, help="CNN_BATCH_MAX_WAIT_MS (0: greedy)")
     g.add_argument("--batch-queue", type=int, default=256, help="CNN_BATCH_MAX_QUEUE")
     g.add_argument("--inference-threads", type=int, default=None, help="CNN_INFERENCE_THREADS")
     g.add_argument("--python", default=sys.executable, help="interpreter that runs the server")
