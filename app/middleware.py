@@ -36,19 +36,31 @@ class ServiceMiddleware:
             return
 
         received = 0
+        overflow = False
+        replaced = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, overflow
+            if overflow:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    # the handler for ProblemError turns this into a 413 problem response
-                    raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+                    # stop feeding the app; whatever it answers is replaced by the 413 below (body parsers
+                    # turn exceptions raised here into their own 400, so raising would lose the status)
+                    overflow = True
+                    return {"type": "http.disconnect"}
             return message
 
         async def tracking_send(message: Message) -> None:
-            nonlocal status, started
+            nonlocal status, started, replaced
+            if overflow:
+                if message["type"] == "http.response.start" and not replaced:
+                    replaced, started, status = True, True, 413
+                    err = PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+                    await _send_problem(send, err, scope)
+                return  # the app's own answer to the cut-off body is dropped
             if message["type"] == "http.response.start":
                 status = int(message["status"])
                 started = True
@@ -56,7 +68,14 @@ class ServiceMiddleware:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
+        except Exception:
+            if not overflow or replaced:
+                raise
         finally:
+            if overflow and not replaced and not started:
+                replaced = True
+                await _send_problem(send, PayloadTooLarge(f"request body exceeds the limit of {limit} bytes"), scope)
+                status, started = 413, True
             self._record(scope, status if started else 500, start)
 
     def _record(self, scope: Scope, status: int, start: float) -> None:

@@ -244,3 +244,15 @@ def test_default_prefers_trained_weights(base_settings: Settings, client_factory
         assert c.get("/models").json()["default_classifier"] == "tiny-cifar"
         r = c.post("/classify", files={"image": ("a.png", image_bytes(), "image/png")})
         assert r.json()["model"] == "tiny-cifar" and r.json()["weights"] == "trained"
+
+
+def test_chunked_body_over_the_limit_is_413(base_settings: Settings, client_factory) -> None:
+    """Without Content-Length the limit is enforced while the body streams in."""
+    with client_factory(base_settings.model_copy(update={"max_body_bytes": 50_000})) as c:
+        boundary = "xyz"
+        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.bmp\"\r\n"
+                "Content-Type: image/bmp\r\n\r\n").encode()
+        chunks = [head] + [b"\0" * 10_000] * 10 + [f"\r\n--{boundary}--\r\n".encode()]
+        r = c.post("/classify", content=iter(chunks),
+                   headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+        assert_problem(r, 413)

@@ -115,3 +115,10 @@ def test_concurrent_text_requests_are_batched(text_settings: Settings, client_fa
         count = float(text.split('cnn_batch_size_count{model="tiny-text"} ')[1].split()[0])
         total = float(text.split('cnn_batch_size_sum{model="tiny-text"} ')[1].split()[0])
         assert total == 8 and total / count > 1
+
+
+def test_chunked_json_over_the_limit_is_413(text_settings: Settings, client_factory) -> None:
+    with client_factory(text_settings.model_copy(update={"max_body_bytes": 10_000})) as c:
+        chunks = [b'{"texts": ["'] + [b"word " * 1000] * 5 + [b'"]}']
+        r = c.post("/text/classify", content=iter(chunks), headers={"content-type": "application/json"})
+        assert_problem(r, 413)
