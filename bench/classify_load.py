@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import io
 import ipaddress
+import itertools
 import json
 import math
 import os
@@ -37,6 +38,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -169,34 +171,37 @@ class LoadResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-async def _worker(client: httpx.AsyncClient, deadline: float, files: list[tuple[str, tuple[str, bytes, str]]],
-                  data: dict[str, str], latencies: list[float], statuses: Counter[str]) -> None:
-    while time.perf_counter() < deadline:
-        t0 = time.perf_counter()
-        try:
-            r = await client.post("/classify", files=files, data=data)
-            await r.aread()
-            key = str(r.status_code)
-        except httpx.TimeoutException:
-            key = "timeout"
-        except httpx.HTTPError as exc:
-            key = type(exc).__name__
-        dt = time.perf_counter() - t0
-        statuses[key] += 1
-        if key == "200":
-            latencies.append(dt)
-        elif not key.isdigit():
-            await asyncio.sleep(0.05)  # connection-level failure: do not spin
+async def closed_loop(concurrency: int, seconds: float, send: Callable[[int], Awaitable[httpx.Response]],
+                      ) -> tuple[list[float], Counter[str], float]:
+    """`concurrency` workers each send request after request (send(n) for the n-th) until `seconds` pass.
 
-
-async def _phase(client: httpx.AsyncClient, concurrency: int, seconds: float, files: list[Any], data: dict[str, str],
-                 ) -> tuple[list[float], Counter[str], float]:
+    Returns the latencies of 200 responses, counts by status (or error name) and the elapsed time, which
+    includes the tail: every counted request completed inside it. Shared by the text benchmark.
+    """
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
+    counter = itertools.count()
     t0 = time.perf_counter()
     deadline = t0 + seconds
-    await asyncio.gather(*(_worker(client, deadline, files, data, latencies, statuses) for _ in range(concurrency)))
-    # elapsed includes the tail: every counted request completed inside [t0, now]
+
+    async def worker() -> None:
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            try:
+                r = await send(next(counter))
+                await r.aread()
+                key = str(r.status_code)
+            except httpx.TimeoutException:
+                key = "timeout"
+            except httpx.HTTPError as exc:
+                key = type(exc).__name__
+            statuses[key] += 1
+            if key == "200":
+                latencies.append(time.perf_counter() - start)
+            elif not key.isdigit():
+                await asyncio.sleep(0.05)  # connection-level failure: do not spin
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
     return latencies, statuses, time.perf_counter() - t0
 
 
@@ -214,10 +219,14 @@ async def run_load(url: str, *, model: str | None, concurrency: int, duration: f
         data["model"] = model
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout, headers=headers,
                                  trust_env=False) as client:
+
+        def send(n: int) -> Awaitable[httpx.Response]:
+            return client.post("/classify", files=files, data=data)
+
         if warmup > 0:
-            await _phase(client, concurrency, warmup, files, data)
+            await closed_loop(concurrency, warmup, send)
         before = await scrape_batches(client, model)
-        latencies, statuses, elapsed = await _phase(client, concurrency, duration, files, data)
+        latencies, statuses, elapsed = await closed_loop(concurrency, duration, send)
         after = await scrape_batches(client, model)
 
     latencies.sort()

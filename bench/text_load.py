@@ -37,7 +37,7 @@ import random
 import sys
 import tempfile
 import time
-from collections import Counter
+from collections.abc import Awaitable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ from classify_load import (  # noqa: E402
     PROJECT_ROOT,
     Server,
     _json_safe,
+    closed_loop,
     ensure_loopback,
     fmt,
     machine_description,
@@ -245,39 +246,6 @@ def request_bodies(texts: list[str], model: str | None, texts_per_request: int, 
 _JSON = {"content-type": "application/json"}
 
 
-async def _worker(client: httpx.AsyncClient, deadline: float, bodies: list[bytes], counter: itertools.count[int],
-                  latencies: list[float], statuses: Counter[str]) -> None:
-    while time.perf_counter() < deadline:
-        body = bodies[next(counter) % len(bodies)]
-        t0 = time.perf_counter()
-        try:
-            r = await client.post("/text/classify", content=body, headers=_JSON)
-            await r.aread()
-            key = str(r.status_code)
-        except httpx.TimeoutException:
-            key = "timeout"
-        except httpx.HTTPError as exc:
-            key = type(exc).__name__
-        dt = time.perf_counter() - t0
-        statuses[key] += 1
-        if key == "200":
-            latencies.append(dt)
-        elif not key.isdigit():
-            await asyncio.sleep(0.05)  # connection-level failure: do not spin
-
-
-async def _phase(client: httpx.AsyncClient, concurrency: int, seconds: float, bodies: list[bytes],
-                 ) -> tuple[list[float], Counter[str], float]:
-    latencies: list[float] = []
-    statuses: Counter[str] = Counter()
-    counter = itertools.count()
-    t0 = time.perf_counter()
-    deadline = t0 + seconds
-    await asyncio.gather(*(_worker(client, deadline, bodies, counter, latencies, statuses)
-                           for _ in range(concurrency)))
-    return latencies, statuses, time.perf_counter() - t0
-
-
 async def probe(url: str, body: bytes, api_key: str | None, timeout: float) -> dict[str, Any]:
     """One request, checked: the response's model, weights and window (raises on anything but a good 200)."""
     headers = {"X-API-Key": api_key} if api_key else {}
@@ -301,10 +269,14 @@ async def run_load(url: str, *, model: str, concurrency: int, duration: float, w
     headers = {"X-API-Key": api_key} if api_key else {}
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout, headers=headers,
                                  trust_env=False) as client:
+
+        def send(n: int) -> Awaitable[httpx.Response]:
+            return client.post("/text/classify", content=bodies[n % len(bodies)], headers=_JSON)
+
         if warmup > 0:
-            await _phase(client, concurrency, warmup, bodies)
+            await closed_loop(concurrency, warmup, send)
         before = await scrape_batches(client, model)
-        latencies, statuses, elapsed = await _phase(client, concurrency, duration, bodies)
+        latencies, statuses, elapsed = await closed_loop(concurrency, duration, send)
         after = await scrape_batches(client, model)
     latencies.sort()
     total = sum(statuses.values())
