@@ -138,6 +138,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, default=Path(".cache/datasets"), help="decoded-image cache")
     p.add_argument("--limit-per-class", type=int, default=0, help="use at most N images per class (smoke runs)")
     p.add_argument("--install", type=Path, default=None, help="copy weights + merge the manifest entry into this dir")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start from these weights (a .pt state dict) with a fresh schedule: a warm restart "
+                        "(SGDR, Loshchilov & Hutter 2017) or fine-tuning; recorded in the manifest recipe")
     return p.parse_args(argv)
 
 
@@ -182,6 +185,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     total_steps = steps_per_epoch * args.epochs
     start_epoch, history, train_seconds = 0, [], 0.0
     ckpt_path = out / "checkpoint.pt"
+    init_from = None
+    if args.init_from is not None:
+        state = torch.load(args.init_from, map_location=device, weights_only=True)
+        model.load_state_dict(state)
+        init_from = {"file": args.init_from.name, "sha256": sha256_file(args.init_from)}
+        print(f"initialised from {args.init_from} ({init_from['sha256'][:12]})", file=sys.stderr)
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
         model.load_state_dict(ck["model"])
@@ -231,12 +240,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "install": str(args.install)}}, ckpt_path)
 
     return finish(args, name, model, classes, spec, x_val, y_val, history, train_seconds, t_start, device,
-                  n_train=len(x_train))
+                  n_train=len(x_train), init_from=init_from)
 
 
 def finish(args: argparse.Namespace, name: str, model: torch.nn.Module, classes: list[str], spec: ImageSpec,
            x_val: torch.Tensor, y_val: torch.Tensor, history: list[dict[str, Any]], train_seconds: float,
-           t_start: float, device: torch.device, n_train: int) -> dict[str, Any]:
+           t_start: float, device: torch.device, n_train: int,
+           init_from: dict[str, str] | None = None) -> dict[str, Any]:
     """Write the weights, the report (JSON, Markdown, confusion PNG) and the manifest entry."""
     out: Path = args.out
     probs = predict(model, x_val, 512, tta=False).cpu()
@@ -256,7 +266,7 @@ def finish(args: argparse.Namespace, name: str, model: torch.nn.Module, classes:
         "confusion_matrix": cm.tolist(), "epochs": len(history), "train_seconds": round(train_seconds, 1),
         "wall_seconds_this_run": round(time.time() - t_start, 1), "hardware": hardware_description(device),
         "torch": torch.__version__, "python": platform.python_version(), "val_size": len(y),
-        "train_size": n_train, "history": history,
+        "train_size": n_train, "history": history, "init_from": init_from,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     md = [f"# {name} training report", "",
@@ -277,7 +287,7 @@ def finish(args: argparse.Namespace, name: str, model: torch.nn.Module, classes:
             "peak_lr": args.lr, "warmup": args.warmup, "schedule": "linear warm-up + cosine",
             "momentum": args.momentum, "weight_decay": args.weight_decay,
             "label_smoothing": args.label_smoothing, "augmentation": "pad 4 + random crop, h-flip",
-            "seed": args.seed}},
+            "seed": args.seed} | ({"init_from": init_from} if init_from else {})},
         "metrics": {"val_accuracy": round(acc, 4), "val_accuracy_hflip_tta": round(acc_tta, 4),
                     "val_images": len(y)},
     }

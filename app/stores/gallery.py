@@ -1,0 +1,533 @@
+"""The face gallery: SQLite (WAL) is the source of truth, the FAISS index is derived from it.
+
+- Subjects and faces (embedding, box, producing model name and sha256) live in SQLite with
+  synchronous=FULL, so an enrolment that returned is on disk before the response leaves.
+- The FAISS index holds the unit embeddings of the faces made by the *current* model, keyed by each
+  face's integer vector id (inner product = cosine; squared L2 = 2 - 2 cos). It is rebuilt from
+  SQLite at start-up, or loaded from a snapshot whose generation, model, size and id checksum match
+  the database; any mismatch means a rebuild. Every mutation bumps the generation in the same
+  transaction.
+- Faces made by a different model are never compared with the current one: they stay in SQLite,
+  are not indexed, and are reported (and refused for verification) until re-enrolled.
+- Mutations are serialised (one writer lock around SQLite + index); searches share a read lock, so
+  they run concurrently with each other and never see a half-applied mutation.
+- Index kinds: "flat" (exact) or "ivf" (IVF-Flat, approximate, for very large galleries; trained on
+  the enrolled embeddings once there are enough, flat until then). A GPU copy is used for search when
+  FAISS sees a GPU; GPU indexes cannot remove ids, so the CPU index stays the master and the GPU copy
+  is rebuilt from it after a removal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SUBJECT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
+IndexKind = Literal["flat", "ivf"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS subjects (
+    subject TEXT PRIMARY KEY,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS faces (
+    vid INTEGER PRIMARY KEY AUTOINCREMENT,
+    face_id TEXT NOT NULL UNIQUE,
+    subject TEXT NOT NULL REFERENCES subjects(subject) ON DELETE CASCADE,
+    model TEXT NOT NULL,
+    model_sha256 TEXT NOT NULL,
+    dim INTEGER NOT NULL,
+    embedding BLOB NOT NULL,
+    box TEXT,
+    image TEXT,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS faces_subject ON faces(subject);
+CREATE INDEX IF NOT EXISTS faces_model ON faces(model, model_sha256);
+"""
+
+
+class GalleryError(Exception):
+    """Base class of gallery errors."""
+
+
+class InvalidSubject(GalleryError):
+    """A subject id that is not 1-128 safe characters."""
+
+
+class UnknownSubject(GalleryError):
+    """No such subject."""
+
+
+class UnknownFace(GalleryError):
+    """No such face."""
+
+
+class ModelMismatch(GalleryError):
+    """Stored embeddings were made by another model than the one asked for."""
+
+
+def validate_subject(subject: str) -> str:
+    """The subject id itself, or InvalidSubject explaining the rule."""
+    if not isinstance(subject, str) or not SUBJECT_RE.match(subject):
+        raise InvalidSubject("a subject id is 1-128 characters: letters, digits and . _ @ + -, starting with a "
+                             "letter or digit")
+    return subject
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    """The model that made an embedding."""
+
+    name: str
+    sha256: str
+    dim: int
+
+
+@dataclass(frozen=True)
+class NewFace:
+    """A face to enrol: its unit embedding and where it came from."""
+
+    embedding: np.ndarray
+    box: dict[str, Any] | None = None
+    image: str | None = None
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result."""
+
+    face_id: str
+    subject: str
+    similarity: float
+    distance: float
+
+
+class RWLock:
+    """Many readers or one writer; a waiting writer blocks new readers (no writer starvation)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._waiting_writers = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._waiting_writers:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting_writers += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._waiting_writers -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+def _faiss() -> Any:
+    import faiss
+
+    return faiss
+
+
+class VectorIndex:
+    """A FAISS inner-product index over unit vectors keyed by int64 ids, with removal (CPU master)."""
+
+    def __init__(self, dim: int, kind: IndexKind = "flat", *, nlist: int = 1024, nprobe: int = 16,
+                 use_gpu: bool = False) -> None:
+        self.dim, self.kind, self.nlist, self.nprobe = dim, kind, nlist, nprobe
+        faiss = _faiss()
+        self.use_gpu = use_gpu and faiss.get_num_gpus() > 0
+        self.cpu: Any = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self._gpu: Any = None
+        self._gpu_stale = True
+
+    @property
+    def trained_kind(self) -> str:
+        return "ivf" if self.cpu.__class__.__name__.startswith("IndexIVF") else "flat"
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.cpu.ntotal)
+
+    def build(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Replace the contents (IVF: trained on these vectors when there are enough of them)."""
+        faiss = _faiss()
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1, self.dim)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if self.kind == "ivf" and len(vectors) >= 39 * self.nlist:
+            quantizer = faiss.IndexFlatIP(self.dim)
+            index = faiss.IndexIVFFlat(quantizer, self.dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
+            index.train(vectors)
+            index.nprobe = self.nprobe
+            self.cpu = index
+        else:
+            self.cpu = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        if len(vectors):
+            self.cpu.add_with_ids(vectors, ids)
+        self._gpu_stale = True
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1, self.dim)
+        self.cpu.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
+        if self._gpu is not None and not self._gpu_stale:
+            self._gpu.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
+
+    def remove(self, ids: Sequence[int]) -> int:
+        if not len(ids):
+            return 0
+        faiss = _faiss()
+        removed = int(self.cpu.remove_ids(faiss.IDSelectorBatch(np.asarray(ids, dtype=np.int64))))
+        self._gpu_stale = True  # GPU indexes cannot remove ids: recopy from the CPU master before the next search
+        return removed
+
+    def _searcher(self) -> Any:
+        if not self.use_gpu:
+            return self.cpu
+        if self._gpu is None or self._gpu_stale:
+            faiss = _faiss()
+            self._gpu = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, self.cpu)
+            self._gpu_stale = False
+        return self._gpu
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities, ids), each (n, k); missing results have id -1."""
+        q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        k = max(1, min(k, self.ntotal)) if self.ntotal else 1
+        if self.ntotal == 0:
+            return np.zeros((len(q), 0), dtype=np.float32), np.zeros((len(q), 0), dtype=np.int64)
+        sims, ids = self._searcher().search(q, k)
+        return sims, ids
+
+    def save(self, path: Path) -> None:
+        _faiss().write_index(self.cpu, str(path))
+
+    def load(self, path: Path) -> None:
+        index = _faiss().read_index(str(path))
+        if index.d != self.dim:
+            raise ValueError(f"snapshot dimension {index.d} != {self.dim}")
+        if hasattr(index, "nprobe"):
+            index.nprobe = self.nprobe
+        self.cpu = index
+        self._gpu_stale = True
+
+
+def _ids_digest(ids: np.ndarray) -> str:
+    return hashlib.sha256(np.sort(np.asarray(ids, dtype=np.int64)).tobytes()).hexdigest()
+
+
+class GalleryStore:
+    """Subjects, faces and the index of one model's embeddings (see the module docstring)."""
+
+    def __init__(self, root: Path, model: ModelKey, *, index_kind: IndexKind = "flat", nlist: int = 1024,
+                 nprobe: int = 16, use_gpu: bool = False) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.db_path = self.root / "gallery.sqlite3"
+        self.snapshot_path = self.root / "index.faiss"
+        self.snapshot_meta_path = self.root / "index.json"
+        self.model = model
+        self._rw = RWLock()
+        self._local = threading.local()
+        self._write_conn = self._connect()
+        with self._write_conn:
+            self._write_conn.executescript(_SCHEMA)
+            self._write_conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('generation', '0')")
+        self.index = VectorIndex(model.dim, index_kind, nlist=nlist, nprobe=nprobe, use_gpu=use_gpu)
+        self.index_source = self._open_index()
+
+    # ----- connections -------------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=30000")
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        conn = self._write_conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def close(self, *, snapshot: bool = True) -> None:
+        """Write a snapshot of the index (when asked) and close the database."""
+        with self._rw.write():
+            if snapshot:
+                self._write_snapshot()
+            self._write_conn.close()
+
+    # ----- index ----------------------------------------------------------------------------------------
+    def _generation(self, conn: sqlite3.Connection) -> int:
+        return int(conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0])
+
+    def _current_rows(self, conn: sqlite3.Connection) -> tuple[np.ndarray, np.ndarray]:
+        rows = conn.execute("SELECT vid, embedding FROM faces WHERE model = ? AND model_sha256 = ? ORDER BY vid",
+                            (self.model.name, self.model.sha256)).fetchall()
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), self.model.dim)
+        return ids, vecs
+
+    def _current_ids(self, conn: sqlite3.Connection) -> np.ndarray:
+        rows = conn.execute("SELECT vid FROM faces WHERE model = ? AND model_sha256 = ?",
+                            (self.model.name, self.model.sha256)).fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def _snapshot_meta(self, conn: sqlite3.Connection) -> dict[str, Any]:
+        ids = self._current_ids(conn)
+        return {"generation": self._generation(conn), "model": self.model.name, "model_sha256": self.model.sha256,
+                "dim": self.model.dim, "count": len(ids), "ids_sha256": _ids_digest(ids),
+                "index_kind": self.index.kind}
+
+    def _open_index(self) -> str:
+        """Load the snapshot when it matches SQLite exactly, else rebuild; returns which happened."""
+        conn = self._write_conn
+        expected = self._snapshot_meta(conn)
+        if self.snapshot_path.exists() and self.snapshot_meta_path.exists():
+            try:
+                meta = json.loads(self.snapshot_meta_path.read_text())
+                if meta == expected:
+                    self.index.load(self.snapshot_path)
+                    if self.index.ntotal == expected["count"]:
+                        return "snapshot"
+                log.warning("gallery snapshot does not match the database (%s vs %s): rebuilding", meta, expected)
+            except Exception as exc:  # a torn or foreign snapshot is only a cache: rebuild
+                log.warning("gallery snapshot unreadable (%s): rebuilding", exc)
+        t0 = time.perf_counter()
+        ids, vecs = self._current_rows(conn)
+        self.index.build(ids, vecs)
+        log.info("gallery index rebuilt from SQLite: %d faces in %.2f s", len(ids), time.perf_counter() - t0)
+        return "rebuilt"
+
+    def _write_snapshot(self) -> None:
+        meta = self._snapshot_meta(self._write_conn)
+        tmp = self.snapshot_path.with_suffix(".tmp")
+        self.index.save(tmp)
+        os.replace(tmp, self.snapshot_path)
+        tmp_meta = self.snapshot_meta_path.with_suffix(".tmp")
+        tmp_meta.write_text(json.dumps(meta))
+        os.replace(tmp_meta, self.snapshot_meta_path)
+
+    def snapshot(self) -> None:
+        """Write the index snapshot now (it is also written on close)."""
+        with self._rw.write():
+            self._write_snapshot()
+
+    def rebuild(self) -> None:
+        """Rebuild the index from SQLite (e.g. to train IVF once the gallery has grown)."""
+        with self._rw.write():
+            ids, vecs = self._current_rows(self._write_conn)
+            self.index.build(ids, vecs)
+
+    # ----- mutations ------------------------------------------------------------------------------------
+    def enroll(self, subject: str, faces: Sequence[NewFace]) -> list[dict[str, Any]]:
+        """Store faces for a subject (created on first use) in one transaction; returns the new face records."""
+        validate_subject(subject)
+        if not faces:
+            raise ValueError("nothing to enrol")
+        now = time.time()
+        records = []
+        vecs = []
+        for f in faces:
+            v = np.asarray(f.embedding, dtype=np.float32).reshape(-1)
+            if v.shape[0] != self.model.dim:
+                raise ValueError(f"embedding has {v.shape[0]} dimensions, the model makes {self.model.dim}")
+            vecs.append(v)
+        with self._rw.write():
+            with self._transaction() as conn:
+                conn.execute("INSERT OR IGNORE INTO subjects(subject, created_at) VALUES (?, ?)", (subject, now))
+                vids = []
+                for f, v in zip(faces, vecs, strict=True):
+                    face_id = uuid.uuid4().hex
+                    cur = conn.execute(
+                        "INSERT INTO faces(face_id, subject, model, model_sha256, dim, embedding, box, image, "
+                        "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (face_id, subject, self.model.name, self.model.sha256, self.model.dim, v.tobytes(),
+                         json.dumps(f.box) if f.box is not None else None, f.image, now))
+                    vids.append(int(cur.lastrowid or 0))
+                    records.append({"face_id": face_id, "subject": subject, "box": f.box, "image": f.image,
+                                    "model": self.model.name, "created_at": now})
+            # committed (durable); now the derived index
+            self.index.add(np.asarray(vids, dtype=np.int64), np.stack(vecs))
+            if (self.index.kind == "ivf" and self.index.trained_kind == "flat"
+                    and self.index.ntotal >= 39 * self.index.nlist):
+                ids, all_vecs = self._current_rows(self._write_conn)  # big enough now: train the IVF index
+                self.index.build(ids, all_vecs)
+        return records
+
+    def delete_subject(self, subject: str) -> int:
+        """Delete a subject and all its faces; returns the number of faces deleted."""
+        validate_subject(subject)
+        with self._rw.write():
+            with self._transaction() as conn:
+                if conn.execute("SELECT 1 FROM subjects WHERE subject = ?", (subject,)).fetchone() is None:
+                    raise UnknownSubject(subject)
+                vids = [r[0] for r in conn.execute("SELECT vid FROM faces WHERE subject = ?", (subject,))]
+                conn.execute("DELETE FROM faces WHERE subject = ?", (subject,))
+                conn.execute("DELETE FROM subjects WHERE subject = ?", (subject,))
+            self.index.remove(vids)
+        return len(vids)
+
+    def delete_face(self, face_id: str) -> dict[str, Any]:
+        """Delete one face (the subject stays, possibly with no faces); returns what was deleted."""
+        with self._rw.write():
+            with self._transaction() as conn:
+                row = conn.execute("SELECT vid, subject FROM faces WHERE face_id = ?", (face_id,)).fetchone()
+                if row is None:
+                    raise UnknownFace(face_id)
+                conn.execute("DELETE FROM faces WHERE vid = ?", (row["vid"],))
+            self.index.remove([row["vid"]])
+        return {"face_id": face_id, "subject": row["subject"]}
+
+    # ----- queries --------------------------------------------------------------------------------------
+    def search(self, queries: np.ndarray, top_k: int) -> list[list[Hit]]:
+        """For each query, the best face of each of the top_k nearest subjects (current model only)."""
+        q = np.asarray(queries, dtype=np.float32).reshape(-1, self.model.dim)
+        with self._rw.read():
+            n = self.index.ntotal
+            if n == 0:
+                return [[] for _ in range(len(q))]
+            k = min(n, max(top_k * 8, top_k + 16))
+            while True:
+                sims, ids = self.index.search(q, k)
+                conn = self._reader()
+                wanted = {int(i) for i in ids.reshape(-1) if i >= 0}
+                info = self._face_info(conn, wanted)
+                results = []
+                short = False
+                for row_s, row_i in zip(sims, ids, strict=True):
+                    best: dict[str, Hit] = {}
+                    for s, i in zip(row_s.tolist(), row_i.tolist(), strict=True):
+                        if i < 0 or i not in info:
+                            continue
+                        face_id, subject = info[i]
+                        if subject not in best:
+                            best[subject] = Hit(face_id, subject, float(s), float(max(0.0, 2.0 - 2.0 * s)))
+                    hits = sorted(best.values(), key=lambda h: h.distance)[:top_k]
+                    short |= len(hits) < top_k and k < n
+                    results.append(hits)
+                if not short:
+                    return results
+                k = min(n, k * 4)  # a few subjects own many faces: look deeper until top_k subjects appear
+
+    @staticmethod
+    def _face_info(conn: sqlite3.Connection, vids: set[int]) -> dict[int, tuple[str, str]]:
+        out: dict[int, tuple[str, str]] = {}
+        ids = list(vids)
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            q = f"SELECT vid, face_id, subject FROM faces WHERE vid IN ({','.join('?' * len(chunk))})"
+            for r in conn.execute(q, chunk):
+                out[int(r[0])] = (r[1], r[2])
+        return out
+
+    def subject_embeddings(self, subject: str) -> tuple[list[str], np.ndarray]:
+        """(face ids, embeddings) of a subject made by the current model; ModelMismatch when the subject's
+        faces all come from another model, UnknownSubject when there is no such subject."""
+        validate_subject(subject)
+        conn = self._reader()
+        if conn.execute("SELECT 1 FROM subjects WHERE subject = ?", (subject,)).fetchone() is None:
+            raise UnknownSubject(subject)
+        rows = conn.execute("SELECT face_id, embedding, model, model_sha256 FROM faces WHERE subject = ?",
+                            (subject,)).fetchall()
+        mine = [r for r in rows if (r["model"], r["model_sha256"]) == (self.model.name, self.model.sha256)]
+        if rows and not mine:
+            others = sorted({f"{r['model']} ({r['model_sha256'][:12]})" for r in rows})
+            raise ModelMismatch(f"subject {subject!r} was enrolled with {', '.join(others)}; this server embeds with "
+                                f"{self.model.name} ({self.model.sha256[:12]}): embeddings of different models are "
+                                "never compared; re-enrol the subject")
+        vecs = np.frombuffer(b"".join(r["embedding"] for r in mine), dtype=np.float32).reshape(len(mine),
+                                                                                               self.model.dim)
+        return [r["face_id"] for r in mine], vecs
+
+    def _subject_row(self, conn: sqlite3.Connection, subject: str) -> dict[str, Any]:
+        faces = conn.execute("SELECT face_id, model, model_sha256, box, image, created_at FROM faces "
+                             "WHERE subject = ? ORDER BY vid", (subject,)).fetchall()
+        row = conn.execute("SELECT created_at FROM subjects WHERE subject = ?", (subject,)).fetchone()
+        return {
+            "subject": subject, "created_at": row["created_at"] if row else None, "face_count": len(faces),
+            "faces": [{"face_id": f["face_id"], "model": f["model"], "model_sha256": f["model_sha256"],
+                       "current_model": (f["model"], f["model_sha256"]) == (self.model.name, self.model.sha256),
+                       "box": json.loads(f["box"]) if f["box"] else None, "image": f["image"],
+                       "created_at": f["created_at"]} for f in faces],
+        }
+
+    def get_subject(self, subject: str) -> dict[str, Any]:
+        validate_subject(subject)
+        conn = self._reader()
+        if conn.execute("SELECT 1 FROM subjects WHERE subject = ?", (subject,)).fetchone() is None:
+            raise UnknownSubject(subject)
+        return self._subject_row(conn, subject)
+
+    def list_subjects(self, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
+        """A page of subjects (sorted by id) with face counts, and the total number of subjects."""
+        conn = self._reader()
+        total = int(conn.execute("SELECT COUNT(*) FROM subjects").fetchone()[0])
+        rows = conn.execute(
+            "SELECT s.subject, s.created_at, COUNT(f.vid) AS n, "
+            "SUM(CASE WHEN f.model = ? AND f.model_sha256 = ? THEN 1 ELSE 0 END) AS mine "
+            "FROM subjects s LEFT JOIN faces f ON f.subject = s.subject GROUP BY s.subject ORDER BY s.subject "
+            "LIMIT ? OFFSET ?", (self.model.name, self.model.sha256, limit, offset)).fetchall()
+        return [{"subject": r["subject"], "created_at": r["created_at"], "face_count": int(r["n"]),
+                 "faces_from_other_models": int(r["n"]) - int(r["mine"] or 0)} for r in rows], total
+
+    def stats(self) -> dict[str, Any]:
+        conn = self._reader()
+        faces = int(conn.execute("SELECT COUNT(*) FROM faces").fetchone()[0])
+        subjects = int(conn.execute("SELECT COUNT(*) FROM subjects").fetchone()[0])
+        with self._rw.read():
+            indexed = self.index.ntotal
+            kind = self.index.trained_kind
+        return {"subjects": subjects, "faces": faces, "indexed_faces": indexed,
+                "faces_from_other_models": faces - indexed, "index": kind, "index_source": self.index_source,
+                "model": self.model.name, "model_sha256": self.model.sha256}

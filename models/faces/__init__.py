@@ -1,0 +1,1 @@
+"""Faces: detection and cropping, the embedder network, the triplet loss and pair evaluation."""
