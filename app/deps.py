@@ -10,6 +10,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from app.errors import ServiceUnavailable, Unauthorized
 from app.services.classification import ClassificationService
+from app.services.faces import FacesService
 from app.services.style import StyleJobs
 from app.services.text import TextService
 from app.state import AppState
@@ -45,6 +46,16 @@ def get_text(state: State) -> TextService:
 
 
 Text = Annotated[TextService, Depends(get_text)]
+
+
+def get_faces(state: State) -> FacesService:
+    """The face service, or 503 while models are still loading."""
+    if state.faces is None:
+        raise ServiceUnavailable("models are still loading; retry shortly", retry_after=5)
+    return state.faces
+
+
+Faces = Annotated[FacesService, Depends(get_faces)]
 
 
 def get_style_jobs(state: State) -> StyleJobs:

@@ -11,21 +11,30 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 
-from app.api import classify, health, models, style, text
+from app.api import classify, faces, health, models, style, text
 from app.deps import require_api_key
 from app.errors import install_handlers
 from app.metrics import Metrics
 from app.middleware import ServiceMiddleware
 from app.runtime.batcher import BatchConfig
 from app.runtime.device import configure_torch, select_device
-from app.runtime.registry import LoadedClassifier, LoadedTextClassifier, ModelRegistry, hub_checkpoint_dir
+from app.runtime.registry import (
+    LoadedClassifier,
+    LoadedFaceEmbedder,
+    LoadedTextClassifier,
+    ModelRegistry,
+    hub_checkpoint_dir,
+)
 from app.services.classification import ClassificationService
+from app.services.faces import DetectorPool, FacesService
 from app.services.pool import ModelPool
 from app.services.style import FeatureSource, StyleJobs, StyleLimits, StyleWorker
 from app.services.text import TextService
 from app.settings import Settings
 from app.state import AppState
+from app.stores.gallery import GalleryStore, ModelKey
 from app.stores.jobs import JobStore
+from models.faces.detect import HaarParams
 
 log = logging.getLogger("app")
 
@@ -39,7 +48,8 @@ def _load_models(state: AppState) -> ModelRegistry:
         s.weights_dir, hub_checkpoint_dir(s.torch_home), device,
         allow_download=s.allow_downloads, allow_untrained=s.allow_untrained, compile_model=s.compile,
     )
-    wanted = [(n, "image-classification") for n in s.classifiers] + [(n, "text-classification") for n in s.text_models]
+    wanted = ([(n, "image-classification") for n in s.classifiers] + [(n, "text-classification") for n in s.text_models]
+              + [(n, "face-embedding") for n in s.face_models])
     for name, task in dict.fromkeys(wanted):
         st = registry.load(name, task, warmup=s.warmup)
         state.metrics.model_ready.labels(name, st.task).set(1 if st.status == "ready" else 0)
@@ -51,6 +61,24 @@ def _batch_config(s: Settings, model: str) -> BatchConfig:
     c = s.batch_config_for(model)
     return BatchConfig(max_batch_size=int(c["max_batch_size"]), max_wait_ms=float(c["max_wait_ms"]),
                        max_queue=int(c["max_queue"]))
+
+
+def _open_faces(state: AppState, pool: ModelPool[LoadedFaceEmbedder]) -> None:
+    """Open the gallery for the default face model (blocking: it may rebuild the index) and the service."""
+    s = state.settings
+    gallery = None
+    if pool.default_model is not None:
+        _, loaded = pool.resolve(pool.default_model)
+        key = ModelKey(pool.default_model, loaded.sha256, loaded.dim)
+        gallery = GalleryStore(s.data_dir / "gallery", key, index_kind=s.gallery_index, nlist=s.gallery_ivf_nlist,
+                               nprobe=s.gallery_ivf_nprobe, use_gpu=s.gallery_gpu)
+        log.info("face gallery: %s", gallery.stats())
+    params = HaarParams(scale_factor=s.face_haar_scale_factor, min_neighbors=s.face_haar_min_neighbors,
+                        min_size=s.face_haar_min_size, max_side=s.face_haar_max_side)
+    state.faces = FacesService(pool, gallery, DetectorPool(params), default_detector=s.face_detector,
+                               max_faces=s.face_max_faces, threshold_override=s.face_threshold,
+                               max_image_bytes=s.max_image_bytes, max_image_pixels=s.max_image_pixels,
+                               max_images=s.max_images_per_request)
 
 
 def _open_style(state: AppState, registry: ModelRegistry) -> None:
@@ -81,13 +109,15 @@ async def _start(state: AppState) -> None:
                            **common)
         texts = ModelPool(registry, "text-classification", LoadedTextClassifier, default_model=s.default_text_model,
                           **common)
-        for pool in (images, texts):
+        face_pool = ModelPool(registry, "face-embedding", LoadedFaceEmbedder, default_model=s.face_model, **common)
+        for pool in (images, texts, face_pool):
             await pool.start()
-        state.pools = [images, texts]
+        state.pools = [images, texts, face_pool]
         state.classification = ClassificationService(images, max_image_bytes=s.max_image_bytes,
                                                      max_image_pixels=s.max_image_pixels,
                                                      max_images=s.max_images_per_request)
         state.text = TextService(texts, max_texts=s.max_texts_per_request, max_text_chars=s.max_text_chars)
+        await asyncio.to_thread(_open_faces, state, face_pool)
         state.registry = registry
         if s.style_enabled:
             await asyncio.to_thread(_open_style, state, registry)
@@ -117,6 +147,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await pool.close()
             if state.style_worker is not None:
                 await asyncio.to_thread(state.style_worker.stop)
+            if state.faces is not None and state.faces.gallery is not None:
+                await asyncio.to_thread(state.faces.gallery.close)  # writes the index snapshot
             executor.shutdown(wait=True, cancel_futures=True)
 
     app = FastAPI(
@@ -133,5 +165,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router, dependencies=protected)
     app.include_router(classify.router, dependencies=protected)
     app.include_router(text.router, dependencies=protected)
+    app.include_router(faces.router, dependencies=protected)
     app.include_router(style.router, dependencies=protected)
     return app

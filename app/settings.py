@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -51,8 +51,27 @@ class Settings(BaseSettings):
     max_texts_per_request: int = Field(default=64, ge=1)
     max_text_chars: int = Field(default=100_000, ge=1, description="characters per text (longer: 422)")
 
+    face_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["lfw-face-resnet"], description="face embedders loaded at start-up (manifest names)"
+    )
+    face_model: str | None = Field(default=None, description="the embedder of the gallery and of requests naming none "
+                                   "(default: the first configured face model with trained weights)")
+    face_detector: Literal["haar", "none"] = Field(default="haar", description="default detector ('none': the "
+                                                   "upload is already a cropped face)")
+    face_haar_scale_factor: float = Field(default=1.1, gt=1.0, le=2.0)
+    face_haar_min_neighbors: int = Field(default=5, ge=0, le=50)
+    face_haar_min_size: int = Field(default=24, ge=8, description="smallest face side in pixels")
+    face_haar_max_side: int = Field(default=1024, ge=64, description="images are scaled to this side for detection")
+    face_max_faces: int = Field(default=10, ge=1, le=100, description="faces per image considered by embed/identify")
+    face_threshold: float | None = Field(default=None, gt=0.0, lt=4.0, description="overrides the model's calibrated "
+                                         "threshold (squared L2)")
+    gallery_index: Literal["flat", "ivf"] = Field(default="flat", description="exact (flat) or approximate (ivf)")
+    gallery_ivf_nlist: int = Field(default=1024, ge=1)
+    gallery_ivf_nprobe: int = Field(default=16, ge=1)
+    gallery_gpu: bool = Field(default=True, description="search on the GPU when FAISS sees one")
+
     style_enabled: bool = Field(default=True, description="serve /style-transfer")
-    data_dir: Path = Field(default=PROJECT_ROOT / "data", description="stores: style jobs (and later the gallery)")
+    data_dir: Path = Field(default=PROJECT_ROOT / "data", description="stores: face gallery and style jobs")
     style_workers: int = Field(default=1, ge=0, le=16,
                                description="style jobs run at once inside the server (0: only external workers)")
     style_max_queue: int = Field(default=32, ge=1)
@@ -88,7 +107,7 @@ class Settings(BaseSettings):
         default_factory=list, description="when set, every non-health endpoint needs X-API-Key or Bearer"
     )
 
-    @field_validator("classifiers", "text_models", "api_keys", mode="before")
+    @field_validator("classifiers", "text_models", "face_models", "api_keys", mode="before")
     @classmethod
     def _lists(cls, v: Any) -> Any:
         return _split_list(v)

@@ -10,6 +10,7 @@ from typing import Any
 from app.metrics import Metrics
 from app.runtime.registry import ModelRegistry
 from app.services.classification import ClassificationService
+from app.services.faces import FacesService
 from app.services.pool import ModelPool
 from app.services.style import StyleJobs, StyleWorker
 from app.services.text import TextService
@@ -26,6 +27,7 @@ class AppState:
     registry: ModelRegistry | None = None
     classification: ClassificationService | None = None
     text: TextService | None = None
+    faces: FacesService | None = None
     pools: list[ModelPool[Any]] = field(default_factory=list)
     style: StyleJobs | None = None
     style_worker: StyleWorker | None = None

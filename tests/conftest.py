@@ -59,6 +59,28 @@ def write_tiny_classifier(weights_dir: Path, name: str = "tiny-cifar", *, corrup
     return path
 
 
+def write_tiny_face_model(weights_dir: Path, name: str = "tiny-face", *, threshold: float = 1.0, seed: int = 0) -> Path:
+    """A real (random-init, seeded) 16-px FaceEmbedder making 8-d embeddings, with its manifest entry."""
+    from models.faces.net import FaceEmbedder
+
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    arch = {"size": 16, "dim": 8, "widths": [8, 8], "blocks": [1, 1]}
+    torch.manual_seed(seed)
+    model = FaceEmbedder(16, 8, (8, 8), (1, 1))
+    path = weights_dir / f"{name}.pt"
+    torch.save(model.state_dict(), path)
+    entry = {
+        "name": name, "task": "face-embedding", "family": "face-resnet", "arch": arch, "file": path.name,
+        "sha256": sha256_file(path), "source": "project", "threshold": threshold,
+        "preprocessing": {"resize": 16, "crop": 16, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+        "face_crop": {"size": 16, "margin": 0.1}, "embedding": {"dim": 8, "normalised": True, "flip_average": True},
+    }
+    manifest = weights_dir / "manifest.json"
+    models = json.loads(manifest.read_text())["models"] if manifest.exists() else []
+    manifest.write_text(json.dumps({"models": [m for m in models if m["name"] != name] + [entry]}))
+    return path
+
+
 @pytest.fixture
 def weights_dir(tmp_path: Path) -> Path:
     d = tmp_path / "weights"
@@ -71,7 +93,7 @@ def base_settings(weights_dir: Path, tmp_path: Path) -> Settings:
     return Settings(
         weights_dir=weights_dir, torch_home=tmp_path / "torch_home", classifiers=["tiny-cifar"],
         allow_untrained=False, allow_downloads=False, device="cpu", warmup=False,
-        data_dir=tmp_path / "data", style_workers=0, text_models=[],
+        data_dir=tmp_path / "data", style_workers=0, text_models=[], face_models=[],
     )
 
 

@@ -74,6 +74,14 @@ class ManifestEntry(BaseModel):
             raise ValueError("an image classifier needs its preprocessing")
         if self.task == "text-classification" and not isinstance((self.model_extra or {}).get("encoding"), dict):
             raise ValueError("a text classifier needs its character encoding ('encoding')")
+        if self.task == "face-embedding":
+            extra = self.model_extra or {}
+            if self.preprocessing is None:
+                raise ValueError("a face embedder needs its preprocessing (input size, mean, std)")
+            threshold = extra.get("threshold")
+            if not isinstance(threshold, int | float) or not 0.0 < float(threshold) < 4.0:
+                raise ValueError("a face embedder needs its calibrated 'threshold' (squared L2 on unit vectors, "
+                                 "between 0 and 4)")
         return self
 
 
@@ -321,7 +329,86 @@ class LoadedTextClassifier(LoadedModel):
         self.forward(["warm-up"])
 
 
-_LOADERS: dict[str, type[LoadedModel]] = {c.task: c for c in (LoadedClassifier, LoadedTextClassifier)}
+class LoadedFaceEmbedder(LoadedModel):
+    """A face embedder; inputs are face crops as CHW tensors made by its ImageSpec, outputs unit vectors.
+
+    The manifest gives the crop (size, margin), the threshold on squared L2 distances calibrated for
+    this model, and whether embeddings average the face with its mirror image."""
+
+    task = "face-embedding"
+
+    def __init__(self, spec: ModelSpec, model: nn.Module | None, device: torch.device, weights_tag: str,
+                 weights_source: str) -> None:
+        super().__init__(spec, model, device, weights_tag, weights_source)  # type: ignore[arg-type]
+        if spec.preprocessing is None:
+            raise ValueError(f"{spec.name}: a face embedder needs its preprocessing")
+        self.preprocessing: ImageSpec = spec.preprocessing
+        crop = spec.info.get("face_crop") or {}
+        self.crop_size = int(crop.get("size", self.preprocessing.crop))
+        self.crop_margin = float(crop.get("margin", 0.1))
+        emb = spec.info.get("embedding") or {}
+        self.dim = int(emb.get("dim", spec.arch.get("dim", 0)))
+        self.flip_average = bool(emb.get("flip_average", False))
+        self.threshold = float(spec.info.get("threshold", 1.0))
+        self.sha256 = spec.weights.sha256 or spec.weights.hash_prefix or ""
+        if weights_tag != "trained":
+            self.sha256 = "untrained"
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        with inference_context(self.device):
+            out = self.model(x)
+        return out.float()
+
+    def forward(self, batch: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Unit embeddings for a list of preprocessed CHW face crops."""
+        x = torch.stack(batch)
+        n = len(batch)
+        if self.flip_average:
+            e = self._embed(to_device_batch(torch.cat([x, x.flip(-1)]), self.device))
+            e = e[:n] + e[n:]
+        else:
+            e = self._embed(to_device_batch(x, self.device))
+        e = torch.nn.functional.normalize(e, dim=-1).cpu()
+        if e.shape[-1] != self.dim:
+            raise RuntimeError(f"{self.spec.name} returned {e.shape[-1]}-d embeddings, its manifest says {self.dim}")
+        return list(e.unbind(0))
+
+    def warmup(self) -> None:
+        """One forward on a grey face crop."""
+        side = self.preprocessing.crop
+        self.forward([torch.zeros(3, side, side)])
+
+
+class OnnxModule:
+    """An onnxruntime session behind a callable like an nn.Module's forward (NCHW float32 in)."""
+
+    def __init__(self, path: Path, device: torch.device) -> None:
+        import onnxruntime as ort
+
+        providers = ["CPUExecutionProvider"]
+        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        opts = ort.SessionOptions()
+        threads = torch.get_num_threads()
+        opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input_name: x.detach().float().cpu().numpy()})[0]
+        return torch.from_numpy(out)
+
+
+class LoadedOnnxFaceEmbedder(LoadedFaceEmbedder):
+    """A third-party face model exported to ONNX (family "onnx"): input size, normalisation, output size
+    and threshold come from its manifest entry; the output is L2-normalised here."""
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.float()).float()  # type: ignore[operator]
+
+
+_LOADERS: dict[str, type[LoadedModel]] = {
+    c.task: c for c in (LoadedClassifier, LoadedTextClassifier, LoadedFaceEmbedder)}
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
@@ -332,6 +419,10 @@ def build_model(spec: ModelSpec) -> nn.Module:
 
         vocab = CharSpec.from_dict(spec.encoding or {}).vocab_size
         return build_text_model(spec.family, spec.arch, len(spec.labels), vocab)
+    if spec.task == "face-embedding":
+        from models.faces.net import build_embedder
+
+        return build_embedder(spec.arch)
     return build_classifier(spec.family, spec.arch, len(spec.labels))
 
 
@@ -399,6 +490,8 @@ class ModelRegistry:
                 return state
             log.warning("%s: %s; serving UNTRAINED random weights (allow_untrained is on)", name, exc)
             resolved = None
+        if spec.family == "onnx":
+            return self._load_onnx(state, spec, resolved, t0, warmup)
         try:
             model = build_model(spec)
             if resolved is not None:
@@ -416,6 +509,28 @@ class ModelRegistry:
                 loaded.warmup()
         except Exception as exc:  # a corrupt or mismatched checkpoint must not take the service down
             log.exception("loading %s failed", name)
+            state.status, state.reason = "failed", f"loading failed: {type(exc).__name__}: {exc}"
+            return state
+        state.loaded, state.status, state.reason = loaded, "ready", None
+        state.load_seconds = round(time.perf_counter() - t0, 3)
+        return state
+
+    def _load_onnx(self, state: ModelState, spec: ModelSpec, resolved: ResolvedWeights | None, t0: float,
+                   warmup: bool) -> ModelState:
+        """An ONNX face model: there are no random weights to fall back on."""
+        if resolved is None:
+            state.status, state.reason = "unavailable", f"ONNX file {spec.weights.file_name} not found"
+            return state
+        if spec.task != "face-embedding":
+            state.status, state.reason = "failed", "ONNX models are supported for face embedding only"
+            return state
+        try:
+            loaded = LoadedOnnxFaceEmbedder(spec, OnnxModule(resolved.path, self.device), self.device,  # type: ignore[arg-type]
+                                            weights_tag="trained", weights_source=resolved.source)
+            if warmup:
+                loaded.warmup()
+        except Exception as exc:
+            log.exception("loading %s failed", spec.name)
             state.status, state.reason = "failed", f"loading failed: {type(exc).__name__}: {exc}"
             return state
         state.loaded, state.status, state.reason = loaded, "ready", None

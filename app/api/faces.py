@@ -1,0 +1,138 @@
+"""Faces: /faces/embed, /faces/verify, /faces/enroll, /faces/identify and the gallery of subjects."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Path, Query, Response, UploadFile
+
+from app.api.schemas import PROBLEM_RESPONSES
+from app.deps import Faces
+from app.errors import InvalidParameters
+from app.services.classification import Upload
+
+router = APIRouter(prefix="/faces", tags=["faces"])
+
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    **PROBLEM_RESPONSES,
+    404: {**PROBLEM_RESPONSES[404], "description": "Unknown model, subject or face"},
+    409: {**PROBLEM_RESPONSES[422], "description": "Stored embeddings were made by another model"},
+    422: {**PROBLEM_RESPONSES[422], "description": "Invalid parameters, bad subject id, or no face in an image"},
+}
+
+DetectorField = Annotated[str | None, Form(description="'haar' (default) or 'none' when the image is a cropped face")]
+ThresholdField = Annotated[float | None, Form(gt=0.0, lt=4.0, description="squared-L2 threshold for this request "
+                                              "(default: the model's calibrated one)")]
+
+
+async def _read(service: Any, f: UploadFile, fallback: str) -> Upload:
+    # read at most one byte past the limit: enough to know the file is too large
+    return Upload(filename=f.filename or fallback, data=await f.read(service.max_image_bytes + 1))
+
+
+@router.post("/embed", responses=RESPONSES, summary="Detect faces and return their embeddings")
+async def embed(
+    service: Faces,
+    image: Annotated[list[UploadFile], File(description="one or more images (repeat the field)")],
+    model: Annotated[str | None, Form(description="face model (default: the gallery's)")] = None,
+    detector: DetectorField = None,
+    max_faces: Annotated[int | None, Form(ge=1, le=100, description="largest faces kept per image")] = None,
+) -> dict[str, Any]:
+    """Every detected face (largest first) with its box, detector score and unit embedding; an image without a
+    face gives an empty list."""
+    uploads = [await _read(service, f, f"image[{i}]") for i, f in enumerate(image)]
+    return await service.embed(uploads, model or None, detector, max_faces)
+
+
+@router.post("/verify", responses=RESPONSES, summary="Verify two faces, or a face against an enrolled subject")
+async def verify(
+    service: Faces,
+    image_a: Annotated[UploadFile | None, File(description="first image (with image_b)")] = None,
+    image_b: Annotated[UploadFile | None, File(description="second image (with image_a)")] = None,
+    image: Annotated[UploadFile | None, File(description="image to check against `subject`")] = None,
+    subject: Annotated[str | None, Form(description="enrolled subject to verify `image` against")] = None,
+    model: Annotated[str | None, Form(description="face model for image_a/image_b (default: the gallery's)")] = None,
+    detector: DetectorField = None,
+    threshold: ThresholdField = None,
+) -> dict[str, Any]:
+    """Same person when the squared L2 distance between the largest faces' embeddings is at most the threshold.
+    Send either image_a + image_b, or image + subject."""
+    pair = image_a is not None or image_b is not None
+    single = image is not None or subject is not None
+    if pair == single:
+        raise InvalidParameters("send either image_a and image_b, or image and subject")
+    if pair:
+        if image_a is None or image_b is None:
+            raise InvalidParameters("image_a and image_b are both required")
+        a = await _read(service, image_a, "image_a")
+        b = await _read(service, image_b, "image_b")
+        return await service.verify_pair(a, b, model or None, detector, threshold)
+    if image is None or not subject:
+        raise InvalidParameters("image and subject are both required")
+    return await service.verify_subject(await _read(service, image, "image"), subject, detector, threshold)
+
+
+@router.post("/enroll", status_code=201, responses=RESPONSES, summary="Enrol faces of a subject")
+async def enroll(
+    service: Faces,
+    response: Response,
+    subject: Annotated[str, Form(description="subject id: 1-128 of letters, digits and . _ @ + -")],
+    image: Annotated[list[UploadFile], File(description="one or more images (repeat the field); the largest face "
+                                                        "of each is enrolled")],
+    detector: DetectorField = None,
+) -> dict[str, Any]:
+    """Store the largest face of each image for the subject (created on first use). All or nothing: an image
+    without a face is a 422 naming it, and nothing is stored."""
+    uploads = [await _read(service, f, f"image[{i}]") for i, f in enumerate(image)]
+    result = await service.enroll(subject, uploads, detector)
+    response.headers["Location"] = f"/faces/subjects/{subject}"
+    return result
+
+
+@router.post("/identify", responses=RESPONSES, summary="Identify faces against the gallery")
+async def identify(
+    service: Faces,
+    image: Annotated[UploadFile, File(description="image with one or more faces")],
+    top_k: Annotated[int, Form(ge=1, le=100, description="subjects per face")] = 5,
+    max_faces: Annotated[int | None, Form(ge=1, le=100, description="largest faces identified")] = None,
+    detector: DetectorField = None,
+    threshold: ThresholdField = None,
+) -> dict[str, Any]:
+    """For each detected face (largest first): the top-k subjects by best face distance, and `subject` = the
+    nearest one when its distance is within the threshold, else null (a stranger)."""
+    return await service.identify(await _read(service, image, "image"), top_k, max_faces, detector, threshold)
+
+
+SubjectPath = Annotated[str, Path(description="subject id")]
+
+
+@router.get("/subjects", responses=RESPONSES, summary="List enrolled subjects")
+async def list_subjects(
+    service: Faces,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> dict[str, Any]:
+    """Subjects sorted by id with their face counts; `next` links the following page."""
+    return await service.list_subjects(limit, offset)
+
+
+@router.get("/subjects/{subject}", responses=RESPONSES, summary="One subject and its faces")
+async def get_subject(service: Faces, subject: SubjectPath) -> dict[str, Any]:
+    return await service.get_subject(subject)
+
+
+@router.delete("/subjects/{subject}", responses=RESPONSES, summary="Delete a subject and all its faces")
+async def delete_subject(service: Faces, subject: SubjectPath) -> dict[str, Any]:
+    """Deleted from SQLite and the index before the response: nothing of the subject is found afterwards."""
+    return await service.delete_subject(subject)
+
+
+@router.get("/gallery", responses=RESPONSES, summary="Gallery statistics")
+async def gallery(service: Faces) -> dict[str, Any]:
+    """Subjects, faces, indexed faces, faces from other models, index kind and how it was opened."""
+    return await service.gallery_stats()
+
+
+@router.delete("/{face_id}", responses=RESPONSES, summary="Delete one enrolled face")
+async def delete_face(service: Faces, face_id: Annotated[str, Path(max_length=64)]) -> dict[str, Any]:
+    return await service.delete_face(face_id)

@@ -1,0 +1,304 @@
+"""Faces: decode -> detect -> crop -> micro-batched embedding -> verify / enrol / identify on the gallery.
+
+FaceNet's rule decides: two faces are the same person when the squared L2 distance of their unit
+embeddings is at most the model's calibrated threshold (or a per-request one). Embeddings carry the
+name and sha256 of the model that made them, and the gallery never compares embeddings of
+different models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from app.errors import Conflict, InvalidParameters, NotFound
+from app.runtime.images import decode_image
+from app.runtime.registry import LoadedFaceEmbedder
+from app.services.classification import Upload
+from app.services.pool import ModelPool
+from app.stores.gallery import (
+    GalleryStore,
+    InvalidSubject,
+    ModelMismatch,
+    NewFace,
+    UnknownFace,
+    UnknownSubject,
+    validate_subject,
+)
+from models.faces.crop import CropSpec, crop_face
+from models.faces.detect import FaceBox, HaarDetector, HaarParams, WholeImageDetector
+from models.preprocess import image_to_tensor
+
+DETECTORS = ("haar", "none")
+
+
+@dataclass
+class Face:
+    """One detected face of an upload, ready for the embedder."""
+
+    box: FaceBox
+    tensor: torch.Tensor
+
+
+@dataclass
+class ImageFaces:
+    """The faces found in one upload (largest first) and how many the detector saw in all."""
+
+    filename: str
+    faces: list[Face]
+    detected: int
+    width: int
+    height: int
+
+
+class DetectorPool:
+    """One Haar cascade per thread (OpenCV's CascadeClassifier is not safe to share across threads)."""
+
+    def __init__(self, params: HaarParams) -> None:
+        self.params = params
+        self._local = threading.local()
+        HaarDetector(params)  # fail at start-up, not on the first request, when the cascade is missing
+
+    def detect(self, name: str, img: Image.Image) -> list[FaceBox]:
+        if name == "none":
+            return WholeImageDetector().detect(img)
+        det: HaarDetector | None = getattr(self._local, "haar", None)
+        if det is None:
+            det = HaarDetector(self.params)
+            self._local.haar = det
+        return det.detect(img)
+
+
+def _distance(a: np.ndarray, b: np.ndarray) -> float:
+    return float(max(0.0, float(((a - b) ** 2).sum())))
+
+
+class FacesService:
+    """The face application: embed, verify, enrol, identify and the gallery of subjects."""
+
+    def __init__(self, pool: ModelPool[LoadedFaceEmbedder], gallery: GalleryStore | None, detectors: DetectorPool, *,
+                 default_detector: str, max_faces: int, threshold_override: float | None, max_image_bytes: int,
+                 max_image_pixels: int, max_images: int) -> None:
+        self.pool = pool
+        self.gallery = gallery
+        self.detectors = detectors
+        self.default_detector = default_detector
+        self.max_faces = max_faces
+        self.threshold_override = threshold_override
+        self.max_image_bytes = max_image_bytes
+        self.max_image_pixels = max_image_pixels
+        self.max_images = max_images
+
+    # ----- helpers --------------------------------------------------------------------------------------
+    def _gallery(self) -> tuple[GalleryStore, str, LoadedFaceEmbedder]:
+        if self.gallery is None:
+            raise NotFound("no face model is loaded, so there is no gallery; see GET /models")
+        name, loaded = self.pool.resolve(self.gallery.model.name)
+        return self.gallery, name, loaded
+
+    def _detector(self, detector: str | None) -> str:
+        d = detector or self.default_detector
+        if d not in DETECTORS:
+            raise InvalidParameters(f"detector must be one of {', '.join(DETECTORS)}, not {d!r}")
+        return d
+
+    def _threshold(self, loaded: LoadedFaceEmbedder, requested: float | None) -> tuple[float, str]:
+        if requested is not None:
+            if not 0.0 < requested < 4.0:
+                raise InvalidParameters("threshold is a squared L2 distance between unit vectors: 0 < threshold < 4")
+            return requested, "request"
+        if self.threshold_override is not None:
+            return self.threshold_override, "server"
+        return loaded.threshold, "model"
+
+    def _find(self, upload: Upload, loaded: LoadedFaceEmbedder, detector: str, max_faces: int) -> ImageFaces:
+        """Blocking: decode, detect, keep the largest max_faces faces and make their embedder inputs."""
+        img = decode_image(upload.data, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels,
+                           name=upload.filename)
+        boxes = sorted(self.detectors.detect(detector, img), key=lambda b: (-b.area, -b.score))
+        spec = CropSpec(size=loaded.crop_size, margin=0.0 if detector == "none" else loaded.crop_margin)
+        faces = [Face(b, image_to_tensor(crop_face(img, b, spec), loaded.preprocessing)) for b in boxes[:max_faces]]
+        return ImageFaces(upload.filename, faces, len(boxes), img.width, img.height)
+
+    async def _embed_uploads(
+        self, uploads: list[Upload], model: str | None, detector: str | None, max_faces: int
+    ) -> tuple[str, LoadedFaceEmbedder, list[ImageFaces], list[list[np.ndarray]]]:
+        name, loaded = self.pool.resolve(model)
+        det = self._detector(detector)
+        found = [await asyncio.to_thread(self._find, u, loaded, det, max_faces) for u in uploads]
+        tensors = [f.tensor for img in found for f in img.faces]
+        flat = await self.pool.run(name, tensors) if tensors else []
+        out: list[list[np.ndarray]] = []
+        i = 0
+        for img in found:
+            out.append([flat[j].numpy() for j in range(i, i + len(img.faces))])
+            i += len(img.faces)
+        return name, loaded, found, out
+
+    @staticmethod
+    def _model_info(name: str, loaded: LoadedFaceEmbedder) -> dict[str, Any]:
+        return {"model": name, "model_sha256": loaded.sha256, "weights": loaded.weights_tag}
+
+    @staticmethod
+    def _face_json(face: Face) -> dict[str, Any]:
+        b = face.box
+        return {"box": {"x": b.x, "y": b.y, "w": b.w, "h": b.h}, "score": round(b.score, 4)}
+
+    @staticmethod
+    def _require_face(img: ImageFaces, field: str) -> Face:
+        if not img.faces:
+            raise InvalidParameters(f"no face found in {field} ({img.filename!r}); send a clearer frontal face, or a "
+                                    "cropped face with detector=none", extra={"image": img.filename, "field": field})
+        return img.faces[0]
+
+    def _check_count(self, uploads: list[Upload]) -> None:
+        if not uploads:
+            raise InvalidParameters("at least one image is required (field 'image')")
+        if len(uploads) > self.max_images:
+            raise InvalidParameters(f"{len(uploads)} images sent; at most {self.max_images} per request")
+
+    # ----- endpoints ------------------------------------------------------------------------------------
+    async def embed(self, uploads: list[Upload], model: str | None, detector: str | None,
+                    max_faces: int | None) -> dict[str, Any]:
+        """Every detected face of every upload with its box, score and embedding."""
+        self._check_count(uploads)
+        name, loaded, found, embs = await self._embed_uploads(uploads, model, detector, max_faces or self.max_faces)
+        return {**self._model_info(name, loaded), "dim": loaded.dim, "results": [
+            {"filename": img.filename, "faces_detected": img.detected,
+             "faces": [{**self._face_json(f), "embedding": [round(float(v), 7) for v in e]}
+                       for f, e in zip(img.faces, es, strict=True)]}
+            for img, es in zip(found, embs, strict=True)]}
+
+    async def verify_pair(self, a: Upload, b: Upload, model: str | None, detector: str | None,
+                          threshold: float | None) -> dict[str, Any]:
+        """Are the largest faces of two images the same person?"""
+        name, loaded, found, embs = await self._embed_uploads([a, b], model, detector, 1)
+        fa = self._require_face(found[0], "image_a")
+        fb = self._require_face(found[1], "image_b")
+        tau, source = self._threshold(loaded, threshold)
+        d = _distance(embs[0][0], embs[1][0])
+        return {**self._model_info(name, loaded), **self._decision(d, tau, source),
+                "faces": {"image_a": {**self._face_json(fa), "faces_detected": found[0].detected},
+                          "image_b": {**self._face_json(fb), "faces_detected": found[1].detected}}}
+
+    @staticmethod
+    def _decision(d: float, tau: float, source: str) -> dict[str, Any]:
+        return {"match": d <= tau, "distance": round(d, 6), "similarity": round(1.0 - d / 2.0, 6),
+                "threshold": round(tau, 6), "threshold_source": source}
+
+    async def verify_subject(self, upload: Upload, subject: str, detector: str | None,
+                             threshold: float | None) -> dict[str, Any]:
+        """Is the largest face of an image the enrolled subject? (closest of the subject's faces)"""
+        gallery, name, loaded = self._gallery()
+        self._subject(subject)
+        try:
+            face_ids, vecs = await asyncio.to_thread(gallery.subject_embeddings, subject)
+        except UnknownSubject as exc:
+            raise NotFound(f"unknown subject {subject!r}", extra={"subject": subject}) from exc
+        except ModelMismatch as exc:
+            raise Conflict(str(exc), extra={"subject": subject}) from exc
+        if not face_ids:
+            raise Conflict(f"subject {subject!r} has no enrolled faces left", extra={"subject": subject})
+        _, _, found, embs = await self._embed_uploads([upload], name, detector, 1)
+        face = self._require_face(found[0], "image")
+        dists = ((vecs - embs[0][0][None, :]) ** 2).sum(-1)
+        best = int(np.argmin(dists))
+        tau, source = self._threshold(loaded, threshold)
+        return {**self._model_info(name, loaded), **self._decision(float(dists[best]), tau, source),
+                "subject": subject, "face_id": face_ids[best], "faces_compared": len(face_ids),
+                "faces": {"image": {**self._face_json(face), "faces_detected": found[0].detected}}}
+
+    @staticmethod
+    def _subject(subject: str) -> str:
+        try:
+            return validate_subject(subject)
+        except InvalidSubject as exc:
+            raise InvalidParameters(f"subject: {exc}", extra={"subject": subject[:200]}) from exc
+
+    async def enroll(self, subject: str, uploads: list[Upload], detector: str | None) -> dict[str, Any]:
+        """Store the largest face of each image for the subject, all or nothing."""
+        self._subject(subject)
+        self._check_count(uploads)
+        gallery, name, loaded = self._gallery()
+        _, _, found, embs = await self._embed_uploads(uploads, name, detector, 1)
+        new, notes = [], []
+        for i, (img, es) in enumerate(zip(found, embs, strict=True)):
+            face = self._require_face(img, f"image[{i}]")
+            new.append(NewFace(es[0], box=self._face_json(face)["box"], image=img.filename))
+            notes.append(img.detected)
+        records = await asyncio.to_thread(gallery.enroll, subject, new)
+        faces = []
+        for rec, img, n in zip(records, found, notes, strict=True):
+            item = {"face_id": rec["face_id"], "image": img.filename, "box": rec["box"],
+                    "score": round(img.faces[0].box.score, 4), "faces_detected": n}
+            if n > 1:
+                item["note"] = f"{n} faces detected; the largest was enrolled"
+            faces.append(item)
+        return {**self._model_info(name, loaded), "subject": subject, "faces": faces}
+
+    async def identify(self, upload: Upload, top_k: int, max_faces: int | None, detector: str | None,
+                       threshold: float | None) -> dict[str, Any]:
+        """For every detected face: the top-k subjects and the best one if it is within the threshold."""
+        gallery, name, loaded = self._gallery()
+        _, _, found, embs = await self._embed_uploads([upload], name, detector, max_faces or self.max_faces)
+        self._require_face(found[0], "image")
+        tau, source = self._threshold(loaded, threshold)
+        hits = await asyncio.to_thread(gallery.search, np.stack(embs[0]), top_k)
+        results = []
+        for face, cands in zip(found[0].faces, hits, strict=True):
+            best = cands[0] if cands and cands[0].distance <= tau else None
+            results.append({
+                **self._face_json(face),
+                "subject": best.subject if best else None,
+                "distance": round(cands[0].distance, 6) if cands else None,
+                "candidates": [{"subject": h.subject, "face_id": h.face_id, "distance": round(h.distance, 6),
+                                "similarity": round(h.similarity, 6), "match": h.distance <= tau} for h in cands],
+            })
+        out: dict[str, Any] = {**self._model_info(name, loaded), "threshold": round(tau, 6),
+                               "threshold_source": source, "faces_detected": found[0].detected, "faces": results}
+        stats = await asyncio.to_thread(gallery.stats)
+        if stats["faces_from_other_models"]:
+            out["warning"] = (f"{stats['faces_from_other_models']} gallery faces were made by another model and were "
+                              "not searched; re-enrol those subjects")
+        return out
+
+    # ----- gallery management ---------------------------------------------------------------------------
+    async def list_subjects(self, limit: int, offset: int) -> dict[str, Any]:
+        gallery, _, _ = self._gallery()
+        rows, total = await asyncio.to_thread(gallery.list_subjects, limit, offset)
+        nxt = f"/faces/subjects?limit={limit}&offset={offset + limit}" if offset + limit < total else None
+        return {"subjects": rows, "total": total, "limit": limit, "offset": offset, "next": nxt}
+
+    async def get_subject(self, subject: str) -> dict[str, Any]:
+        gallery, _, _ = self._gallery()
+        self._subject(subject)
+        try:
+            return await asyncio.to_thread(gallery.get_subject, subject)
+        except UnknownSubject as exc:
+            raise NotFound(f"unknown subject {subject!r}", extra={"subject": subject}) from exc
+
+    async def delete_subject(self, subject: str) -> dict[str, Any]:
+        gallery, _, _ = self._gallery()
+        self._subject(subject)
+        try:
+            n = await asyncio.to_thread(gallery.delete_subject, subject)
+        except UnknownSubject as exc:
+            raise NotFound(f"unknown subject {subject!r}", extra={"subject": subject}) from exc
+        return {"subject": subject, "deleted_faces": n}
+
+    async def delete_face(self, face_id: str) -> dict[str, Any]:
+        gallery, _, _ = self._gallery()
+        try:
+            return await asyncio.to_thread(gallery.delete_face, face_id)
+        except UnknownFace as exc:
+            raise NotFound(f"unknown face {face_id!r}", extra={"face_id": face_id[:200]}) from exc
+
+    async def gallery_stats(self) -> dict[str, Any]:
+        gallery, _, _ = self._gallery()
+        return await asyncio.to_thread(gallery.stats)

@@ -1,0 +1,232 @@
+"""The face endpoints through the lifespan with a tiny random embedder: every endpoint and error path."""
+
+from __future__ import annotations
+
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.settings import Settings
+from tests.api.test_classify import assert_problem
+from tests.conftest import image_bytes, write_tiny_face_model
+
+
+def pattern(seed: int, size: int = 40) -> bytes:
+    """A distinct noise image (a stand-in for a cropped face: tests use detector=none)."""
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def img(field: str, data: bytes, name: str = "face.png") -> tuple[str, tuple[str, bytes, str]]:
+    return (field, (name, data, "image/png"))
+
+
+NONE = {"detector": "none"}
+
+
+@pytest.fixture
+def face_settings(base_settings: Settings) -> Settings:
+    write_tiny_face_model(base_settings.weights_dir)
+    return base_settings.model_copy(update={"face_models": ["tiny-face"]})
+
+
+@pytest.fixture
+def fclient(face_settings: Settings, client_factory) -> TestClient:
+    with client_factory(face_settings) as c:
+        yield c
+
+
+def enroll(c: TestClient, subject: str, *seeds: int) -> dict:
+    r = c.post("/faces/enroll", data={"subject": subject, **NONE},
+               files=[img("image", pattern(s), f"{subject}-{s}.png") for s in seeds])
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def test_embed_returns_unit_embeddings_with_the_model_identity(fclient: TestClient, face_settings: Settings) -> None:
+    r = fclient.post("/faces/embed", data=NONE, files=[img("image", pattern(1)), img("image", pattern(2))])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    manifest = json.loads((face_settings.weights_dir / "manifest.json").read_text())
+    sha = next(m["sha256"] for m in manifest["models"] if m["name"] == "tiny-face")
+    assert body["model"] == "tiny-face" and body["model_sha256"] == sha and body["dim"] == 8
+    assert len(body["results"]) == 2
+    face = body["results"][0]["faces"][0]
+    assert face["box"] == {"x": 0, "y": 0, "w": 40, "h": 40} and face["score"] == 1.0
+    assert abs(np.linalg.norm(face["embedding"]) - 1.0) < 1e-4
+    assert body["results"][0]["faces"][0]["embedding"] != body["results"][1]["faces"][0]["embedding"]
+
+
+def test_embed_with_the_haar_detector_on_a_faceless_image_is_an_empty_list(fclient: TestClient) -> None:
+    r = fclient.post("/faces/embed", files=[img("image", image_bytes(size=(120, 120)))])
+    assert r.status_code == 200 and r.json()["results"][0]["faces"] == []
+
+
+def test_verify_pair(fclient: TestClient) -> None:
+    same = fclient.post("/faces/verify", data=NONE, files=[img("image_a", pattern(1)), img("image_b", pattern(1))])
+    assert same.status_code == 200, same.text
+    b = same.json()
+    assert b["match"] is True and b["distance"] < 1e-6 and abs(b["similarity"] - 1.0) < 1e-6
+    assert b["threshold"] == 1.0 and b["threshold_source"] == "model"
+    assert b["faces"]["image_a"]["box"]["w"] == 40
+    diff = fclient.post("/faces/verify", data={**NONE, "threshold": "1e-9"},
+                        files=[img("image_a", pattern(1)), img("image_b", pattern(2))]).json()
+    assert diff["match"] is False and diff["distance"] > 1e-9 and diff["threshold_source"] == "request"
+    assert abs(diff["similarity"] - (1 - diff["distance"] / 2)) < 1e-5
+
+
+@pytest.mark.parametrize(("data", "files", "status", "needle"), [
+    (NONE, [img("image_a", pattern(1))], 422, "image_a and image_b"),
+    (NONE, [img("image_a", pattern(1)), img("image", pattern(2))], 422, "either"),
+    (NONE, [], 422, "either"),
+    ({**NONE, "subject": "alice"}, [], 422, "image and subject"),
+    ({**NONE, "threshold": "5"}, [img("image_a", pattern(1)), img("image_b", pattern(2))], 422, "threshold"),
+    ({"detector": "dlib"}, [img("image_a", pattern(1)), img("image_b", pattern(2))], 422, "detector"),
+    ({}, [img("image_a", image_bytes(size=(120, 120))), img("image_b", pattern(2))], 422, "no face found in image_a"),
+    (NONE, [("image_a", ("x.csv", b"a,b\n1,2\n", "text/csv")), img("image_b", pattern(2))], 415, ""),
+    ({**NONE, "model": "nope"}, [img("image_a", pattern(1)), img("image_b", pattern(2))], 404, "nope"),
+])
+def test_verify_errors(fclient: TestClient, data: dict, files: list, status: int, needle: str) -> None:
+    r = fclient.post("/faces/verify", data=data, files=files)
+    assert_problem(r, status)
+    assert needle in r.json()["detail"]
+
+
+def test_enroll_identify_verify_delete_round_trip(fclient: TestClient) -> None:
+    r = fclient.post("/faces/enroll", data={"subject": "alice", **NONE},
+                     files=[img("image", pattern(1), "a1.png"), img("image", pattern(2), "a2.png")])
+    assert r.status_code == 201 and r.headers["location"] == "/faces/subjects/alice"
+    faces = r.json()["faces"]
+    assert [f["image"] for f in faces] == ["a1.png", "a2.png"] and len({f["face_id"] for f in faces}) == 2
+    enroll(fclient, "bob", 3)
+
+    ident = fclient.post("/faces/identify", data=NONE, files=[img("image", pattern(2))]).json()
+    face = ident["faces"][0]
+    assert face["subject"] == "alice" and face["distance"] < 1e-6
+    assert face["candidates"][0]["face_id"] == faces[1]["face_id"]
+    assert [c["subject"] for c in face["candidates"]] == ["alice", "bob"]  # best face per subject, nearest first
+    stranger = fclient.post("/faces/identify", data={**NONE, "threshold": "1e-9"},
+                            files=[img("image", pattern(99))]).json()["faces"][0]
+    assert stranger["subject"] is None and stranger["candidates"]
+    assert all(not c["match"] for c in stranger["candidates"])
+
+    v = fclient.post("/faces/verify", data={**NONE, "subject": "alice"}, files=[img("image", pattern(1))]).json()
+    assert v["match"] is True and v["subject"] == "alice" and v["face_id"] == faces[0]["face_id"]
+    assert v["faces_compared"] == 2
+
+    subj = fclient.get("/faces/subjects/alice").json()
+    assert subj["face_count"] == 2 and all(f["current_model"] for f in subj["faces"])
+    d = fclient.delete(f"/faces/{faces[1]['face_id']}")
+    assert d.status_code == 200 and d.json()["subject"] == "alice"
+    assert fclient.get("/faces/subjects/alice").json()["face_count"] == 1
+    assert_problem(fclient.delete(f"/faces/{faces[1]['face_id']}"), 404)
+
+    gone = fclient.delete("/faces/subjects/alice")
+    assert gone.status_code == 200 and gone.json()["deleted_faces"] == 1
+    assert_problem(fclient.get("/faces/subjects/alice"), 404)
+    again = fclient.post("/faces/identify", data=NONE, files=[img("image", pattern(1))]).json()["faces"][0]
+    assert all(c["subject"] != "alice" for c in again["candidates"])
+    assert fclient.get("/faces/gallery").json()["subjects"] == 1
+
+
+def test_enroll_errors_store_nothing(fclient: TestClient) -> None:
+    # a faceless image: 422 naming it
+    r = fclient.post("/faces/enroll", data={"subject": "carol"},
+                     files=[img("image", image_bytes(size=(120, 120)), "wall.png")])
+    assert_problem(r, 422)
+    assert "image[0]" in r.json()["detail"] and "wall.png" in r.json()["detail"]
+    # a good first image and a broken second one: all or nothing, the first is not stored either
+    r = fclient.post("/faces/enroll", data={"subject": "carol", **NONE},
+                     files=[img("image", pattern(1), "ok.png"),
+                            ("image", ("b.png", b"\x89PNG\r\n\x1a\n", "image/png"))])
+    assert_problem(r, 415)
+    assert_problem(fclient.get("/faces/subjects/carol"), 404)
+    for bad in ["", "a" * 129, "../etc", "has space", "-lead"]:
+        assert_problem(fclient.post("/faces/enroll", data={"subject": bad, **NONE}, files=[img("image", pattern(1))]),
+                       422)
+    assert_problem(fclient.post("/faces/enroll", data={"subject": "dave", **NONE}), 422)  # no image
+    assert_problem(fclient.post("/faces/enroll", data=NONE, files=[img("image", pattern(1))]), 422)  # no subject
+    assert_problem(fclient.post("/faces/enroll", data={"subject": "dave", **NONE},
+                                files=[("image", ("x.txt", b"hello", "text/plain"))]), 415)
+    assert fclient.get("/faces/subjects").json()["total"] == 0
+
+
+def test_unknown_subject_and_bad_ids(fclient: TestClient) -> None:
+    assert_problem(fclient.post("/faces/verify", data={**NONE, "subject": "nobody"}, files=[img("image", pattern(1))]),
+                   404)
+    assert_problem(fclient.get("/faces/subjects/nobody"), 404)
+    assert_problem(fclient.delete("/faces/subjects/nobody"), 404)
+    assert_problem(fclient.get("/faces/subjects/bad%20id"), 422)
+    assert_problem(fclient.post("/faces/verify", data={**NONE, "subject": "bad id"}, files=[img("image", pattern(1))]),
+                   422)
+
+
+def test_identify_needs_a_face_and_handles_an_empty_gallery(fclient: TestClient) -> None:
+    assert_problem(fclient.post("/faces/identify", files=[img("image", image_bytes(size=(120, 120)))]), 422)
+    r = fclient.post("/faces/identify", data=NONE, files=[img("image", pattern(1))])
+    assert r.status_code == 200 and r.json()["faces"][0] == {**r.json()["faces"][0], "subject": None,
+                                                             "candidates": []}
+    assert_problem(fclient.post("/faces/identify", data={**NONE, "top_k": "0"}, files=[img("image", pattern(1))]), 422)
+
+
+def test_subjects_are_paginated(fclient: TestClient) -> None:
+    for i, s in enumerate(["c", "a", "b"]):
+        enroll(fclient, s, i)
+    page = fclient.get("/faces/subjects", params={"limit": 2}).json()
+    assert [s["subject"] for s in page["subjects"]] == ["a", "b"] and page["total"] == 3
+    assert page["next"] == "/faces/subjects?limit=2&offset=2"
+    last = fclient.get(page["next"]).json()
+    assert [s["subject"] for s in last["subjects"]] == ["c"] and last["next"] is None
+    assert_problem(fclient.get("/faces/subjects", params={"limit": 0}), 422)
+
+
+def test_gallery_survives_restarts_and_refuses_other_models(face_settings: Settings, client_factory,
+                                                            tmp_path: Path) -> None:
+    with client_factory(face_settings) as c:
+        face_id = enroll(c, "alice", 1)["faces"][0]["face_id"]
+    with client_factory(face_settings) as c:
+        assert c.get("/faces/gallery").json()["index_source"] == "snapshot"
+        hit = c.post("/faces/identify", data=NONE, files=[img("image", pattern(1))]).json()["faces"][0]
+        assert hit["subject"] == "alice" and hit["candidates"][0]["face_id"] == face_id
+    # the same model name with other weights: the stored embeddings are not comparable any more
+    write_tiny_face_model(face_settings.weights_dir, seed=1)
+    with client_factory(face_settings) as c:
+        r = c.post("/faces/verify", data={**NONE, "subject": "alice"}, files=[img("image", pattern(1))])
+        assert_problem(r, 409)
+        assert "re-enrol" in r.json()["detail"]
+        ident = c.post("/faces/identify", data=NONE, files=[img("image", pattern(1))]).json()
+        assert ident["faces"][0]["subject"] is None and "another model" in ident["warning"]
+        assert c.get("/faces/gallery").json()["faces_from_other_models"] == 1
+
+
+def test_no_face_model_means_503_or_404(base_settings: Settings, client_factory) -> None:
+    with client_factory(base_settings) as c:  # no face model configured
+        assert_problem(c.post("/faces/embed", data=NONE, files=[img("image", pattern(1))]), 503)
+        assert_problem(c.get("/faces/subjects"), 404)
+
+
+def test_concurrent_embeddings_are_batched(face_settings: Settings, client_factory) -> None:
+    s = face_settings.model_copy(update={"batch_max_wait_ms": 200.0})
+    with client_factory(s) as c:
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(lambda i: c.post("/faces/embed", data=NONE,
+                                                   files=[img("image", pattern(i))]).status_code, range(8)))
+        assert codes == [200] * 8
+        text = c.get("/metrics").text
+        count = float(text.split('cnn_batch_size_count{model="tiny-face"} ')[1].split()[0])
+        total = float(text.split('cnn_batch_size_sum{model="tiny-face"} ')[1].split()[0])
+        assert total == 8 and total / count > 1
+
+
+def test_models_lists_the_face_model(fclient: TestClient) -> None:
+    m = next(x for x in fclient.get("/models").json()["models"] if x["name"] == "tiny-face")
+    assert m["task"] == "face-embedding" and m["status"] == "ready" and m["input_size"] == 16
+    assert m["info"]["threshold"] == 1.0
