@@ -80,13 +80,16 @@ def kfold_accuracy(dist: np.ndarray, same: np.ndarray, folds: int = 10) -> dict[
     s_parts = np.array_split(np.flatnonzero(same), folds)
     d_parts = np.array_split(np.flatnonzero(~same), folds)
     parts = [np.concatenate([a, b]) for a, b in zip(s_parts, d_parts, strict=True)]
+    parts = [p for p in parts if len(p)]  # fewer pairs than folds: no empty folds (their accuracy is undefined)
+    if len(parts) < 2:
+        raise ValueError(f"k-fold accuracy needs at least 2 pairs, got {len(dist)}")
     accs, taus = [], []
     for i, test in enumerate(parts):
         train = np.concatenate([p for j, p in enumerate(parts) if j != i])
         tau, _ = best_threshold(dist[train], same[train])
         taus.append(tau)
         accs.append(accuracy_at(dist[test], same[test], tau))
-    return {"folds": folds, "mean": float(np.mean(accs)), "std": float(np.std(accs)),
+    return {"folds": len(parts), "mean": float(np.mean(accs)), "std": float(np.std(accs)),
             "per_fold": [float(a) for a in accs], "thresholds": [float(t) for t in taus]}
 
 
