@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test lint bench lock fetch-weights train-cifar train-text clean
+.PHONY: install run test lint bench lock fetch-weights train-cifar train-text train-faces clean
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,10 @@ fetch-weights: install
 train-cifar: install
 	$(BIN)/python -m app.cli train images --data ../shared/data/cifar10/train --out runs/cifar10-resnet20 \
 		--name cifar10-resnet20 --depth 20 --epochs 40 --install weights
+
+train-faces: install
+	$(BIN)/python -m app.cli train faces --data ../shared/data/lfw/images --pairs ../shared/data/lfw/pairsDevTrain.txt \
+		--out runs/lfw-face-resnet --name lfw-face-resnet --epochs 30 --install weights
 
 train-text: install
 	$(BIN)/python -m app.cli train text --train ../shared/data/agnews/train.csv \

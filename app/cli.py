@@ -5,6 +5,7 @@
     python -m app.cli fetch-weights resnet50     # official torchvision weights (needs internet)
     python -m app.cli train images --data DIR --out runs/x
     python -m app.cli train text --train CSV --out runs/y
+    python -m app.cli train faces --data LFW_DIR --pairs PAIRS --out runs/z
     python -m app.cli evaluate cifar10-resnet20 --data DIR
     python -m app.cli evaluate-text agnews-vdcnn9 --csv FILE
 """
@@ -87,6 +88,11 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
         from models.train import text
 
         text.main(rest)
+        return 0
+    if args.what == "faces":
+        from models.train import faces
+
+        faces.main(rest)
         return 0
     print(f"unknown training target {args.what!r}", file=sys.stderr)
     return 2
@@ -210,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--hub-cache", action="store_true", help="store in the torch hub cache instead")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     t = sub.add_parser("train", help="train a model (options after the target go to the trainer)")
-    t.add_argument("what", choices=["images", "text"])
+    t.add_argument("what", choices=["images", "text", "faces"])
     e = sub.add_parser("evaluate", help="evaluate a classifier on an ImageFolder directory")
     e.add_argument("model")
     e.add_argument("--data", required=True)

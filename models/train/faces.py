@@ -430,11 +430,25 @@ def finish(args: argparse.Namespace, model: FaceEmbedder, arch: dict[str, Any], 
                          "min_cosine_to_pytorch": round(onnx_info["min_cosine"], 6)}
     (out / "manifest_entry.json").write_text(json.dumps(entry, indent=2))
     if args.install:
-        from models.train.images import install_entry
-
-        install_entry(entry, weights_file, args.install)
+        install(out, args.install)
     print((out / "report.md").read_text())
     return report
+
+
+def install(run_dir: Path, weights_dir: Path) -> None:
+    """Copy a finished run's weights (and its ONNX export, as `<name>-onnx`) into a weights dir and merge their
+    manifest entries, keeping hand-written fields (card, licence) of earlier entries."""
+    from models.train.images import install_entry
+
+    entry = json.loads((run_dir / "manifest_entry.json").read_text())
+    install_entry(entry, run_dir / entry["file"], weights_dir)
+    onnx = entry.get("onnx")
+    if onnx:
+        onnx_entry = {k: v for k, v in entry.items() if k not in ("arch", "onnx")}
+        onnx_entry |= {"name": f"{entry['name']}-onnx", "family": "onnx", "file": onnx["file"],
+                       "sha256": onnx["sha256"], "exported_from": {"name": entry["name"], "sha256": entry["sha256"],
+                                                                   "min_cosine": onnx["min_cosine_to_pytorch"]}}
+        install_entry(onnx_entry, run_dir / onnx["file"], weights_dir)
 
 
 if __name__ == "__main__":
