@@ -262,10 +262,9 @@ class FacesService:
             })
         out: dict[str, Any] = {**self._model_info(name, loaded), "threshold": round(tau, 6),
                                "threshold_source": source, "faces_detected": found[0].detected, "faces": results}
-        stats = await asyncio.to_thread(gallery.stats)
-        if stats["faces_from_other_models"]:
-            out["warning"] = (f"{stats['faces_from_other_models']} gallery faces were made by another model and were "
-                              "not searched; re-enrol those subjects")
+        if gallery.foreign_faces:
+            out["warning"] = (f"{gallery.foreign_faces} gallery faces were made by another model and were not "
+                              "searched; re-enrol those subjects")
         return out
 
     # ----- gallery management ---------------------------------------------------------------------------

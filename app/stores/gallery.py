@@ -270,6 +270,10 @@ class GalleryStore:
             self._write_conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('generation', '0')")
         self.index = VectorIndex(model.dim, index_kind, nlist=nlist, nprobe=nprobe, use_gpu=use_gpu)
         self.index_source = self._open_index()
+        # faces made by other models: counted once here, then kept up to date by the mutations
+        self.foreign_faces = int(self._write_conn.execute(
+            "SELECT COUNT(*) FROM faces WHERE model != ? OR model_sha256 != ?",
+            (model.name, model.sha256)).fetchone()[0])
 
     # ----- connections -------------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -412,20 +416,29 @@ class GalleryStore:
             with self._transaction() as conn:
                 if conn.execute("SELECT 1 FROM subjects WHERE subject = ?", (subject,)).fetchone() is None:
                     raise UnknownSubject(subject)
-                vids = [r[0] for r in conn.execute("SELECT vid FROM faces WHERE subject = ?", (subject,))]
+                rows = conn.execute("SELECT vid, model, model_sha256 FROM faces WHERE subject = ?",
+                                    (subject,)).fetchall()
                 conn.execute("DELETE FROM faces WHERE subject = ?", (subject,))
                 conn.execute("DELETE FROM subjects WHERE subject = ?", (subject,))
+            vids = [r["vid"] for r in rows]
+            self.foreign_faces -= sum(1 for r in rows if not self._is_current(r))
             self.index.remove(vids)
         return len(vids)
+
+    def _is_current(self, row: sqlite3.Row) -> bool:
+        return bool((row["model"], row["model_sha256"]) == (self.model.name, self.model.sha256))
 
     def delete_face(self, face_id: str) -> dict[str, Any]:
         """Delete one face (the subject stays, possibly with no faces); returns what was deleted."""
         with self._rw.write():
             with self._transaction() as conn:
-                row = conn.execute("SELECT vid, subject FROM faces WHERE face_id = ?", (face_id,)).fetchone()
+                row = conn.execute("SELECT vid, subject, model, model_sha256 FROM faces WHERE face_id = ?",
+                                   (face_id,)).fetchone()
                 if row is None:
                     raise UnknownFace(face_id)
                 conn.execute("DELETE FROM faces WHERE vid = ?", (row["vid"],))
+            if not self._is_current(row):
+                self.foreign_faces -= 1
             self.index.remove([row["vid"]])
         return {"face_id": face_id, "subject": row["subject"]}
 
