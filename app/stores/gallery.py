@@ -86,7 +86,7 @@ class ModelMismatch(GalleryError):
 
 def validate_subject(subject: str) -> str:
     """The subject id itself, or InvalidSubject explaining the rule."""
-    if not isinstance(subject, str) or not SUBJECT_RE.match(subject):
+    if not isinstance(subject, str) or not SUBJECT_RE.fullmatch(subject):
         raise InvalidSubject("a subject id is 1-128 characters: letters, digits and . _ @ + -, starting with a "
                              "letter or digit")
     return subject
@@ -247,6 +247,23 @@ class VectorIndex:
         self._gpu_stale = True
 
 
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    """fsync a file or a directory (so a rename is durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _ids_digest(ids: np.ndarray) -> str:
     return hashlib.sha256(np.sort(np.asarray(ids, dtype=np.int64)).tobytes()).hexdigest()
 
@@ -264,6 +281,8 @@ class GalleryStore:
         self.model = model
         self._rw = RWLock()
         self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
         self._write_conn = self._connect()
         with self._write_conn:
             self._write_conn.executescript(_SCHEMA)
@@ -290,6 +309,8 @@ class GalleryStore:
         if conn is None:
             conn = self._connect()
             self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
         return conn
 
     @contextmanager
@@ -310,6 +331,10 @@ class GalleryStore:
             if snapshot:
                 self._write_snapshot()
             self._write_conn.close()
+            with self._readers_lock:
+                for conn in self._readers:
+                    conn.close()
+                self._readers.clear()
 
     # ----- index ----------------------------------------------------------------------------------------
     def _generation(self, conn: sqlite3.Connection) -> int:
@@ -340,11 +365,13 @@ class GalleryStore:
         if self.snapshot_path.exists() and self.snapshot_meta_path.exists():
             try:
                 meta = json.loads(self.snapshot_meta_path.read_text())
-                if meta == expected:
+                file_sha = meta.pop("file_sha256", None)
+                if meta == expected and file_sha == _file_sha256(self.snapshot_path):
                     self.index.load(self.snapshot_path)
                     if self.index.ntotal == expected["count"]:
                         return "snapshot"
-                log.warning("gallery snapshot does not match the database (%s vs %s): rebuilding", meta, expected)
+                log.warning("gallery snapshot does not match the database or its checksum (%s vs %s): rebuilding",
+                            meta, expected)
             except Exception as exc:  # a torn or foreign snapshot is only a cache: rebuild
                 log.warning("gallery snapshot unreadable (%s): rebuilding", exc)
         t0 = time.perf_counter()
@@ -354,13 +381,18 @@ class GalleryStore:
         return "rebuilt"
 
     def _write_snapshot(self) -> None:
+        """index.faiss, then index.json with its sha256: each written to a temp file, fsynced, renamed."""
         meta = self._snapshot_meta(self._write_conn)
         tmp = self.snapshot_path.with_suffix(".tmp")
         self.index.save(tmp)
+        _fsync(tmp)
+        meta["file_sha256"] = _file_sha256(tmp)
         os.replace(tmp, self.snapshot_path)
         tmp_meta = self.snapshot_meta_path.with_suffix(".tmp")
         tmp_meta.write_text(json.dumps(meta))
+        _fsync(tmp_meta)
         os.replace(tmp_meta, self.snapshot_meta_path)
+        _fsync(self.root)
 
     def snapshot(self) -> None:
         """Write the index snapshot now (it is also written on close)."""
@@ -445,12 +477,17 @@ class GalleryStore:
     # ----- queries --------------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, top_k: int) -> list[list[Hit]]:
         """For each query, the best face of each of the top_k nearest subjects (current model only)."""
-        q = np.asarray(queries, dtype=np.float32).reshape(-1, self.model.dim)
+        q = np.asarray(queries, dtype=np.float32)
+        if q.ndim == 1:
+            q = q[None, :]
+        if q.ndim != 2 or q.shape[1] != self.model.dim:
+            raise ValueError(f"queries have {q.shape[-1]} dimensions, the model makes {self.model.dim}")
         with self._rw.read():
             n = self.index.ntotal
             if n == 0:
                 return [[] for _ in range(len(q))]
             k = min(n, max(top_k * 8, top_k + 16))
+            widenings = 0
             while True:
                 sims, ids = self.index.search(q, k)
                 conn = self._reader()
@@ -469,9 +506,12 @@ class GalleryStore:
                     hits = sorted(best.values(), key=lambda h: h.distance)[:top_k]
                     short |= len(hits) < top_k and k < n
                     results.append(hits)
-                if not short:
+                if not short or widenings == 3:
                     return results
-                k = min(n, k * 4)  # a few subjects own many faces: look deeper until top_k subjects appear
+                # a few subjects own many faces: look deeper (at most 3 times, so a gallery with fewer
+                # subjects than top_k does not turn every search into a scan)
+                k = min(n, k * 4)
+                widenings += 1
 
     @staticmethod
     def _face_info(conn: sqlite3.Connection, vids: set[int]) -> dict[int, tuple[str, str]]:
