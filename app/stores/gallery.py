@@ -36,6 +36,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from models.train.common import sha256_file
+
 log = logging.getLogger(__name__)
 
 SUBJECT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
@@ -247,14 +249,6 @@ class VectorIndex:
         self._gpu_stale = True
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fsync(path: Path) -> None:
     """fsync a file or a directory (so a rename is durable)."""
     fd = os.open(path, os.O_RDONLY)
@@ -366,7 +360,7 @@ class GalleryStore:
             try:
                 meta = json.loads(self.snapshot_meta_path.read_text())
                 file_sha = meta.pop("file_sha256", None)
-                if meta == expected and file_sha == _file_sha256(self.snapshot_path):
+                if meta == expected and file_sha == sha256_file(self.snapshot_path):
                     self.index.load(self.snapshot_path)
                     if self.index.ntotal == expected["count"]:
                         return "snapshot"
@@ -386,7 +380,7 @@ class GalleryStore:
         tmp = self.snapshot_path.with_suffix(".tmp")
         self.index.save(tmp)
         _fsync(tmp)
-        meta["file_sha256"] = _file_sha256(tmp)
+        meta["file_sha256"] = sha256_file(tmp)
         os.replace(tmp, self.snapshot_path)
         tmp_meta = self.snapshot_meta_path.with_suffix(".tmp")
         tmp_meta.write_text(json.dumps(meta))

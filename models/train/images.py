@@ -37,6 +37,7 @@ from models.train.common import (
     hardware_description,
     plot_confusion,
     progress,
+    resolve_device,
     sha256_file,
     stratified_split,
 )
@@ -149,8 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t_start = time.time()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     out: Path = args.out

@@ -46,6 +46,7 @@ from models.train.common import (
     hardware_description,
     plot_confusion,
     progress,
+    resolve_device,
     sha256_file,
     stratified_split,
 )
@@ -235,16 +236,6 @@ def per_class_metrics(cm: np.ndarray, classes: list[str]) -> dict[str, dict[str,
         f1 = 2 * p * r / (p + r) if p + r else 0.0
         out[c] = {"precision": p, "recall": r, "f1": f1, "support": int(true)}
     return out
-
-
-def resolve_device(name: str) -> torch.device:
-    """The training device: "auto" picks CUDA when present."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda asked for, but no CUDA device is available")
-    return device
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
