@@ -202,6 +202,80 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate_face_model(name: str, pairs_file: Path, data: Path, *, holdout_max_images: int = 0, limit: int = 0,
+                        batch_size: int = 64, roc: Path | None = None,
+                        settings: Settings | None = None) -> dict[str, Any]:
+    """Verification metrics of a registered face model on an LFW-style pair list, through the service's own
+    detector (largest face), crop and embedder: 10-fold accuracy, ROC AUC, TAR at FAR 1e-2 and 1e-3, and the
+    threshold that fits this model (what a third-party ONNX model's manifest entry needs)."""
+    import numpy as np
+    import torch
+
+    from app.runtime.device import select_device
+    from app.runtime.images import decode_image
+    from app.runtime.registry import LoadedFaceEmbedder, ModelRegistry, hub_checkpoint_dir
+    from models.faces.crop import CropSpec, crop_face, largest
+    from models.faces.detect import HaarDetector, HaarParams
+    from models.faces.evaluation import evaluate_pairs, plot_roc
+    from models.faces.lfw import holdout_split, identity_images, read_pairs
+    from models.preprocess import image_to_tensor
+    from models.train.faces import fallback_box
+
+    s = settings or Settings()
+    registry = ModelRegistry(s.weights_dir, hub_checkpoint_dir(s.torch_home), select_device(s.device),
+                             allow_download=False, allow_untrained=False)
+    st = registry.load(name, "face-embedding")
+    if not isinstance(st.loaded, LoadedFaceEmbedder):
+        raise SystemExit(f"{name}: {st.status}: {st.reason}")
+    loaded = st.loaded
+    pairs = read_pairs(pairs_file, data)
+    if holdout_max_images:
+        _, pairs = holdout_split(identity_images(data), pairs, holdout_max_images)
+    if limit:
+        same = [p for p in pairs if p.same][: limit // 2]
+        pairs = same + [p for p in pairs if not p.same][: limit - len(same)]
+    if not pairs:
+        raise SystemExit(f"{pairs_file}: no pairs to evaluate")
+    files = sorted({f for p in pairs for f in (p.a, p.b)})
+    detector = HaarDetector(HaarParams(scale_factor=s.face_haar_scale_factor, min_neighbors=s.face_haar_min_neighbors,
+                                       min_size=s.face_haar_min_size, max_side=s.face_haar_max_side))
+    spec = CropSpec(size=loaded.crop_size, margin=loaded.crop_margin)
+    embeddings: dict[Path, torch.Tensor] = {}
+    no_face = 0
+    t0 = time.perf_counter()
+    for i in range(0, len(files), batch_size):
+        batch = []
+        for f in files[i : i + batch_size]:
+            img = decode_image(f.read_bytes(), max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels,
+                               name=f.name)
+            box = largest(detector.detect(img))
+            if box is None:
+                no_face += 1
+                box = fallback_box(img.width, img.height)
+            batch.append(image_to_tensor(crop_face(img, box, spec), loaded.preprocessing))
+        for f, e in zip(files[i : i + batch_size], loaded.forward(batch), strict=True):
+            embeddings[f] = e
+    seconds = time.perf_counter() - t0
+    dist = np.array([float((embeddings[p.a] - embeddings[p.b]).pow(2).sum()) for p in pairs])
+    same_arr = np.array([p.same for p in pairs])
+    report = evaluate_pairs(dist, same_arr)
+    if roc is not None:
+        plot_roc(dist, same_arr, roc, f"{name}: {len(pairs)} pairs of {pairs_file.name}")
+    return {"model": name, "model_sha256": loaded.sha256, "pairs_file": str(pairs_file), **report.to_dict(),
+            "manifest_threshold": loaded.threshold, "images": len(files), "images_without_face": no_face,
+            "seconds": round(seconds, 2), "images_per_second": round(len(files) / seconds, 1),
+            "detector": "haar (largest face; centred fallback box when none)"}
+
+
+def cmd_evaluate_faces(args: argparse.Namespace) -> int:
+    """Print the verification report of a face model on a pair list."""
+    result = evaluate_face_model(args.model, Path(args.pairs), Path(args.data),
+                                 holdout_max_images=args.holdout_max_images, limit=args.limit,
+                                 batch_size=args.batch_size, roc=Path(args.roc) if args.roc else None)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m app.cli", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -231,6 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("--label-base", type=int, default=1, help="number of the first class in numeric labels")
     et.add_argument("--limit", type=int, default=0, help="at most N rows")
     et.add_argument("--batch-size", type=int, default=64)
+    ef = sub.add_parser("evaluate-faces", help="verification metrics and threshold of a face model on a pair list")
+    ef.add_argument("model")
+    ef.add_argument("--pairs", required=True, help="LFW-style pairs file (e.g. pairsDevTrain.txt)")
+    ef.add_argument("--data", required=True, help="LFW-style image root (one folder per person)")
+    ef.add_argument("--holdout-max-images", type=int, default=0,
+                    help="keep only the pairs whose people have fewer images than this (the ones the shipped "
+                         "model was not trained on: 5)")
+    ef.add_argument("--limit", type=int, default=0, help="at most N pairs (half same, half different)")
+    ef.add_argument("--batch-size", type=int, default=64)
+    ef.add_argument("--roc", default=None, help="write the ROC curve PNG here")
     return p
 
 
@@ -242,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_train(args, rest)
     args = parser.parse_args(argv)
     handlers = {"serve": cmd_serve, "worker": cmd_worker, "fetch-weights": cmd_fetch_weights, "evaluate": cmd_evaluate,
-                "evaluate-text": cmd_evaluate_text}
+                "evaluate-text": cmd_evaluate_text, "evaluate-faces": cmd_evaluate_faces}
     return handlers[args.command](args)
 
 

@@ -69,3 +69,21 @@ def test_cli_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for cmd in ("serve", "fetch-weights", "train", "evaluate", "evaluate-text"):
         assert cmd in out
+
+
+def test_evaluate_faces_reports_metrics_and_a_threshold(tmp_path: Path) -> None:
+    from app.cli import evaluate_face_model
+    from tests.conftest import write_tiny_face_model
+    from tests.models.test_train_faces import make_tree
+
+    data, pairs = make_tree(tmp_path / "lfw")
+    write_tiny_face_model(tmp_path / "w")
+    s = Settings(weights_dir=tmp_path / "w", torch_home=tmp_path / "th", device="cpu")
+    out = evaluate_face_model("tiny-face", pairs, data, roc=tmp_path / "roc.png", settings=s)
+    assert out["pairs"] == 8 and out["same_pairs"] == 4 and out["images"] == 9
+    assert out["images_without_face"] == 9  # noise images: the centred fallback box is used
+    assert 0 < out["threshold"] < 4 and 0 <= out["kfold_accuracy"]["mean"] <= 1 and out["manifest_threshold"] == 1.0
+    assert (tmp_path / "roc.png").stat().st_size > 0
+    assert evaluate_face_model("tiny-face", pairs, data, holdout_max_images=4, settings=s)["pairs"] == 8
+    with pytest.raises(SystemExit, match="no pairs"):  # everyone has 3 images: nobody is held out
+        evaluate_face_model("tiny-face", pairs, data, holdout_max_images=3, settings=s)
