@@ -23,12 +23,13 @@ and a rebuild from SQLite that briefly holds the rows, their concatenation and t
     python bench/faces_gallery.py --sizes 10k,100k,1M --dims 128,512 --kinds flat,ivf --queries 1000
     python bench/faces_gallery.py --sizes 2000 --dims 128 --queries 50 --out /tmp/gallery.json  # smoke
 
-End to end, separately (not wired into the matrix above): closed-loop POST /faces/identify against a
-running loopback server whose gallery holds --gallery-size faces (``seed_gallery`` can fill a gallery
-directory with synthetic faces for the server's model before it starts):
+End to end, separately: closed-loop POST /faces/identify against a loopback server whose gallery holds
+--gallery-size faces. --e2e-model seeds a temporary gallery with synthetic faces for the shipped model
+and starts the server itself; --http measures a server you started:
 
-    python bench/faces_gallery.py --http http://127.0.0.1:8000 --gallery-size 100000 --image face.jpg \\
-        --concurrency 1,8,32 --duration 20
+    python bench/faces_gallery.py --e2e-model lfw-face-resnet --gallery-size 100000 \\
+        --image ../shared/data/lfw/images/Aaron_Peirsol/Aaron_Peirsol_0001.jpg --concurrency 1,8,32
+    python bench/faces_gallery.py --http http://127.0.0.1:8000 --gallery-size 100000 --image face.jpg
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ for _p in (_BENCH_DIR, _BENCH_DIR.parent):  # classify_load (bench/) and app (pr
 
 from classify_load import (  # noqa: E402
     PROJECT_ROOT,
+    Server,
     _json_safe,
     closed_loop,
     ensure_loopback,
@@ -613,6 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--duration", type=float, default=20.0)
     h.add_argument("--warmup", type=float, default=3.0)
     h.add_argument("--api-key", default=None, help="X-API-Key")
+    h.add_argument("--e2e-model", default=None, help="seed --gallery-size synthetic faces for this shipped face "
+                   "model, start a server on them and run the HTTP part (instead of --http)")
     return p
 
 
@@ -625,9 +629,38 @@ def write_outputs(out: Path, lines: list[str], payload: dict[str, Any]) -> None:
     print(f"# wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
 
 
+def run_e2e(args: argparse.Namespace, settings: dict[str, Any]) -> int:
+    """Seed a gallery of --gallery-size synthetic faces for the shipped face model, start a server on it (no
+    classifiers, text models or style jobs, so the CPU serves faces only), and run the HTTP identify loop."""
+    manifest = json.loads((PROJECT_ROOT / "weights" / "manifest.json").read_text())
+    entry = next(m for m in manifest["models"] if m["name"] == args.e2e_model)
+    key = ModelKey(entry["name"], entry["sha256"], int(entry["embedding"]["dim"]))
+    root = Path(tempfile.mkdtemp(prefix="faces-e2e-", dir=args.tmp_dir))
+    try:
+        t0 = time.perf_counter()
+        faces = seed_gallery(root / "gallery", key, args.gallery_size, chunk=args.chunk, seed=args.seed)
+        print(f"# seeded {faces} faces in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        env = {"CNN_DATA_DIR": str(root), "CNN_CLASSIFIERS": "cifar10-resnet20", "CNN_TEXT_MODELS": "",
+               "CNN_FACE_MODELS": key.name, "CNN_STYLE_ENABLED": "false", "CNN_LOG_LEVEL": "warning"}
+        with Server(env, python=sys.executable, log_path=root / "server.log", startup_timeout=600) as server:
+            results = [asyncio.run(run_http_identify(server.url, args.image, gallery_size=faces, concurrency=c,
+                                                     duration=args.duration, warmup=args.warmup, top_k=args.top_k))
+                       for c in args.concurrency]
+        machine = machine_description(None)
+        write_outputs(args.out, [*http_lines(results, args.image), "", *machine_lines(machine)],
+                      {"machine": machine, "settings": settings, "results": results})
+        return 0
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    if args.e2e_model:
+        if args.image is None or args.gallery_size is None:
+            raise SystemExit("--e2e-model needs --image (a photo with a face) and --gallery-size")
+        return run_e2e(args, settings)
     if args.http:
         if args.image is None or args.gallery_size is None:
             raise SystemExit("--http needs --image (a photo with a face) and --gallery-size")
