@@ -177,6 +177,8 @@ class VectorIndex:
         self.use_gpu = use_gpu and faiss.get_num_gpus() > 0
         self.cpu: Any = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         self._gpu: Any = None
+        self._gpu_res: Any = None
+        self._gpu_lock = threading.Lock()
         self._gpu_stale = True
 
     @property
@@ -221,9 +223,20 @@ class VectorIndex:
     def _searcher(self) -> Any:
         if not self.use_gpu:
             return self.cpu
+        with self._gpu_lock:  # searches hold only the shared read lock: one of them makes the copy
+            return self._gpu_copy()
+
+    def _gpu_copy(self) -> Any:
         if self._gpu is None or self._gpu_stale:
             faiss = _faiss()
-            self._gpu = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, self.cpu)
+            try:
+                if self._gpu_res is None:
+                    self._gpu_res = faiss.StandardGpuResources()
+                self._gpu = faiss.index_cpu_to_gpu(self._gpu_res, 0, self.cpu)
+            except Exception as exc:  # an index type without a GPU version: search on the CPU master instead
+                log.warning("FAISS GPU copy failed (%s); searching on the CPU index", exc)
+                self.use_gpu = False
+                return self.cpu
             self._gpu_stale = False
         return self._gpu
 

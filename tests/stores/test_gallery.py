@@ -668,3 +668,53 @@ def test_rwlock_releases_on_exception() -> None:
     t = _hold(lock.write, entered, release)
     assert entered.wait(WAIT)
     t.join(WAIT)
+
+
+def test_gpu_copy_is_refreshed_after_a_removal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPU indexes cannot remove ids: the CPU index is the master and the search copy is remade after a
+    removal. A stand-in for faiss's GPU copy (a clone) shows that a removed id is never served from it."""
+    import faiss
+
+    from app.stores.gallery import VectorIndex
+
+    copies: list[object] = []
+
+    def fake_copy(res: object, device: int, index: object) -> object:
+        clone = faiss.clone_index(index)
+        copies.append(clone)
+        return clone
+
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object())
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", fake_copy)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(4, 8)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    vi = VectorIndex(8, use_gpu=True)
+    assert vi.use_gpu
+    vi.add(np.arange(4), vecs)
+    _, ids = vi.search(vecs[:1], 1)
+    assert ids[0, 0] == 0 and len(copies) == 1
+    vi.add(np.array([10]), vecs[1:2])  # adds go to the live copy too: no recopy
+    assert len(copies) == 1
+    vi.remove([0])
+    _, ids = vi.search(vecs[:1], 4)
+    assert 0 not in ids[0].tolist() and len(copies) == 2
+
+
+def test_gpu_copy_failure_falls_back_to_the_cpu_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    import faiss
+
+    from app.stores.gallery import VectorIndex
+
+    def broken(*a: object) -> object:
+        raise RuntimeError("no GPU version of this index")
+
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object())
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", broken)
+    vi = VectorIndex(4, use_gpu=True)
+    v = np.eye(4, dtype=np.float32)
+    vi.add(np.arange(4), v)
+    _, ids = vi.search(v[2:3], 1)
+    assert ids[0, 0] == 2 and vi.use_gpu is False
