@@ -80,3 +80,22 @@ def test_install_keeps_hand_written_fields(tmp_path: Path) -> None:
     train_images.install_entry({"name": "m", "sha256": "2"}, f, wd)
     (entry,) = json.loads((wd / "manifest.json").read_text())["models"]
     assert entry == {"name": "m", "sha256": "2", "card": "m.md"}
+
+
+def test_init_from_starts_a_warm_restart_from_given_weights(tmp_path: Path) -> None:
+    data = make_folder(tmp_path / "data")
+    common = ["--data", str(data), "--name", "tiny-rgb", "--depth", "8", "--batch-size", "8", "--val-size", "6",
+              "--cache", str(tmp_path / "cache"), "--threads", "1"]
+    train_images.main([*common, "--out", str(tmp_path / "stage1"), "--epochs", "1"])
+    stage1 = tmp_path / "stage1" / "tiny-rgb.pt"
+    # zero epochs: the model must be exactly the stage-1 weights, and the recipe must say where it started
+    report = train_images.main([*common, "--out", str(tmp_path / "stage2"), "--epochs", "0", "--init-from",
+                                str(stage1)])
+    before = torch.load(stage1, weights_only=True)
+    after = torch.load(tmp_path / "stage2" / "tiny-rgb.pt", weights_only=True)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    entry = json.loads((tmp_path / "stage2" / "manifest_entry.json").read_text())
+    from models.train.common import sha256_file
+
+    assert entry["training"]["recipe"]["init_from"] == {"file": "tiny-rgb.pt", "sha256": sha256_file(stage1)}
+    assert report["init_from"]["sha256"] == sha256_file(stage1)
