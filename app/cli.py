@@ -98,6 +98,14 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     return 2
 
 
+def _decode_file(path: Path, s: Settings) -> Any:
+    """An image file decoded and checked exactly as an upload would be."""
+    from app.runtime.images import decode_image
+
+    return decode_image(path.read_bytes(), max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels,
+                        name=path.name)
+
+
 def evaluate_classifier(name: str, data: Path, *, batch_size: int = 64, limit_per_class: int = 0,
                         settings: Settings | None = None) -> dict[str, Any]:
     """Accuracy, per-class accuracy and throughput of a registered classifier on an ImageFolder tree,
@@ -105,7 +113,6 @@ def evaluate_classifier(name: str, data: Path, *, batch_size: int = 64, limit_pe
     import numpy as np
 
     from app.runtime.device import select_device
-    from app.runtime.images import decode_image
     from app.runtime.registry import LoadedClassifier, ModelRegistry, hub_checkpoint_dir
     from models.preprocess import image_to_tensor
     from models.train.common import confusion_matrix
@@ -133,9 +140,7 @@ def evaluate_classifier(name: str, data: Path, *, batch_size: int = 64, limit_pe
     for i in range(0, len(files), batch_size):
         batch = []
         for f in files[i : i + batch_size]:
-            img = decode_image(f.read_bytes(), max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels,
-                               name=f.name)
-            batch.append(image_to_tensor(img, loaded.preprocessing))
+            batch.append(image_to_tensor(_decode_file(f, s), loaded.preprocessing))
         preds.extend(int(p.argmax()) for p in loaded.forward(batch))
     seconds = time.perf_counter() - t0
     pred = np.asarray(preds)
@@ -212,7 +217,6 @@ def evaluate_face_model(name: str, pairs_file: Path, data: Path, *, holdout_max_
     import torch
 
     from app.runtime.device import select_device
-    from app.runtime.images import decode_image
     from app.runtime.registry import LoadedFaceEmbedder, ModelRegistry, hub_checkpoint_dir
     from models.faces.crop import CropSpec, crop_face, largest
     from models.faces.detect import HaarDetector, HaarParams
@@ -246,8 +250,7 @@ def evaluate_face_model(name: str, pairs_file: Path, data: Path, *, holdout_max_
     for i in range(0, len(files), batch_size):
         batch = []
         for f in files[i : i + batch_size]:
-            img = decode_image(f.read_bytes(), max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels,
-                               name=f.name)
+            img = _decode_file(f, s)
             box = largest(detector.detect(img))
             if box is None:
                 no_face += 1

@@ -113,3 +113,13 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but no CUDA device is available")
     return device
+
+
+def start_run(threads: int, device: str, seed: int) -> torch.device:
+    """What every training command does first: CPU threads (0: torch's default), the device, the seeds."""
+    if threads:
+        torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    return dev

@@ -38,7 +38,7 @@ from models.faces.evaluation import evaluate_pairs, plot_roc
 from models.faces.lfw import Pair, holdout_split, identity_images, read_pairs
 from models.faces.losses import triplet_loss
 from models.faces.net import FaceEmbedder
-from models.train.common import atomic_save, hardware_description, progress, resolve_device, sha256_file
+from models.train.common import atomic_save, hardware_description, progress, sha256_file, start_run
 
 CONTEXT = 1.125  # training crops carry this much extra context for random shifts
 
@@ -202,10 +202,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     t_start = time.time()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    torch.manual_seed(args.seed)
+    device = start_run(args.threads, args.device, args.seed)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     crop = CropSpec(size=args.size, margin=args.margin)

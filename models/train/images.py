@@ -37,8 +37,8 @@ from models.train.common import (
     hardware_description,
     plot_confusion,
     progress,
-    resolve_device,
     sha256_file,
+    start_run,
     stratified_split,
 )
 
@@ -148,11 +148,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     t_start = time.time()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
+    device = start_run(args.threads, args.device, args.seed)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     name = args.name or f"{args.data.name.rstrip('/') or 'images'}-resnet{args.depth}"

@@ -46,8 +46,8 @@ from models.train.common import (
     hardware_description,
     plot_confusion,
     progress,
-    resolve_device,
     sha256_file,
+    start_run,
     stratified_split,
 )
 from models.train.images import install_entry, lr_at
@@ -315,14 +315,10 @@ def _jsonable(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     t_start = time.time()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = start_run(args.threads, args.device, args.seed)
     amp = device.type == "cuda" if args.amp is None else bool(args.amp)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every batch has the same shape (fixed length)
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
 
