@@ -347,6 +347,7 @@ class Server:
         self._wait_ready()
 
     def _wait_ready(self) -> None:
+        """Poll `_probe` until the server serves, dies, or the start-up timeout passes."""
         assert self.proc is not None
         deadline = time.monotonic() + self.startup_timeout
         last = "no answer yet"
@@ -356,18 +357,26 @@ class Server:
                     raise RuntimeError(f"server exited with {self.proc.returncode} before it was ready; "
                                        f"log: {self.log_path}\n{self.log_tail()}")
                 try:
-                    r = c.get("/health/ready")
-                    if r.status_code == 200:
+                    status = self._probe(c)
+                    if status is None:
                         return
-                    body = r.json()
-                    last = f"{r.status_code} {body.get('status')}: {body.get('detail')}"
-                    if body.get("status") in ("failed", "no-models"):
-                        reasons = "; ".join(f"{m['name']}: {m.get('reason')}" for m in body.get("models", []))
-                        raise RuntimeError(f"server not serving ({last}) {reasons}; log: {self.log_path}")
+                    last = status
                 except (httpx.HTTPError, ValueError) as exc:
                     last = type(exc).__name__
                 time.sleep(0.5)
         raise RuntimeError(f"server not ready after {self.startup_timeout:.0f} s ({last}); log: {self.log_path}")
+
+    def _probe(self, c: httpx.Client) -> str | None:
+        """None once /health/ready is 200, else what it says; raises when the server will never serve."""
+        r = c.get("/health/ready")
+        if r.status_code == 200:
+            return None
+        body = r.json()
+        last = f"{r.status_code} {body.get('status')}: {body.get('detail')}"
+        if body.get("status") in ("failed", "no-models"):
+            reasons = "; ".join(f"{m['name']}: {m.get('reason')}" for m in body.get("models", []))
+            raise RuntimeError(f"server not serving ({last}) {reasons}; log: {self.log_path}")
+        return last
 
     def log_tail(self, n: int = 20) -> str:
         try:

@@ -321,37 +321,23 @@ class TextServer(Server):
         super().__init__(env_overrides, python=python, log_path=log_path, startup_timeout=startup_timeout)
         self.model = model
 
-    def _wait_ready(self) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + self.startup_timeout
-        last = "no answer yet"
-        with httpx.Client(base_url=self.url, timeout=5, trust_env=False) as c:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited with {self.proc.returncode} before it was ready; "
-                                       f"log: {self.log_path}\n{self.log_tail()}")
-                try:
-                    r = c.get("/models")
-                    if r.status_code == 200:
-                        entry = next((m for m in r.json().get("models", []) if m.get("name") == self.model), None)
-                        if entry is None:
-                            raise RuntimeError(f"server started without {self.model!r}; log: {self.log_path}")
-                        if entry.get("status") == "ready":
-                            return
-                        if entry.get("status") in ("failed", "unavailable"):
-                            raise RuntimeError(f"{self.model}: {entry['status']}: {entry.get('reason')}; "
-                                               f"log: {self.log_path}")
-                        last = f"{self.model} {entry.get('status')}"
-                    else:
-                        body = c.get("/health/ready").json()  # start-up failures show up only here
-                        last = f"/models {r.status_code}, /health/ready {body.get('status')}: {body.get('detail')}"
-                        if body.get("status") == "failed":
-                            raise RuntimeError(f"server start-up failed ({last}); log: {self.log_path}")
-                except (httpx.HTTPError, ValueError) as exc:
-                    last = type(exc).__name__
-                time.sleep(0.5)
-        raise RuntimeError(f"server not ready after {self.startup_timeout:.0f} s ({last}); log: {self.log_path}")
-
+    def _probe(self, c: httpx.Client) -> str | None:
+        """None once the text model is "ready" in GET /models, else its status; raises when it never will be."""
+        r = c.get("/models")
+        if r.status_code != 200:
+            body = c.get("/health/ready").json()  # start-up failures show up only here
+            last = f"/models {r.status_code}, /health/ready {body.get('status')}: {body.get('detail')}"
+            if body.get("status") == "failed":
+                raise RuntimeError(f"server start-up failed ({last}); log: {self.log_path}")
+            return last
+        entry = next((m for m in r.json().get("models", []) if m.get("name") == self.model), None)
+        if entry is None:
+            raise RuntimeError(f"server started without {self.model!r}; log: {self.log_path}")
+        if entry.get("status") == "ready":
+            return None
+        if entry.get("status") in ("failed", "unavailable"):
+            raise RuntimeError(f"{self.model}: {entry['status']}: {entry.get('reason')}; log: {self.log_path}")
+        return f"{self.model} {entry.get('status')}"
 
 def server_env(args: argparse.Namespace, model: str, batching: bool) -> dict[str, str]:
     """The classify benchmark's server settings (batching, threads, device), serving only the text model."""
