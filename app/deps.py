@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -26,13 +26,19 @@ def get_state(request: Request) -> AppState:
 
 
 State = Annotated[AppState, Depends(get_state)]
+T = TypeVar("T")
+
+
+def _loaded(service: T | None) -> T:
+    """A service the lifespan builds once the models are loaded, or 503 until then."""
+    if service is None:
+        raise ServiceUnavailable("models are still loading; retry shortly", retry_after=5)
+    return service
 
 
 def get_classification(state: State) -> ClassificationService:
     """The classification service, or 503 while models are still loading."""
-    if state.classification is None:
-        raise ServiceUnavailable("models are still loading; retry shortly", retry_after=5)
-    return state.classification
+    return _loaded(state.classification)
 
 
 Classification = Annotated[ClassificationService, Depends(get_classification)]
@@ -40,9 +46,7 @@ Classification = Annotated[ClassificationService, Depends(get_classification)]
 
 def get_text(state: State) -> TextService:
     """The text service, or 503 while models are still loading."""
-    if state.text is None:
-        raise ServiceUnavailable("models are still loading; retry shortly", retry_after=5)
-    return state.text
+    return _loaded(state.text)
 
 
 Text = Annotated[TextService, Depends(get_text)]
@@ -50,9 +54,7 @@ Text = Annotated[TextService, Depends(get_text)]
 
 def get_faces(state: State) -> FacesService:
     """The face service, or 503 while models are still loading."""
-    if state.faces is None:
-        raise ServiceUnavailable("models are still loading; retry shortly", retry_after=5)
-    return state.faces
+    return _loaded(state.faces)
 
 
 Faces = Annotated[FacesService, Depends(get_faces)]

@@ -490,47 +490,35 @@ class ModelRegistry:
                 return state
             log.warning("%s: %s; serving UNTRAINED random weights (allow_untrained is on)", name, exc)
             resolved = None
-        if spec.family == "onnx":
-            return self._load_onnx(state, spec, resolved, t0, warmup)
+        if spec.family == "onnx" and resolved is None:  # no random weights to fall back on
+            state.status, state.reason = "unavailable", f"ONNX file {spec.weights.file_name} not found"
+            return state
+        if spec.family == "onnx" and task != "face-embedding":
+            state.status, state.reason = "failed", "ONNX models are supported for face embedding only"
+            return state
         try:
-            model = build_model(spec)
-            if resolved is not None:
-                sd = torch.load(resolved.path, map_location="cpu", weights_only=True)
-                if spec.family == "torchvision":
-                    sd = fix_torchvision_state_dict(name, sd)
-                model.load_state_dict(sd)
-            model = prepare_model(model, self.device, compile_model=self.compile_model)
-            loaded = _LOADERS[task](
-                spec, model, self.device,
-                weights_tag="trained" if resolved else "untrained",
-                weights_source=resolved.source if resolved else "untrained",
-            )
+            if spec.family == "onnx":
+                assert resolved is not None
+                loaded: LoadedModel = LoadedOnnxFaceEmbedder(
+                    spec, OnnxModule(resolved.path, self.device), self.device,  # type: ignore[arg-type]
+                    weights_tag="trained", weights_source=resolved.source)
+            else:
+                model = build_model(spec)
+                if resolved is not None:
+                    sd = torch.load(resolved.path, map_location="cpu", weights_only=True)
+                    if spec.family == "torchvision":
+                        sd = fix_torchvision_state_dict(name, sd)
+                    model.load_state_dict(sd)
+                model = prepare_model(model, self.device, compile_model=self.compile_model)
+                loaded = _LOADERS[task](
+                    spec, model, self.device,
+                    weights_tag="trained" if resolved else "untrained",
+                    weights_source=resolved.source if resolved else "untrained",
+                )
             if warmup:
                 loaded.warmup()
         except Exception as exc:  # a corrupt or mismatched checkpoint must not take the service down
             log.exception("loading %s failed", name)
-            state.status, state.reason = "failed", f"loading failed: {type(exc).__name__}: {exc}"
-            return state
-        state.loaded, state.status, state.reason = loaded, "ready", None
-        state.load_seconds = round(time.perf_counter() - t0, 3)
-        return state
-
-    def _load_onnx(self, state: ModelState, spec: ModelSpec, resolved: ResolvedWeights | None, t0: float,
-                   warmup: bool) -> ModelState:
-        """An ONNX face model: there are no random weights to fall back on."""
-        if resolved is None:
-            state.status, state.reason = "unavailable", f"ONNX file {spec.weights.file_name} not found"
-            return state
-        if spec.task != "face-embedding":
-            state.status, state.reason = "failed", "ONNX models are supported for face embedding only"
-            return state
-        try:
-            loaded = LoadedOnnxFaceEmbedder(spec, OnnxModule(resolved.path, self.device), self.device,  # type: ignore[arg-type]
-                                            weights_tag="trained", weights_source=resolved.source)
-            if warmup:
-                loaded.warmup()
-        except Exception as exc:
-            log.exception("loading %s failed", spec.name)
             state.status, state.reason = "failed", f"loading failed: {type(exc).__name__}: {exc}"
             return state
         state.loaded, state.status, state.reason = loaded, "ready", None

@@ -53,8 +53,6 @@ class ImageFaces:
     filename: str
     faces: list[Face]
     detected: int
-    width: int
-    height: int
 
 
 class DetectorPool:
@@ -121,10 +119,10 @@ class FacesService:
         """Blocking: decode, detect, keep the largest max_faces faces and make their embedder inputs."""
         img = decode_image(upload.data, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels,
                            name=upload.filename)
-        boxes = sorted(self.detectors.detect(detector, img), key=lambda b: (-b.area, -b.score))
+        boxes = self.detectors.detect(detector, img)  # largest first (the Detector contract)
         spec = CropSpec(size=loaded.crop_size, margin=0.0 if detector == "none" else loaded.crop_margin)
         faces = [Face(b, image_to_tensor(crop_face(img, b, spec), loaded.preprocessing)) for b in boxes[:max_faces]]
-        return ImageFaces(upload.filename, faces, len(boxes), img.width, img.height)
+        return ImageFaces(upload.filename, faces, len(boxes))
 
     async def _embed_uploads(
         self, uploads: list[Upload], model: str | None, detector: str | None, max_faces: int

@@ -33,7 +33,7 @@ class FaceBox:
 
 
 class Detector(Protocol):
-    """Finds faces in an RGB image."""
+    """Finds faces in an RGB image and returns them largest first (ties: higher score first)."""
 
     name: str
 

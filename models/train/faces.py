@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import platform
 import sys
@@ -39,6 +38,7 @@ from models.faces.lfw import Pair, holdout_split, identity_images, read_pairs
 from models.faces.losses import triplet_loss
 from models.faces.net import FaceEmbedder
 from models.train.common import atomic_save, hardware_description, progress, sha256_file, start_run
+from models.train.images import install_entry, lr_at
 
 CONTEXT = 1.125  # training crops carry this much extra context for random shifts
 
@@ -155,14 +155,6 @@ class PKSampler:
             ix = self.by_id[i]
             out.append(self.rng.choice(ix, self.k, replace=len(ix) < self.k))
         return np.concatenate(out)
-
-
-def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
-    warm = max(1, int(total * warmup_frac))
-    if step < warm:
-        return peak * (step + 1) / warm
-    t = (step - warm) / max(1, total - warm)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -434,8 +426,6 @@ def finish(args: argparse.Namespace, model: FaceEmbedder, arch: dict[str, Any], 
 def install(run_dir: Path, weights_dir: Path) -> None:
     """Copy a finished run's weights (and its ONNX export, as `<name>-onnx`) into a weights dir and merge their
     manifest entries, keeping hand-written fields (card, licence) of earlier entries."""
-    from models.train.images import install_entry
-
     entry = json.loads((run_dir / "manifest_entry.json").read_text())
     install_entry(entry, run_dir / entry["file"], weights_dir)
     onnx = entry.get("onnx")
