@@ -503,19 +503,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", type=Path, default=None, help="also write the report as Markdown here")
     m = p.add_argument_group("matrix mode (starts and stops the server itself)")
     m.add_argument("--matrix", action="store_true", help="models x batching on/off x concurrency")
-    m.add_argument("--batching", type=parse_str_list, default=["on", "off"], help="on,off (default both)")
-    m.add_argument("--batch-size", type=int, default=16, help="CNN_BATCH_MAX_SIZE with batching on")
-    m.add_argument("--batch-wait-ms", type=float, default=0.0, help="CNN_BATCH_MAX_WAIT_MS (0: greedy)")
-    m.add_argument("--batch-queue", type=int, default=256, help="CNN_BATCH_MAX_QUEUE")
     m.add_argument("--device", default=None, help="CNN_DEVICE (default: inherited, else auto)")
     m.add_argument("--torch-threads", type=int, default=None, help="CNN_TORCH_THREADS")
-    m.add_argument("--inference-threads", type=int, default=None, help="CNN_INFERENCE_THREADS")
     m.add_argument("--no-untrained", dest="allow_untrained", action="store_false",
                    help="do not pass CNN_ALLOW_UNTRAINED=true (needs real weights)")
-    m.add_argument("--python", default=sys.executable, help="interpreter that runs the server")
-    m.add_argument("--startup-timeout", type=float, default=600.0)
-    m.add_argument("--server-log-dir", default=None, help="server logs (default: a temp dir)")
+    add_server_options(m)
     return p
+
+
+def add_server_options(g: argparse._ArgumentGroup) -> None:
+    """Options of a benchmark that starts its own server per batching mode (used by the text benchmark too)."""
+    g.add_argument("--batching", type=parse_str_list, default=["on", "off"], help="on,off (default both)")
+    g.add_argument("--batch-size", type=int, default=16, help="CNN_BATCH_MAX_SIZE with batching on")
+    g.add_argument("--batch-wait-ms", type=float, default=0.0, help="CNN_BATCH_MAX_WAIT_MS (0: greedy)")
+    g.add_argument("--batch-queue", type=int, default=256, help="CNN_BATCH_MAX_QUEUE")
+    g.add_argument("--inference-threads", type=int, default=None, help="CNN_INFERENCE_THREADS")
+    g.add_argument("--python", default=sys.executable, help="interpreter that runs the server")
+    g.add_argument("--startup-timeout", type=float, default=600.0)
+    g.add_argument("--server-log-dir", default=None, help="server logs (default: a temp dir)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,13 +53,13 @@ from classify_load import (  # noqa: E402
     PROJECT_ROOT,
     Server,
     _json_safe,
+    add_server_options,
     closed_loop,
     ensure_loopback,
     fmt,
     machine_description,
     machine_lines,
     parse_int_list,
-    parse_str_list,
     percentile,
     scrape_batches,
 )
@@ -424,14 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--texts-per-request", type=int, default=1)
     g.add_argument("--top-k", type=int, default=5)
     g.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, seconds")
-    g.add_argument("--batching", type=parse_str_list, default=["on", "off"], help="on,off (default both)")
-    g.add_argument("--batch-size", type=int, default=16, help="CNN_BATCH_MAX_SIZE with batching on")
-    g.add_argument("--batch-wait-ms", type=float, default=0.0, help="CNN_BATCH_MAX_WAIT_MS (0: greedy)")
-    g.add_argument("--batch-queue", type=int, default=256, help="CNN_BATCH_MAX_QUEUE")
-    g.add_argument("--inference-threads", type=int, default=None, help="CNN_INFERENCE_THREADS")
-    g.add_argument("--python", default=sys.executable, help="interpreter that runs the server")
-    g.add_argument("--startup-timeout", type=float, default=600.0)
-    g.add_argument("--server-log-dir", default=None, help="server logs (default: a temp dir)")
+    add_server_options(g)
     return p
 
 
