@@ -30,6 +30,15 @@ async def _read(service: Any, f: UploadFile, fallback: str) -> Upload:
     return Upload(filename=f.filename or fallback, data=await f.read(service.max_image_bytes + 1))
 
 
+def _one(files: list[UploadFile] | None, field: str) -> UploadFile | None:
+    """The single file of a field that takes one image: a repeated field is a 422, not silently truncated."""
+    if not files:
+        return None
+    if len(files) > 1:
+        raise InvalidParameters(f"{field}: one image expected, {len(files)} sent", extra={"field": field})
+    return files[0]
+
+
 @router.post("/embed", responses=RESPONSES, summary="Detect faces and return their embeddings")
 async def embed(
     service: Faces,
@@ -47,9 +56,12 @@ async def embed(
 @router.post("/verify", responses=RESPONSES, summary="Verify two faces, or a face against an enrolled subject")
 async def verify(
     service: Faces,
-    image_a: Annotated[UploadFile | None, File(description="first image (with image_b)")] = None,
-    image_b: Annotated[UploadFile | None, File(description="second image (with image_a)")] = None,
-    image: Annotated[UploadFile | None, File(description="image to check against `subject`")] = None,
+    image_a_field: Annotated[list[UploadFile] | None, File(alias="image_a",
+                                                           description="first image (with image_b)")] = None,
+    image_b_field: Annotated[list[UploadFile] | None, File(alias="image_b",
+                                                           description="second image (with image_a)")] = None,
+    image_field: Annotated[list[UploadFile] | None, File(alias="image",
+                                                         description="image to check against `subject`")] = None,
     subject: Annotated[str | None, Form(description="enrolled subject to verify `image` against")] = None,
     model: Annotated[str | None, Form(description="face model for image_a/image_b (default: the gallery's)")] = None,
     detector: DetectorField = None,
@@ -57,6 +69,8 @@ async def verify(
 ) -> dict[str, Any]:
     """Same person when the squared L2 distance between the largest faces' embeddings is at most the threshold.
     Send either image_a + image_b, or image + subject."""
+    image_a, image_b = _one(image_a_field, "image_a"), _one(image_b_field, "image_b")
+    image = _one(image_field, "image")
     pair = image_a is not None or image_b is not None
     single = image is not None or subject is not None
     if pair == single:
@@ -92,7 +106,7 @@ async def enroll(
 @router.post("/identify", responses=RESPONSES, summary="Identify faces against the gallery")
 async def identify(
     service: Faces,
-    image: Annotated[UploadFile, File(description="image with one or more faces")],
+    image: Annotated[list[UploadFile], File(description="one image with one or more faces")],
     top_k: Annotated[int, Form(ge=1, le=100, description="subjects per face")] = 5,
     max_faces: Annotated[int | None, Form(ge=1, le=100, description="largest faces identified")] = None,
     detector: DetectorField = None,
@@ -100,7 +114,9 @@ async def identify(
 ) -> dict[str, Any]:
     """For each detected face (largest first): the top-k subjects by best face distance, and `subject` = the
     nearest one when its distance is within the threshold, else null (a stranger)."""
-    return await service.identify(await _read(service, image, "image"), top_k, max_faces, detector, threshold)
+    one = _one(image, "image")
+    assert one is not None  # the field is required
+    return await service.identify(await _read(service, one, "image"), top_k, max_faces, detector, threshold)
 
 
 SubjectPath = Annotated[str, Path(description="subject id")]

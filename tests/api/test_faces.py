@@ -230,3 +230,13 @@ def test_models_lists_the_face_model(fclient: TestClient) -> None:
     m = next(x for x in fclient.get("/models").json()["models"] if x["name"] == "tiny-face")
     assert m["task"] == "face-embedding" and m["status"] == "ready" and m["input_size"] == 16
     assert m["info"]["threshold"] == 1.0
+
+
+def test_a_repeated_single_image_field_is_refused_not_truncated(fclient: TestClient) -> None:
+    r = fclient.post("/faces/identify", data=NONE, files=[img("image", pattern(1)), img("image", pattern(2))])
+    assert_problem(r, 422)
+    assert "one image expected, 2 sent" in r.json()["detail"]
+    r = fclient.post("/faces/verify", data=NONE,
+                     files=[img("image_a", pattern(1)), img("image_a", pattern(3)), img("image_b", pattern(2))])
+    assert_problem(r, 422)
+    assert "image_a" in r.json()["detail"]
