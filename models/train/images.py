@@ -139,6 +139,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, default=Path(".cache/datasets"), help="decoded-image cache")
     p.add_argument("--limit-per-class", type=int, default=0, help="use at most N images per class (smoke runs)")
     p.add_argument("--install", type=Path, default=None, help="copy weights + merge the manifest entry into this dir")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: mixed precision (autocast) for the training steps; validation stays fp32. "
+                        "About 2x faster on CPUs with AVX512-BF16 and on recent GPUs")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="NHWC memory format for the network (faster convolutions on CPU and GPU)")
     p.add_argument("--init-from", type=Path, default=None,
                    help="start from these weights (a .pt state dict) with a fresh schedule: a warm restart "
                         "(SGDR, Loshchilov & Hutter 2017) or fine-tuning; recorded in the manifest recipe")
@@ -171,6 +176,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     x_val = normalize_uint8(val_u8, spec).to(device)
 
     model = cifar_resnet(args.depth, len(classes), args.shortcut).to(device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     decay = [p for n, p in model.named_parameters() if p.dim() > 1]
     no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1]
     opt = torch.optim.SGD(
@@ -209,10 +216,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total_steps, args.lr, args.warmup)
             idx = perm[b * args.batch_size : (b + 1) * args.batch_size]
-            xb = augment(x_train[idx], gen).to(device, non_blocking=True)
+            xb = augment(x_train[idx], gen).to(device, non_blocking=True, memory_format=memory_format)
             yb = y_train[idx].to(device)
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb, label_smoothing=args.label_smoothing)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+                logits = model(xb)
+                loss = F.cross_entropy(logits.float(), yb, label_smoothing=args.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -254,7 +262,7 @@ def finish(args: argparse.Namespace, name: str, model: torch.nn.Module, classes:
     acc = float((pred == y).mean())
     acc_tta = float((probs_tta.argmax(-1).numpy() == y).mean())
     weights_file = out / f"{name}.pt"
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights_file)
+    torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, weights_file)
     digest = sha256_file(weights_file)
     plot_confusion(cm, classes, out / "confusion.png", f"{name}: validation confusion matrix")
     report = {
@@ -283,6 +291,7 @@ def finish(args: argparse.Namespace, name: str, model: torch.nn.Module, classes:
             "peak_lr": args.lr, "warmup": args.warmup, "schedule": "linear warm-up + cosine",
             "momentum": args.momentum, "weight_decay": args.weight_decay,
             "label_smoothing": args.label_smoothing, "augmentation": "pad 4 + random crop, h-flip",
+            "precision": args.precision,
             "seed": args.seed} | ({"init_from": init_from} if init_from else {})},
         "metrics": {"val_accuracy": round(acc, 4), "val_accuracy_hflip_tta": round(acc_tta, 4),
                     "val_images": len(y)},

@@ -99,3 +99,22 @@ def test_init_from_starts_a_warm_restart_from_given_weights(tmp_path: Path) -> N
 
     assert entry["training"]["recipe"]["init_from"] == {"file": "tiny-rgb.pt", "sha256": sha256_file(stage1)}
     assert report["init_from"]["sha256"] == sha256_file(stage1)
+
+
+def test_bf16_channels_last_training_saves_plain_fp32_weights(tmp_path: Path) -> None:
+    data = make_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    report = train_images.main(["--data", str(data), "--out", str(out), "--name", "tiny-bf16", "--depth", "8",
+                                "--epochs", "1", "--batch-size", "8", "--val-size", "6", "--threads", "1",
+                                "--cache", str(tmp_path / "cache"), "--precision", "bf16", "--channels-last",
+                                "--install", str(tmp_path / "weights")])
+    assert np.isfinite(report["history"][0]["train_loss"])
+    sd = torch.load(out / "tiny-bf16.pt", weights_only=True)
+    floats = [v for v in sd.values() if v.is_floating_point()]
+    # autocast only changes the arithmetic: the file holds fp32 tensors in the plain (NCHW) layout
+    assert floats and all(v.dtype == torch.float32 and v.is_contiguous() for v in floats)
+    entry = json.loads((out / "manifest_entry.json").read_text())
+    assert entry["training"]["recipe"]["precision"] == "bf16"
+    st = ModelRegistry(tmp_path / "weights", tmp_path / "hub", torch.device("cpu"), allow_download=False,
+                       allow_untrained=False).load_classifier("tiny-bf16")
+    assert st.status == "ready"
