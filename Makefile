@@ -36,8 +36,8 @@ fetch-weights: install
 	$(BIN)/python -m app.cli fetch-weights
 
 train-cifar: install
-	$(BIN)/python -m app.cli train images --data ../shared/data/cifar10/train --out runs/cifar10-resnet20 \
-		--name cifar10-resnet20 --depth 20 --epochs 40 --install weights
+	$(BIN)/python -m app.cli train images --data ../shared/data/cifar10/train --out runs/cifar10-resnet32 \
+		--name cifar10-resnet32 --depth 32 --epochs 100 --warmup 0.05 --precision bf16 --install weights
 
 train-faces: install
 	$(BIN)/python -m app.cli train faces --data ../shared/data/lfw/images --pairs ../shared/data/lfw/pairsDevTrain.txt \

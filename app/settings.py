@@ -36,12 +36,12 @@ class Settings(BaseSettings):
     allow_untrained: bool = Field(default=False, description="serve random weights, labelled 'untrained' (dev/tests)")
 
     classifiers: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: [*DEFAULT_IMAGENET_MODELS, "cifar10-resnet20"],
+        default_factory=lambda: [*DEFAULT_IMAGENET_MODELS, "cifar10-resnet32", "cifar10-resnet20"],
         description="image classifiers loaded at start-up: manifest names or torchvision model names",
     )
     default_classifier: str | None = Field(
         default=None, description="model used when a request names none (default: the first configured classifier with "
-        "trained weights, so an ImageNet model when its weights are present, else cifar10-resnet20)"
+        "trained weights, so an ImageNet model when its weights are present, else cifar10-resnet32)"
     )
 
     text_models: Annotated[list[str], NoDecode] = Field(

@@ -15,7 +15,8 @@ from app.runtime.registry import load_manifest, sha256_of
 from app.settings import Settings
 from tests.conftest import ROOT, SHARED_DATA, wait_ready
 
-NAME = "cifar10-resnet20"
+NAME = "cifar10-resnet32"  # the default classifier of a fresh install
+LIGHT = "cifar10-resnet20"  # the smaller, earlier model, still shipped
 CIFAR_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -24,13 +25,20 @@ def shipped_settings(tmp_path: Path) -> Settings:
                     allow_untrained=False, data_dir=tmp_path / "data", style_workers=0)
 
 
-def test_manifest_entry_and_sha256() -> None:
-    entry = load_manifest(ROOT / "weights")[NAME]
+@pytest.mark.parametrize(("name", "depth", "min_acc", "min_served"), [(NAME, 32, 0.89, 0.90), (LIGHT, 20, 0.87, 0.88)])
+def test_manifest_entry_and_sha256(name: str, depth: int, min_acc: float, min_served: float) -> None:
+    entry = load_manifest(ROOT / "weights")[name]
     assert entry.labels == CIFAR_LABELS
     assert sha256_of(ROOT / "weights" / entry.file) == entry.sha256
     assert entry.preprocessing is not None and entry.preprocessing.crop == 32
-    assert entry.metrics["val_accuracy"] >= 0.85 and entry.metrics["val_accuracy_hflip_tta"] >= 0.88
-    assert entry.arch["depth"] == 20 and entry.card and (ROOT / "weights" / entry.card).is_file()
+    assert entry.metrics["val_accuracy"] >= min_acc and entry.metrics["val_accuracy_hflip_tta"] >= min_served
+    assert entry.arch["depth"] == depth and entry.card and (ROOT / "weights" / entry.card).is_file()
+    assert (entry.model_extra or {}).get("test_time_augmentation") == "hflip"
+
+
+def test_default_settings_serve_the_stronger_model_first() -> None:
+    configured = Settings().classifiers
+    assert configured.index(NAME) < configured.index(LIGHT)
 
 
 def test_served_as_trained_default(tmp_path: Path) -> None:
@@ -39,7 +47,7 @@ def test_served_as_trained_default(tmp_path: Path) -> None:
         assert c.get("/health/ready").status_code == 200
         m = c.get("/models").json()
         assert m["default_classifier"] == NAME
-        assert m["models"][0]["metrics"]["val_accuracy"] >= 0.85
+        assert m["models"][0]["metrics"]["val_accuracy_hflip_tta"] >= 0.90
         buf = io.BytesIO()
         Image.new("RGB", (64, 48), (40, 90, 200)).save(buf, "JPEG")
         r = c.post("/classify", files={"image": ("blue.jpg", buf.getvalue(), "image/jpeg")})
