@@ -117,6 +117,27 @@ def predict(model: torch.nn.Module, x: torch.Tensor, batch: int, tta: bool) -> t
     return torch.cat(outs)
 
 
+@torch.no_grad()
+def recompute_bn_statistics(model: torch.nn.Module, x: torch.Tensor, batch: int, device: torch.device) -> None:
+    """Batch-norm running statistics from scratch over `x` (an exact average over all batches): averaged
+    weights need statistics of their own, those of the averaged models do not fit them."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    channels_last = next(model.parameters()).is_contiguous(memory_format=torch.channels_last)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    for i in range(0, len(x), batch):
+        model(x[i : i + batch].to(device, memory_format=memory_format))
+    for m, mom in zip(bns, saved, strict=True):
+        m.momentum = mom
+    model.eval()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="ImageFolder root (one folder per class)")
@@ -144,6 +165,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "About 2x faster on CPUs with AVX512-BF16 and on recent GPUs")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="NHWC memory format for the network (faster convolutions on CPU and GPU)")
+    p.add_argument("--swa-epochs", type=int, default=0,
+                   help="stochastic weight averaging (Izmailov et al. 2018): the last N epochs run at the constant "
+                        "--swa-lr and their end-of-epoch weights are averaged; batch-norm statistics are then "
+                        "recomputed on the training images and the average is the model that is saved")
+    p.add_argument("--swa-lr", type=float, default=0.02, help="learning rate of the SWA epochs")
     p.add_argument("--init-from", type=Path, default=None,
                    help="start from these weights (a .pt state dict) with a fresh schedule: a warm restart "
                         "(SGDR, Loshchilov & Hutter 2017) or fine-tuning; recorded in the manifest recipe")
@@ -185,7 +211,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         lr=args.lr, momentum=args.momentum, nesterov=True,
     )
     steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
-    total_steps = steps_per_epoch * args.epochs
+    swa_epochs = min(args.swa_epochs, args.epochs)
+    total_steps = steps_per_epoch * (args.epochs - swa_epochs)  # the cosine part; SWA epochs come after it
+    swa_model = torch.optim.swa_utils.AveragedModel(model) if swa_epochs else None
     start_epoch, history, train_seconds = 0, [], 0.0
     ckpt_path = out / "checkpoint.pt"
     init_from = None
@@ -199,6 +227,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         start_epoch, history, train_seconds = ck["epoch"], ck["history"], ck["train_seconds"]
+        if swa_model is not None and ck.get("swa") is not None:
+            swa_model.load_state_dict(ck["swa"])
         print(f"resumed from {ckpt_path} at epoch {start_epoch}", file=sys.stderr)
 
     print(f"{name}: {len(classes)} classes, {len(x_train)} train / {len(x_val)} val, "
@@ -214,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for b in bar:
             step = epoch * steps_per_epoch + b
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, total_steps, args.lr, args.warmup)
+                g["lr"] = args.swa_lr if step >= total_steps else lr_at(step, total_steps, args.lr, args.warmup)
             idx = perm[b * args.batch_size : (b + 1) * args.batch_size]
             xb = augment(x_train[idx], gen).to(device, non_blocking=True, memory_format=memory_format)
             yb = y_train[idx].to(device)
@@ -231,6 +261,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
         probs = predict(model, x_val, 512, tta=False)
         val_acc = float((probs.argmax(-1).cpu() == y_val).float().mean())
+        if swa_model is not None and epoch >= args.epochs - swa_epochs:
+            swa_model.update_parameters(model)
         train_seconds += time.time() - t0
         rec = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                "val_acc": val_acc, "lr_end": opt.param_groups[0]["lr"], "seconds": time.time() - t0}
@@ -239,11 +271,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             fh.write(json.dumps(rec) + "\n")
         print(json.dumps(rec), file=sys.stderr)
         atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                     "history": history, "train_seconds": train_seconds, "args": vars(args) | {
+                     "history": history, "train_seconds": train_seconds,
+                     "swa": swa_model.state_dict() if swa_model is not None else None, "args": vars(args) | {
                          "data": str(args.data), "out": str(args.out), "cache": str(args.cache),
                          "install": str(args.install)}}, ckpt_path)
 
-    return finish(args, name, model, classes, spec, x_val, y_val, history, train_seconds, t_start, device,
+    final: torch.nn.Module = model
+    if swa_model is not None:
+        final = swa_model.module
+        recompute_bn_statistics(final, x_train, 512, device)
+        print(f"SWA: averaged the weights of the last {int(swa_model.n_averaged)} epochs", file=sys.stderr)
+    return finish(args, name, final, classes, spec, x_val, y_val, history, train_seconds, t_start, device,
                   n_train=len(x_train), init_from=init_from)
 
 
@@ -292,7 +330,8 @@ def finish(args: argparse.Namespace, name: str, model: torch.nn.Module, classes:
             "momentum": args.momentum, "weight_decay": args.weight_decay,
             "label_smoothing": args.label_smoothing, "augmentation": "pad 4 + random crop, h-flip",
             "precision": args.precision,
-            "seed": args.seed} | ({"init_from": init_from} if init_from else {})},
+            "seed": args.seed} | ({"init_from": init_from} if init_from else {})
+            | ({"swa_epochs": args.swa_epochs, "swa_lr": args.swa_lr} if args.swa_epochs else {})},
         "metrics": {"val_accuracy": round(acc, 4), "val_accuracy_hflip_tta": round(acc_tta, 4),
                     "val_images": len(y)},
     }

@@ -118,3 +118,36 @@ def test_bf16_channels_last_training_saves_plain_fp32_weights(tmp_path: Path) ->
     st = ModelRegistry(tmp_path / "weights", tmp_path / "hub", torch.device("cpu"), allow_download=False,
                        allow_untrained=False).load_classifier("tiny-bf16")
     assert st.status == "ready"
+
+
+def test_swa_saves_the_average_of_the_last_epochs(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    data = make_folder(tmp_path / "data")
+    seen: list[dict[str, torch.Tensor]] = []
+    real_save = train_images.atomic_save
+
+    def recording_save(obj, path):  # type: ignore[no-untyped-def]
+        seen.append({k: v.detach().clone() for k, v in obj["model"].items()})
+        real_save(obj, path)
+
+    monkeypatch.setattr(train_images, "atomic_save", recording_save)
+    out = tmp_path / "run"
+    train_images.main(["--data", str(data), "--out", str(out), "--name", "tiny-swa", "--depth", "8",
+                       "--epochs", "3", "--swa-epochs", "2", "--swa-lr", "0.05", "--batch-size", "8",
+                       "--val-size", "6", "--threads", "1", "--cache", str(tmp_path / "cache")])
+    assert len(seen) == 3
+    saved = torch.load(out / "tiny-swa.pt", weights_only=True)
+    conv = next(k for k in saved if k.endswith(".weight") and saved[k].dim() == 4)
+    expected = (seen[1][conv] + seen[2][conv]) / 2  # epochs 2 and 3 averaged, epoch 1 not
+    assert torch.allclose(saved[conv], expected, atol=1e-6)
+    assert not torch.allclose(saved[conv], seen[2][conv])
+    recipe = json.loads((out / "manifest_entry.json").read_text())["training"]["recipe"]
+    assert recipe["swa_epochs"] == 2 and recipe["swa_lr"] == 0.05
+
+
+def test_recompute_bn_statistics_matches_the_data() -> None:
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3))
+    model[0].running_mean.fill_(7.0)
+    x = torch.randn(20, 3, 4, 4) * 2 + torch.tensor([1.0, -1.0, 3.0]).view(1, 3, 1, 1)
+    train_images.recompute_bn_statistics(model, x, batch=5, device=torch.device("cpu"))
+    assert torch.allclose(model[0].running_mean, x.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert model[0].momentum == 0.1 and not model.training
