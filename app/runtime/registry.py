@@ -395,7 +395,8 @@ class OnnxModule:
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {self.input_name: x.detach().float().cpu().numpy()})[0]
+        # onnxruntime reads the buffer as NCHW: a channels_last batch must be made C-contiguous first
+        out = self.session.run(None, {self.input_name: x.detach().float().cpu().contiguous().numpy()})[0]
         return torch.from_numpy(out)
 
 
