@@ -387,22 +387,10 @@ def bench_store(gal: SyntheticGallery, kind: IndexKind, args: argparse.Namespace
         snapshot_mib = dir_mib(root, ("index.faiss",))
         db_mib = dir_mib(root, db_files)
         del store
-        rss1 = settle()
-        t0 = time.perf_counter()
-        store = GalleryStore(root, key, **opts)
-        load_s = time.perf_counter() - t0
-        load = (store.index_source, rss_mib() - rss1, peak_mib() - rss1)
-        store.close(snapshot=False)
-        del store
+        load_s, load = timed_open(root, key, opts)
         for name in ("index.faiss", "index.json"):
             (root / name).unlink(missing_ok=True)
-        rss2 = settle()
-        t0 = time.perf_counter()
-        store = GalleryStore(root, key, **opts)
-        rebuild_s = time.perf_counter() - t0
-        rebuild = (store.index_source, rss_mib() - rss2, peak_mib() - rss2)
-        store.close(snapshot=False)
-        del store
+        rebuild_s, rebuild = timed_open(root, key, opts)
         startup_row = {"size": gal.n, "dim": gal.dim, "kind": kind, "trained_kind": trained, "faces": faces_total,
                        "close_snapshot_s": close_s, "snapshot_mib": snapshot_mib, "db_mib": db_mib,
                        "snapshot_load_s": load_s, "snapshot_source": load[0], "snapshot_rss_mib": load[1],
@@ -415,6 +403,19 @@ def bench_store(gal: SyntheticGallery, kind: IndexKind, args: argparse.Namespace
             print(f"# kept {root}", file=sys.stderr)
         else:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def timed_open(root: Path, key: ModelKey, opts: dict[str, Any]) -> tuple[float, tuple[str, float, float]]:
+    """Open (start up) a store from what is on disk and close it without a snapshot: seconds, and where its
+    index came from with the resident and peak memory it added."""
+    rss0 = settle()
+    t0 = time.perf_counter()
+    store = GalleryStore(root, key, **opts)
+    seconds = time.perf_counter() - t0
+    found = (store.index_source, rss_mib() - rss0, peak_mib() - rss0)
+    store.close(snapshot=False)
+    del store
+    return seconds, found
 
 
 def preflight(size: int, dim: int, tmp_dir: str | None) -> None:

@@ -129,10 +129,8 @@ def recompute_bn_statistics(model: torch.nn.Module, x: torch.Tensor, batch: int,
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average
     model.train()
-    channels_last = next(model.parameters()).is_contiguous(memory_format=torch.channels_last)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     for i in range(0, len(x), batch):
-        model(x[i : i + batch].to(device, memory_format=memory_format))
+        model(x[i : i + batch].to(device))
     for m, mom in zip(bns, saved, strict=True):
         m.momentum = mom
     model.eval()
