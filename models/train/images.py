@@ -152,6 +152,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--val-size", type=int, default=5000, help="stratified hold-out size")
+    p.add_argument("--val-every", type=int, default=1,
+                   help="measure validation accuracy every N epochs (always after the last); the per-epoch "
+                        "check costs about 10%% of an epoch for a ResNet-56 on CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
@@ -257,8 +260,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             correct += int((logits.argmax(-1) == yb).sum())
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-        probs = predict(model, x_val, 512, tta=False)
-        val_acc = float((probs.argmax(-1).cpu() == y_val).float().mean())
+        val_acc: float | None = None
+        if (epoch + 1) % max(1, args.val_every) == 0 or epoch + 1 == args.epochs:
+            probs = predict(model, x_val, 512, tta=False)
+            val_acc = float((probs.argmax(-1).cpu() == y_val).float().mean())
         if swa_model is not None and epoch >= args.epochs - swa_epochs:
             swa_model.update_parameters(model)
         train_seconds += time.time() - t0

@@ -151,3 +151,16 @@ def test_recompute_bn_statistics_matches_the_data() -> None:
     train_images.recompute_bn_statistics(model, x, batch=5, device=torch.device("cpu"))
     assert torch.allclose(model[0].running_mean, x.mean(dim=(0, 2, 3)), atol=1e-5)
     assert model[0].momentum == 0.1 and not model.training
+
+
+def test_val_every_skips_validation_between_checks_but_always_measures_the_last_epoch(tmp_path: Path) -> None:
+    data = make_folder(tmp_path / "data", per_class=4)
+    out = tmp_path / "run"
+    report = train_images.main(["--data", str(data), "--out", str(out), "--depth", "8", "--epochs", "3",
+                                "--batch-size", "4", "--val-size", "3", "--cache", str(tmp_path / "cache"),
+                                "--threads", "1", "--val-every", "2"])
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[0]["val_acc"] is None
+    assert rows[1]["val_acc"] is not None and rows[2]["val_acc"] is not None
+    assert 0.0 <= report["val_accuracy"] <= 1.0
