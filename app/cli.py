@@ -6,6 +6,7 @@
     python -m app.cli train images --data DIR --out runs/x
     python -m app.cli train text --train CSV --out runs/y
     python -m app.cli train faces --data LFW_DIR --pairs PAIRS --out runs/z
+    python -m app.cli train ensemble --name N --members A B --out runs/e   (combine trained CIFAR ResNets)
     python -m app.cli evaluate cifar10-resnet32 --data DIR
     python -m app.cli evaluate-text agnews-vdcnn9 --csv FILE
 """
@@ -93,6 +94,11 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
         from models.train import faces
 
         faces.main(rest)
+        return 0
+    if args.what == "ensemble":
+        from models.train import ensemble
+
+        ensemble.main(rest)
         return 0
     print(f"unknown training target {args.what!r}", file=sys.stderr)
     return 2
@@ -293,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--hub-cache", action="store_true", help="store in the torch hub cache instead")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     t = sub.add_parser("train", help="train a model (options after the target go to the trainer)")
-    t.add_argument("what", choices=["images", "text", "faces"])
+    t.add_argument("what", choices=["images", "text", "faces", "ensemble"])
     e = sub.add_parser("evaluate", help="evaluate a classifier on an ImageFolder directory")
     e.add_argument("model")
     e.add_argument("--data", required=True)

@@ -87,9 +87,13 @@ def fix_torchvision_state_dict(name: str, state: dict[str, torch.Tensor]) -> dic
 
 
 def build_classifier(family: str, arch: dict[str, Any], num_classes: int) -> nn.Module:
-    """An untrained classifier of the given family ("cifar-resnet" or "torchvision")."""
+    """An untrained classifier of the given family ("cifar-resnet", "cifar-resnet-ensemble" or "torchvision")."""
     if family == "cifar-resnet":
         return cifar_resnet(int(arch.get("depth", 20)), num_classes, str(arch.get("shortcut", "A")))
+    if family == "cifar-resnet-ensemble":
+        from models.ensemble import cifar_resnet_ensemble
+
+        return cifar_resnet_ensemble(arch, num_classes)
     if family == "torchvision":
         import torchvision
 

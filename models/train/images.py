@@ -80,6 +80,54 @@ def load_images(files: list[Path], size: int, cache: Path | None) -> np.ndarray:
     return out
 
 
+Split = tuple[torch.Tensor, torch.Tensor]
+
+
+def load_split(data: Path, size: int, val_size: int, seed: int, cache: Path | None,
+               limit_per_class: int = 0) -> tuple[list[str], Split, Split]:
+    """Class names and the stratified (train, validation) split of an ImageFolder as uint8 NCHW images and
+    labels: the same split for the same folder, size, val_size and seed (the trainer's hold-out)."""
+    classes, files, labels = scan_image_folder(data)
+    if limit_per_class:
+        keep = np.concatenate([np.flatnonzero(labels == c)[:limit_per_class] for c in range(len(classes))])
+        files = [files[i] for i in keep]
+        labels = labels[keep]
+    images = load_images(files, size, cache)
+    train_idx, val_idx = stratified_split(labels, val_size, seed)
+
+    def part(idx: np.ndarray) -> Split:
+        return torch.from_numpy(images[idx]).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels[idx])
+
+    return classes, part(train_idx), part(val_idx)
+
+
+def holdout_metrics(model: torch.nn.Module, x_val: torch.Tensor, y_val: torch.Tensor,
+                    classes: list[str]) -> dict[str, Any]:
+    """One-view and h-flip-averaged accuracy, per-class accuracy and confusion matrix on a hold-out."""
+    probs = predict(model, x_val, 512, tta=False).cpu()
+    probs_tta = predict(model, x_val, 512, tta=True).cpu()
+    pred = probs.argmax(-1).numpy()
+    y = y_val.cpu().numpy()
+    cm = confusion_matrix(y, pred, len(classes))
+    return {"val_accuracy": float((pred == y).mean()),
+            "val_accuracy_hflip_tta": float((probs_tta.argmax(-1).numpy() == y).mean()),
+            "per_class_accuracy": {c: float(cm[i, i] / max(1, cm[i].sum())) for i, c in enumerate(classes)},
+            "confusion_matrix": cm}
+
+
+def report_markdown(name: str, m: dict[str, Any], classes: list[str], lines: list[str]) -> str:
+    """The Markdown report of holdout_metrics, with extra lines after the headline."""
+    n = int(m["confusion_matrix"].sum())
+    md = [f"# {name} report", "",
+          f"- validation accuracy: **{m['val_accuracy']:.4f}** (with horizontal-flip averaging: "
+          f"{m['val_accuracy_hflip_tta']:.4f}) on {n} held-out images", *lines, "",
+          "| class | accuracy |", "|---|---|"]
+    md += [f"| {c} | {a:.4f} |" for c, a in m["per_class_accuracy"].items()]
+    md += ["", "Confusion matrix (rows: true class, columns: predicted):", "",
+           confusion_table(m["confusion_matrix"], classes)]
+    return "\n".join(md) + "\n"
+
+
 def augment(batch: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
     """Pad-and-random-crop plus random horizontal flip on an NCHW batch (He et al. 2016)."""
     n, _, h, w = batch.shape
@@ -185,17 +233,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     name = args.name or f"{args.data.name.rstrip('/') or 'images'}-resnet{args.depth}"
 
-    classes, files, labels = scan_image_folder(args.data)
-    if args.limit_per_class:
-        keep = np.concatenate([np.flatnonzero(labels == c)[: args.limit_per_class] for c in range(len(classes))])
-        files = [files[i] for i in keep]
-        labels = labels[keep]
-    images = load_images(files, args.size, args.cache)
-    train_idx, val_idx = stratified_split(labels, args.val_size, args.seed)
-    train_u8 = torch.from_numpy(images[train_idx]).permute(0, 3, 1, 2).contiguous()
-    val_u8 = torch.from_numpy(images[val_idx]).permute(0, 3, 1, 2).contiguous()
-    y_train = torch.from_numpy(labels[train_idx])
-    y_val = torch.from_numpy(labels[val_idx])
+    classes, (train_u8, y_train), (val_u8, y_val) = load_split(
+        args.data, args.size, args.val_size, args.seed, args.cache, args.limit_per_class)
     mean = tuple(float(v) for v in (train_u8.float().mean(dim=(0, 2, 3)) / 255.0))
     std = tuple(float(v) for v in (train_u8.float().std(dim=(0, 2, 3)) / 255.0))
     spec = ImageSpec(resize=args.size, crop=args.size, mean=mean, std=std)  # type: ignore[arg-type]
@@ -294,34 +333,24 @@ def finish(args: argparse.Namespace, name: str, model: torch.nn.Module, classes:
            init_from: dict[str, str] | None = None) -> dict[str, Any]:
     """Write the weights, the report (JSON, Markdown, confusion PNG) and the manifest entry."""
     out: Path = args.out
-    probs = predict(model, x_val, 512, tta=False).cpu()
-    probs_tta = predict(model, x_val, 512, tta=True).cpu()
-    pred = probs.argmax(-1).numpy()
+    m = holdout_metrics(model, x_val, y_val, classes)
+    acc, acc_tta, cm = m["val_accuracy"], m["val_accuracy_hflip_tta"], m["confusion_matrix"]
     y = y_val.numpy()
-    cm = confusion_matrix(y, pred, len(classes))
-    per_class = {c: float(cm[i, i] / max(1, cm[i].sum())) for i, c in enumerate(classes)}
-    acc = float((pred == y).mean())
-    acc_tta = float((probs_tta.argmax(-1).numpy() == y).mean())
     weights_file = out / f"{name}.pt"
     torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, weights_file)
     digest = sha256_file(weights_file)
     plot_confusion(cm, classes, out / "confusion.png", f"{name}: validation confusion matrix")
     report = {
-        "model": name, "val_accuracy": acc, "val_accuracy_hflip_tta": acc_tta, "per_class_accuracy": per_class,
+        "model": name, "val_accuracy": acc, "val_accuracy_hflip_tta": acc_tta,
+        "per_class_accuracy": m["per_class_accuracy"],
         "confusion_matrix": cm.tolist(), "epochs": len(history), "train_seconds": round(train_seconds, 1),
         "wall_seconds_this_run": round(time.time() - t_start, 1), "hardware": hardware_description(device),
         "torch": torch.__version__, "python": platform.python_version(), "val_size": len(y),
         "train_size": n_train, "history": history, "init_from": init_from,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    md = [f"# {name} training report", "",
-          f"- validation accuracy: **{acc:.4f}** (with horizontal-flip averaging: {acc_tta:.4f}) "
-          f"on {len(y)} held-out images",
-          f"- epochs: {len(history)}, training time: {train_seconds / 60:.1f} min on {report['hardware']}", "",
-          "| class | accuracy |", "|---|---|"]
-    md += [f"| {c} | {a:.4f} |" for c, a in per_class.items()]
-    md += ["", "Confusion matrix (rows: true class, columns: predicted):", "", confusion_table(cm, classes)]
-    (out / "report.md").write_text("\n".join(md) + "\n")
+    (out / "report.md").write_text(report_markdown(f"{name} training", m, classes, [
+        f"- epochs: {len(history)}, training time: {train_seconds / 60:.1f} min on {report['hardware']}"]))
     entry = {
         "name": name, "task": "image-classification", "family": "cifar-resnet",
         "arch": {"depth": args.depth, "shortcut": args.shortcut, "num_classes": len(classes)},
@@ -338,11 +367,16 @@ def finish(args: argparse.Namespace, name: str, model: torch.nn.Module, classes:
         "metrics": {"val_accuracy": round(acc, 4), "val_accuracy_hflip_tta": round(acc_tta, 4),
                     "val_images": len(y)},
     }
-    (out / "manifest_entry.json").write_text(json.dumps(entry, indent=2))
-    if args.install:
-        install_entry(entry, weights_file, args.install)
-    print((out / "report.md").read_text())
+    publish_run(out, entry, weights_file, args.install)
     return report
+
+
+def publish_run(out: Path, entry: dict[str, Any], weights_file: Path, install: Path | None) -> None:
+    """End of a run: write its manifest entry next to the weights, install both when asked, print the report."""
+    (out / "manifest_entry.json").write_text(json.dumps(entry, indent=2))
+    if install:
+        install_entry(entry, weights_file, install)
+    print((out / "report.md").read_text())
 
 
 def install_entry(entry: dict[str, Any], weights_file: Path, weights_dir: Path) -> None:

@@ -50,7 +50,7 @@ from models.train.common import (
     start_run,
     stratified_split,
 )
-from models.train.images import install_entry, lr_at
+from models.train.images import lr_at, publish_run
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # the manifest's rule for model names
 DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-3}  # SGD: the value of both papers
@@ -473,10 +473,7 @@ def finish(args: argparse.Namespace, model: torch.nn.Module, classes: list[str],
         "metrics": {"val_accuracy": round(acc, 4), "val_macro_f1": round(macro_f1, 4),
                     "per_class_f1": {c: round(m["f1"], 4) for c, m in per_class.items()}, "val_rows": len(y)},
     }
-    (out / "manifest_entry.json").write_text(json.dumps(entry, indent=2))
-    if args.install:
-        install_entry(entry, weights_file, args.install)
-    print((out / "report.md").read_text())
+    publish_run(out, entry, weights_file, args.install)
     return report
 
 
