@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test lint bench lock fetch-weights train-cifar train-text train-faces clean
+.PHONY: install run test lint bench lock fetch-weights train-cifar cifar-ensemble train-text train-faces clean
 
 install: $(VENV)/.installed
 
@@ -36,8 +36,12 @@ fetch-weights: install
 	$(BIN)/python -m app.cli fetch-weights
 
 train-cifar: install
-	$(BIN)/python -m app.cli train images --data ../shared/data/cifar10/train --out runs/cifar10-resnet32 \
-		--name cifar10-resnet32 --depth 32 --epochs 100 --warmup 0.05 --precision bf16 --install weights
+	$(BIN)/python -m app.cli train images --data ../shared/data/cifar10/train --out runs/cifar10-resnet56 \
+		--name cifar10-resnet56 --depth 56 --epochs 80 --warmup 0.05 --precision bf16 --val-every 10 --install weights
+
+cifar-ensemble: install
+	$(BIN)/python -m app.cli train ensemble --name cifar10-ensemble --members cifar10-resnet56 cifar10-resnet32 \
+		--out runs/cifar10-ensemble --install weights
 
 train-faces: install
 	$(BIN)/python -m app.cli train faces --data ../shared/data/lfw/images --pairs ../shared/data/lfw/pairsDevTrain.txt \

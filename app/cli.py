@@ -7,7 +7,7 @@
     python -m app.cli train text --train CSV --out runs/y
     python -m app.cli train faces --data LFW_DIR --pairs PAIRS --out runs/z
     python -m app.cli train ensemble --name N --members A B --out runs/e   (combine trained CIFAR ResNets)
-    python -m app.cli evaluate cifar10-resnet32 --data DIR
+    python -m app.cli evaluate cifar10-resnet56 --data DIR
     python -m app.cli evaluate-text agnews-vdcnn9 --csv FILE
 """
 

@@ -13,6 +13,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_IMAGENET_MODELS = [
     "resnet50", "densenet121", "resnext50_32x4d", "wide_resnet50_2", "vgg16_bn", "efficientnet_b0", "convnext_tiny",
 ]
+# the project's own CIFAR-10 models (weights/), strongest single network first
+DEFAULT_CIFAR_MODELS = ["cifar10-resnet56", "cifar10-ensemble", "cifar10-resnet32", "cifar10-resnet20"]
 
 
 def _split_list(v: Any) -> Any:
@@ -36,12 +38,12 @@ class Settings(BaseSettings):
     allow_untrained: bool = Field(default=False, description="serve random weights, labelled 'untrained' (dev/tests)")
 
     classifiers: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: [*DEFAULT_IMAGENET_MODELS, "cifar10-resnet32", "cifar10-resnet20"],
+        default_factory=lambda: [*DEFAULT_IMAGENET_MODELS, *DEFAULT_CIFAR_MODELS],
         description="image classifiers loaded at start-up: manifest names or torchvision model names",
     )
     default_classifier: str | None = Field(
         default=None, description="model used when a request names none (default: the first configured classifier with "
-        "trained weights, so an ImageNet model when its weights are present, else cifar10-resnet32)"
+        "trained weights, so an ImageNet model when its weights are present, else cifar10-resnet56)"
     )
 
     text_models: Annotated[list[str], NoDecode] = Field(

@@ -90,7 +90,7 @@ class ClassifyResponse(BaseModel):
     model_config = {
         "json_schema_extra": {
             "examples": [{
-                "model": "cifar10-resnet32", "weights": "trained", "weights_source": "weights_dir",
+                "model": "cifar10-resnet56", "weights": "trained", "weights_source": "weights_dir",
                 "results": [{"filename": "ship.jpg", "top_k": [
                     {"label": "ship", "index": 8, "probability": 0.93},
                     {"label": "airplane", "index": 0, "probability": 0.04}]}],

@@ -1,6 +1,6 @@
 """Train a CIFAR-style ResNet on any ImageFolder directory (one sub-folder per class).
 
-    python -m models.train.images --data ../shared/data/cifar10/train --out runs/cifar10-resnet32
+    python -m models.train.images --data ../shared/data/cifar10/train --out runs/cifar10-resnet56
 
 The images are decoded once through the same preprocessing spec the service uses and kept as
 uint8 in memory (cached on disk), so an epoch costs only the augmentation and the network.
