@@ -14,8 +14,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.cifar_resnet import cifar_resnet
-
 
 class ProbabilityEnsemble(nn.Module):
     """Averages the class probabilities of its members (optionally weighted)."""
@@ -45,6 +43,7 @@ def cifar_resnet_ensemble(arch: dict[str, Any], num_classes: int) -> Probability
     specs = arch.get("members")
     if not isinstance(specs, list) or not specs:
         raise ValueError("a cifar-resnet-ensemble arch needs a non-empty 'members' list")
-    members: list[nn.Module] = [
-        cifar_resnet(int(s.get("depth", 20)), num_classes, str(s.get("shortcut", "A"))) for s in specs]
+    from models.zoo import build_classifier  # zoo builds this family through this function
+
+    members = [build_classifier("cifar-resnet", s, num_classes) for s in specs]
     return ProbabilityEnsemble(members, arch.get("weights"))

@@ -56,6 +56,13 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def save_weights(model: torch.nn.Module, path: Path) -> str:
+    """The model's state dict as plain contiguous CPU tensors (whatever layout or device it trained in), so the
+    registry loads it anywhere; returns the file's sha256."""
+    torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, path)
+    return sha256_file(path)
+
+
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:
     """n x n counts; rows are true classes, columns predictions."""
     cm = np.zeros((n, n), dtype=np.int64)

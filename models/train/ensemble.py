@@ -24,7 +24,7 @@ import torch
 from app.runtime.registry import ManifestEntry, load_manifest
 from models.ensemble import cifar_resnet_ensemble
 from models.preprocess import ImageSpec, normalize_uint8
-from models.train.common import hardware_description, plot_confusion, sha256_file, start_run
+from models.train.common import hardware_description, plot_confusion, save_weights, sha256_file, start_run
 from models.train.images import holdout_metrics, load_split, publish_run, report_markdown
 
 
@@ -119,24 +119,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       for e, m in zip(entries, ensemble.members, strict=True)}
     m = holdout_metrics(ensemble, x_val, y_val, classes)
     weights_file = out / f"{args.name}.pt"
-    torch.save({k: v.detach().cpu().contiguous() for k, v in ensemble.state_dict().items()}, weights_file)
+    digest = save_weights(ensemble, weights_file)
+    hardware = hardware_description(device)
     plot_confusion(m["confusion_matrix"], classes, out / "confusion.png", f"{args.name}: validation confusion matrix")
     member_lines = [f"- member {n}: {mm['val_accuracy']:.4f} ({mm['val_accuracy_hflip_tta']:.4f} with flips)"
                     for n, mm in member_metrics.items()]
     lines = [*member_lines, f"- mean of the members' probabilities, weights {arch.get('weights', 'equal')}; "
-                            f"evaluated on {hardware_description(device)}"]
+                            f"evaluated on {hardware}"]
     (out / "report.md").write_text(report_markdown(f"{args.name} ensemble", m, classes, lines))
     report = {"model": args.name, "val_accuracy": m["val_accuracy"],
               "val_accuracy_hflip_tta": m["val_accuracy_hflip_tta"], "per_class_accuracy": m["per_class_accuracy"],
               "confusion_matrix": m["confusion_matrix"].tolist(), "val_size": len(y_val),
               "members": {n: {k: v for k, v in mm.items() if k != "confusion_matrix"}
                           for n, mm in member_metrics.items()},
-              "seconds": round(time.time() - t_start, 1), "hardware": hardware_description(device),
+              "seconds": round(time.time() - t_start, 1), "hardware": hardware,
               "torch": torch.__version__, "python": platform.python_version()}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     entry = {
         "name": args.name, "task": "image-classification", "family": "cifar-resnet-ensemble", "arch": arch,
-        "file": weights_file.name, "sha256": sha256_file(weights_file), "labels": classes,
+        "file": weights_file.name, "sha256": digest, "labels": classes,
         "preprocessing": first.preprocessing.model_dump(), "source": "project",
         "training": {"data": str(data), "train_images": first.training.get("train_images"), "val_images": val_size,
                      "recipe": {"seed": seed, "combination": "mean of the members' softmax outputs"},

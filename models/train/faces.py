@@ -37,7 +37,7 @@ from models.faces.evaluation import evaluate_pairs, plot_roc
 from models.faces.lfw import Pair, holdout_split, identity_images, read_pairs
 from models.faces.losses import triplet_loss
 from models.faces.net import FaceEmbedder
-from models.train.common import atomic_save, hardware_description, progress, sha256_file, start_run
+from models.train.common import atomic_save, hardware_description, progress, save_weights, sha256_file, start_run
 from models.train.images import install_entry, lr_at
 
 CONTEXT = 1.125  # training crops carry this much extra context for random shifts
@@ -349,8 +349,7 @@ def finish(args: argparse.Namespace, model: FaceEmbedder, arch: dict[str, Any], 
     same_d, diff_d = dist[same], dist[~same]
 
     weights_file = out / f"{args.name}.pt"
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights_file)
-    digest = sha256_file(weights_file)
+    digest = save_weights(model, weights_file)
     onnx_info: dict[str, Any] = {}
     if not args.no_onnx:
         onnx_file = out / f"{args.name}.onnx"

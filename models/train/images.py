@@ -37,6 +37,7 @@ from models.train.common import (
     hardware_description,
     plot_confusion,
     progress,
+    save_weights,
     sha256_file,
     start_run,
     stratified_split,
@@ -337,8 +338,7 @@ def finish(args: argparse.Namespace, name: str, model: torch.nn.Module, classes:
     acc, acc_tta, cm = m["val_accuracy"], m["val_accuracy_hflip_tta"], m["confusion_matrix"]
     y = y_val.numpy()
     weights_file = out / f"{name}.pt"
-    torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, weights_file)
-    digest = sha256_file(weights_file)
+    digest = save_weights(model, weights_file)
     plot_confusion(cm, classes, out / "confusion.png", f"{name}: validation confusion matrix")
     report = {
         "model": name, "val_accuracy": acc, "val_accuracy_hflip_tta": acc_tta,

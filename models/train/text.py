@@ -46,7 +46,7 @@ from models.train.common import (
     hardware_description,
     plot_confusion,
     progress,
-    sha256_file,
+    save_weights,
     start_run,
     stratified_split,
 )
@@ -430,8 +430,7 @@ def finish(args: argparse.Namespace, model: torch.nn.Module, classes: list[str],
     acc = float((pred == y).mean())
     macro_f1 = float(np.mean([m["f1"] for m in per_class.values()]))
     weights_file = out / f"{name}.pt"
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights_file)
-    digest = sha256_file(weights_file)
+    digest = save_weights(model, weights_file)
     plot_confusion(cm, classes, out / "confusion.png", f"{name}: validation confusion matrix")
     report = {
         "model": name, "family": args.family, "arch": arch, "val_accuracy": acc, "val_macro_f1": macro_f1,
