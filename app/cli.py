@@ -9,6 +9,7 @@
     python -m app.cli train ensemble --name N --members A B --out runs/e   (combine trained CIFAR ResNets)
     python -m app.cli evaluate cifar10-resnet56 --data DIR
     python -m app.cli evaluate-text agnews-vdcnn9 --csv FILE
+    python -m app.cli keygen alice --scopes read,write --file keys.json   (a new API key for a principal)
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     s = Settings()
     device = select_device(s.device)
     configure_torch(device, s.torch_threads)
-    store = JobStore(s.data_dir / "style-jobs", stale_after=s.style_stale_seconds)
+    store = JobStore(s.data_dir / "style-jobs", stale_after=s.style_stale_seconds,
+                     max_finished=s.style_max_finished_jobs, max_finished_bytes=s.style_max_finished_bytes)
     worker = StyleWorker(store, FeatureSource(s.weights_dir, hub_checkpoint_dir(s.torch_home)), device,
                          ttl_seconds=s.style_ttl_hours * 3600)
 
@@ -63,6 +65,42 @@ def cmd_worker(args: argparse.Namespace) -> int:
     worker.recover()
     logging.getLogger("app").info("style worker %s on %s, store %s", worker.id, device, store.root)
     worker.run_forever()
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """Make a random API key for a principal: print the key once, store only its sha256 in the keys file."""
+    import secrets
+
+    from app.auth import SCOPES
+    from app.gate import KeyFileError, KeyRing, hash_key
+
+    scopes = [x.strip() for x in args.scopes.split(",") if x.strip()]
+    if not scopes or any(x not in SCOPES for x in scopes):
+        print(f"--scopes must be a comma-separated subset of {', '.join(SCOPES)}", file=sys.stderr)
+        return 2
+    key = secrets.token_urlsafe(32)
+    entry = {"name": args.name, "key_sha256": hash_key(key), "scopes": scopes}
+    if args.file is None:
+        print(json.dumps(entry))
+    else:
+        path = Path(args.file)
+        entries = json.loads(path.read_text()) if path.exists() else []
+        if any(isinstance(e, dict) and e.get("name") == args.name for e in entries):
+            print(f"{path} already has a principal named {args.name!r}", file=sys.stderr)
+            return 2
+        entries.append(entry)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(entries, indent=2) + "\n")
+        try:
+            KeyRing.build([], tmp)  # never leave a file the server would refuse
+        except KeyFileError as exc:
+            tmp.unlink()
+            print(str(exc), file=sys.stderr)
+            return 2
+        tmp.replace(path)
+        print(f"added {args.name} ({', '.join(scopes)}) to {path}", file=sys.stderr)
+    print(key)  # shown once: only its hash is stored
     return 0
 
 
@@ -109,7 +147,7 @@ def _decode_file(path: Path, s: Settings) -> Any:
     from app.runtime.images import decode_image
 
     return decode_image(path.read_bytes(), max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels,
-                        name=path.name)
+                        max_side=s.max_image_side, max_aspect_ratio=s.max_aspect_ratio, name=path.name)
 
 
 def evaluate_classifier(name: str, data: Path, *, batch_size: int = 64, limit_per_class: int = 0,
@@ -293,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default=None)
     s.add_argument("--port", type=int, default=None)
     sub.add_parser("worker", help="run style-transfer jobs from the shared job store (no HTTP)")
+    k = sub.add_parser("keygen", help="make an API key for a named principal (only its hash is stored)")
+    k.add_argument("name")
+    k.add_argument("--scopes", default="read,write", help="comma-separated: read, write, admin, metrics")
+    k.add_argument("--file", default=None, help="append the principal to this keys file (CNN_API_KEYS_FILE)")
     f = sub.add_parser("fetch-weights", help="download official torchvision weights (needs internet)")
     f.add_argument("models", nargs="*", help="torchvision model names (default: the configured ImageNet models)")
     f.add_argument("--dest", default=None, help="target directory (default: the weights dir)")
@@ -334,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         args, rest = parser.parse_known_args(argv)
         return cmd_train(args, rest)
     args = parser.parse_args(argv)
-    handlers = {"serve": cmd_serve, "worker": cmd_worker, "fetch-weights": cmd_fetch_weights, "evaluate": cmd_evaluate,
+    handlers = {"serve": cmd_serve, "worker": cmd_worker, "keygen": cmd_keygen, "fetch-weights": cmd_fetch_weights,
+                "evaluate": cmd_evaluate,
                 "evaluate-text": cmd_evaluate_text, "evaluate-faces": cmd_evaluate_faces}
     return handlers[args.command](args)
 

@@ -1,22 +1,18 @@
-"""Annotated dependency aliases onto the lifespan state, and the API-key guard."""
+"""Annotated dependency aliases onto the lifespan state and the calling principal."""
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated, TypeVar
 
-from fastapi import Depends, Request, Security
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import Depends, Request
 
-from app.errors import ServiceUnavailable, Unauthorized
+from app.auth import ANONYMOUS, SCOPE_KEY, Principal
+from app.errors import ServiceUnavailable
 from app.services.classification import ClassificationService
 from app.services.faces import FacesService
 from app.services.style import StyleJobs
 from app.services.text import TextService
 from app.state import AppState
-
-_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key (when keys are configured)")
-_bearer = HTTPBearer(auto_error=False, description="API key as a bearer token (when keys are configured)")
 
 
 def get_state(request: Request) -> AppState:
@@ -26,19 +22,34 @@ def get_state(request: Request) -> AppState:
 
 
 State = Annotated[AppState, Depends(get_state)]
+
+
+def get_principal(request: Request) -> Principal:
+    """The caller the auth middleware identified (the anonymous all-scopes principal when keys are off)."""
+    p = request.scope.get(SCOPE_KEY)
+    return p if isinstance(p, Principal) else ANONYMOUS
+
+
+Caller = Annotated[Principal, Depends(get_principal)]
 T = TypeVar("T")
 
 
-def _loaded(service: T | None) -> T:
-    """A service the lifespan builds once the models are loaded, or 503 until then."""
-    if service is None:
-        raise ServiceUnavailable("models are still loading; retry shortly", retry_after=5)
-    return service
+def _loaded(state: AppState, application: str, service: T | None) -> T:
+    """An application's service once started, else 503: still loading (Retry-After), or why it cannot serve."""
+    if service is not None:
+        return service
+    st = state.applications.get(application)
+    if st is None or st.status == "loading":
+        raise ServiceUnavailable(f"the {application} application is still loading; retry shortly", retry_after=5)
+    if st.status == "disabled":
+        raise ServiceUnavailable(f"the {application} application is disabled on this server")
+    raise ServiceUnavailable(f"the {application} application is {st.status}: {st.reason}",
+                             extra={"application": application})
 
 
 def get_classification(state: State) -> ClassificationService:
     """The classification service, or 503 while models are still loading."""
-    return _loaded(state.classification)
+    return _loaded(state, "classification", state.classification)
 
 
 Classification = Annotated[ClassificationService, Depends(get_classification)]
@@ -46,7 +57,7 @@ Classification = Annotated[ClassificationService, Depends(get_classification)]
 
 def get_text(state: State) -> TextService:
     """The text service, or 503 while models are still loading."""
-    return _loaded(state.text)
+    return _loaded(state, "text", state.text)
 
 
 Text = Annotated[TextService, Depends(get_text)]
@@ -54,39 +65,15 @@ Text = Annotated[TextService, Depends(get_text)]
 
 def get_faces(state: State) -> FacesService:
     """The face service, or 503 while models are still loading."""
-    return _loaded(state.faces)
+    return _loaded(state, "faces", state.faces)
 
 
 Faces = Annotated[FacesService, Depends(get_faces)]
 
 
 def get_style_jobs(state: State) -> StyleJobs:
-    """The style-job service, or 503 while starting (404-like 503 when disabled)."""
-    if state.style is None:
-        if not state.settings.style_enabled:
-            raise ServiceUnavailable("style transfer is disabled on this server (CNN_STYLE_ENABLED=false)")
-        raise ServiceUnavailable("the job store is still opening; retry shortly", retry_after=5)
-    return state.style
+    """The style-job service, or 503 while starting, when disabled or when it failed to start."""
+    return _loaded(state, "style", state.style)
 
 
 StyleJobsDep = Annotated[StyleJobs, Depends(get_style_jobs)]
-
-
-def require_api_key(
-    state: State,
-    key: Annotated[str | None, Security(_api_key_header)],
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
-) -> None:
-    """When API keys are configured, demand one of them (constant-time comparison)."""
-    keys = state.settings.api_keys
-    if not keys:
-        return
-    given = key if key is not None else (bearer.credentials if bearer is not None else None)
-    if given is None:
-        raise Unauthorized("an API key is required: send X-API-Key or Authorization: Bearer",
-                           headers={"WWW-Authenticate": "Bearer"})
-    ok = False
-    for candidate in keys:  # compare with every key so timing does not tell which one was close
-        ok |= hmac.compare_digest(given.encode(), candidate.encode())
-    if not ok:
-        raise Unauthorized("invalid API key", headers={"WWW-Authenticate": "Bearer"})

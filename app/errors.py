@@ -82,6 +82,10 @@ class UnsupportedMediaType(ProblemError):
     status, title, slug = 415, "Unsupported media type", "unsupported-media-type"
 
 
+class Forbidden(ProblemError):
+    status, title, slug = 403, "Forbidden", "forbidden"
+
+
 class InvalidParameters(ProblemError):
     status, title, slug = 422, "Invalid parameters", "invalid-parameters"
 
@@ -96,6 +100,10 @@ class ServiceUnavailable(ProblemError):
         super().__init__(detail, headers=headers, **kw)
 
 
+class DeadlineExceeded(ProblemError):
+    status, title, slug = 504, "Deadline exceeded", "deadline-exceeded"
+
+
 def problem_response(err: ProblemError, request: Request | None = None) -> JSONResponse:
     """Render a ProblemError as an application/problem+json response."""
     instance = request.url.path if request is not None else None
@@ -103,7 +111,7 @@ def problem_response(err: ProblemError, request: Request | None = None) -> JSONR
 
 
 _HTTP_SLUGS = {
-    400: BadRequest, 401: Unauthorized, 404: NotFound, 409: Conflict, 413: PayloadTooLarge,
+    400: BadRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict, 413: PayloadTooLarge,
     415: UnsupportedMediaType, 422: InvalidParameters, 503: ServiceUnavailable,
 }
 

@@ -9,11 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 
 from app.api import classify, faces, health, models, style, text
-from app.deps import require_api_key
+from app.api.schemas import Problem
 from app.errors import install_handlers
+from app.gate import APPLICATIONS, Admission, KeyRing, policy_for
 from app.metrics import Metrics
 from app.middleware import ServiceMiddleware
 from app.runtime.batcher import BatchConfig
@@ -31,7 +32,7 @@ from app.services.pool import ModelPool
 from app.services.style import FeatureSource, StyleJobs, StyleLimits, StyleWorker
 from app.services.text import TextService
 from app.settings import Settings
-from app.state import AppState
+from app.state import AppState, AppStatus
 from app.stores.gallery import GalleryStore, ModelKey
 from app.stores.jobs import JobStore
 from models.faces.detect import HaarParams
@@ -78,17 +79,25 @@ def _open_faces(state: AppState, pool: ModelPool[LoadedFaceEmbedder]) -> None:
     state.faces = FacesService(pool, gallery, DetectorPool(params), default_detector=s.face_detector,
                                max_faces=s.face_max_faces, threshold_override=s.face_threshold,
                                max_image_bytes=s.max_image_bytes, max_image_pixels=s.max_image_pixels,
-                               max_images=s.max_images_per_request)
+                               max_images=s.max_images_per_request, max_image_side=s.max_image_side,
+                               max_aspect_ratio=s.max_aspect_ratio)
 
 
 def _open_style(state: AppState, registry: ModelRegistry) -> None:
-    """Open the job store, recover jobs a crash left running, and start the in-process workers."""
+    """Check the feature network, open the job store, recover jobs a crash left running, start the workers."""
     s = state.settings
-    store = JobStore(s.data_dir / "style-jobs", stale_after=s.style_stale_seconds)
+    features = FeatureSource(s.weights_dir, registry.hub_dir)
+    if s.warmup and s.style_workers > 0:
+        features.get(registry.device)  # build it now, so the first job does not pay for it
+    else:
+        features.check()  # a damaged file fails style here, at start-up, not job after job
+    store = JobStore(s.data_dir / "style-jobs", stale_after=s.style_stale_seconds,
+                     max_finished=s.style_max_finished_jobs, max_finished_bytes=s.style_max_finished_bytes)
     limits = StyleLimits(max_size=s.style_max_size, max_steps=s.style_max_steps, max_styles=s.style_max_styles,
                          max_queue=s.style_max_queue, max_image_bytes=s.max_image_bytes,
-                         max_image_pixels=s.max_image_pixels)
-    worker = StyleWorker(store, FeatureSource(s.weights_dir, registry.hub_dir), registry.device,
+                         max_image_pixels=s.max_image_pixels, max_image_side=s.max_image_side,
+                         max_aspect_ratio=s.max_aspect_ratio)
+    worker = StyleWorker(store, features, registry.device,
                          ttl_seconds=s.style_ttl_hours * 3600, on_finish=state.metrics.style_job_finished)
     if s.style_workers > 0:
         worker.start(s.style_workers)
@@ -98,32 +107,111 @@ def _open_style(state: AppState, registry: ModelRegistry) -> None:
     state.style = StyleJobs(store, limits, wake=worker.wake if s.style_workers > 0 else None)
 
 
-async def _start(state: AppState) -> None:
-    """Load models off the event loop, then start the services and mark the app ready."""
+def _model_reason(registry: ModelRegistry, names: list[str], default: str | None) -> str:
+    """Why no model of an application serves: the default's reason, else each configured model's."""
+    wanted = [default] if default else names
+    parts = [f"{n}: {registry.states[n].status}" + (f" ({registry.states[n].reason})" if registry.states[n].reason
+                                                     else "") for n in wanted if n in registry.states]
+    return "; ".join(parts) or "no model is configured"
+
+
+def _pool_status(registry: ModelRegistry, pool: ModelPool[Any], names: list[str]) -> AppStatus:
+    """ready when the application's default model serves, else unavailable with the reason."""
+    default = pool.default_model
+    st = registry.states.get(default) if default else None
+    if st is not None and st.status == "ready":
+        return AppStatus("ready", default_model=default)
+    return AppStatus("unavailable", _model_reason(registry, names, default), default_model=default)
+
+
+async def _start_classification(state: AppState, registry: ModelRegistry, common: dict[str, Any]) -> AppStatus:
     s = state.settings
+    images = ModelPool(registry, "image-classification", LoadedClassifier, default_model=s.default_classifier,
+                       **common)
+    await images.start()
+    state.pools.append(images)
+    state.classification = ClassificationService(images, max_image_bytes=s.max_image_bytes,
+                                                 max_image_pixels=s.max_image_pixels,
+                                                 max_images=s.max_images_per_request,
+                                                 max_image_side=s.max_image_side,
+                                                 max_aspect_ratio=s.max_aspect_ratio)
+    return _pool_status(registry, images, s.classifiers)
+
+
+async def _start_text(state: AppState, registry: ModelRegistry, common: dict[str, Any]) -> AppStatus:
+    s = state.settings
+    texts = ModelPool(registry, "text-classification", LoadedTextClassifier, default_model=s.default_text_model,
+                      **common)
+    await texts.start()
+    state.pools.append(texts)
+    state.text = TextService(texts, max_texts=s.max_texts_per_request, max_text_chars=s.max_text_chars)
+    return _pool_status(registry, texts, s.text_models)
+
+
+async def _start_faces(state: AppState, registry: ModelRegistry, common: dict[str, Any]) -> AppStatus:
+    s = state.settings
+    face_pool = ModelPool(registry, "face-embedding", LoadedFaceEmbedder, default_model=s.face_model, **common)
+    await face_pool.start()
+    state.pools.append(face_pool)
+    await asyncio.to_thread(_open_faces, state, face_pool)
+    status = _pool_status(registry, face_pool, s.face_models)
+    assert state.faces is not None
+    broken = state.faces.detectors.errors
+    if status.status == "ready" and broken:
+        reason = "; ".join(f"face detector {n} unavailable: {e}" for n, e in broken.items())
+        # requests for a working detector still serve; readiness fails only when the default detector is broken
+        status = AppStatus("degraded" if s.face_detector in broken else "ready", reason,
+                           default_model=status.default_model)
+    return status
+
+
+async def _start_style(state: AppState, registry: ModelRegistry, common: dict[str, Any]) -> AppStatus:
+    await asyncio.to_thread(_open_style, state, registry)
+    return AppStatus("ready")
+
+
+STARTERS = {"classification": _start_classification, "text": _start_text, "faces": _start_faces,
+            "style": _start_style}
+
+
+def enabled_applications(s: Settings) -> list[str]:
+    """The applications this configuration serves."""
+    on = {"classification": bool(s.classifiers), "text": bool(s.text_models), "faces": bool(s.face_models),
+          "style": s.style_enabled}
+    return [a for a in APPLICATIONS if on[a]]
+
+
+async def _start(state: AppState) -> None:
+    """Load models off the event loop, then start each application on its own: one that fails is reported
+    with its reason while the others serve."""
+    s = state.settings
+    enabled = enabled_applications(s)
+    for a in APPLICATIONS:
+        state.applications[a] = AppStatus("loading" if a in enabled else "disabled")
     try:
-        registry = await asyncio.get_running_loop().run_in_executor(None, _load_models, state)
+        try:
+            registry = await asyncio.get_running_loop().run_in_executor(None, _load_models, state)
+        except Exception as exc:  # no device or no manifest: nothing that needs a model can start
+            log.exception("loading models failed")
+            reason = f"loading models failed: {type(exc).__name__}: {exc}"
+            for a in enabled:
+                state.applications[a] = AppStatus("failed", reason)
+            return
         configs = {n: _batch_config(s, n) for n in registry.states}
         common: dict[str, Any] = {"executor": state.executor, "observer": state.metrics, "batch_configs": configs}
-        images = ModelPool(registry, "image-classification", LoadedClassifier, default_model=s.default_classifier,
-                           **common)
-        texts = ModelPool(registry, "text-classification", LoadedTextClassifier, default_model=s.default_text_model,
-                          **common)
-        face_pool = ModelPool(registry, "face-embedding", LoadedFaceEmbedder, default_model=s.face_model, **common)
-        for pool in (images, texts, face_pool):
-            await pool.start()
-        state.pools = [images, texts, face_pool]
-        state.classification = ClassificationService(images, max_image_bytes=s.max_image_bytes,
-                                                     max_image_pixels=s.max_image_pixels,
-                                                     max_images=s.max_images_per_request)
-        state.text = TextService(texts, max_texts=s.max_texts_per_request, max_text_chars=s.max_text_chars)
-        await asyncio.to_thread(_open_faces, state, face_pool)
         state.registry = registry
-        if s.style_enabled:
-            await asyncio.to_thread(_open_style, state, registry)
-    except Exception as exc:  # keep serving /health so the failure is visible, not a crash loop
-        log.exception("start-up failed")
-        state.startup_error = f"{type(exc).__name__}: {exc}"
+        for a in APPLICATIONS:
+            if a not in enabled and a == "style":
+                continue  # no workers, no store: disabled
+            try:
+                st = await STARTERS[a](state, registry, common)
+                # without models the service still answers, with the 503/404 that says what is missing
+                state.applications[a] = st if a in enabled else AppStatus("disabled")
+            except Exception as exc:  # keep serving the others and /health, so the failure is visible
+                log.exception("application %s failed to start", a)
+                state.applications[a] = AppStatus("failed", f"{type(exc).__name__}: {exc}")
+            st = state.applications[a]
+            log.info("application %s: %s%s", a, st.status, f" ({st.reason})" if st.reason else "")
     finally:
         state.ready.set()
 
@@ -132,11 +220,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the FastAPI application (nothing heavy happens until the lifespan runs)."""
     settings = settings or Settings()
     metrics = Metrics()
+    keys = KeyRing.build(settings.api_keys, settings.api_keys_file)  # a bad keys file stops start-up here
+    admission = Admission({a: settings.in_flight_limit(a) for a in APPLICATIONS})
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, AppState]]:
         executor = ThreadPoolExecutor(max_workers=settings.inference_threads, thread_name_prefix="inference")
-        state = AppState(settings=settings, metrics=metrics, executor=executor)
+        state = AppState(settings=settings, metrics=metrics, executor=executor, admission=admission,
+                         keys_enabled=keys.enabled)
         loader = asyncio.create_task(_start(state))
         try:
             yield {"app_state": state}
@@ -159,12 +250,49 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_handlers(app)
-    app.add_middleware(ServiceMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
-    app.include_router(health.router)
-    protected = [Depends(require_api_key)]
-    app.include_router(models.router, dependencies=protected)
-    app.include_router(classify.router, dependencies=protected)
-    app.include_router(text.router, dependencies=protected)
-    app.include_router(faces.router, dependencies=protected)
-    app.include_router(style.router, dependencies=protected)
+    app.add_middleware(ServiceMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes,
+                       keys=keys, admission=admission,
+                       default_timeout=settings.request_timeout_seconds)
+    for router in (health.router, models.router, classify.router, text.router, faces.router, style.router):
+        app.include_router(router)  # who may call what is the gate's table (app/gate.py), checked before the body
+    _document_gate(app)
     return app
+
+
+def _document_gate(app: FastAPI) -> None:
+    """Put the gate's table into /openapi.json: the security schemes, each operation's required scope, and the
+    401/403/503/504 answers the gate can give before the route runs."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        components = schema.setdefault("components", {})
+        components.setdefault("securitySchemes", {}).update({
+            "APIKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            "Bearer": {"type": "http", "scheme": "bearer"}})
+        problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+        components.setdefault("schemas", {}).setdefault("Problem", Problem.model_json_schema())
+        for path, ops in schema.get("paths", {}).items():
+            for method, op in ops.items():
+                policy = policy_for(method.upper(), path)
+                responses = op.setdefault("responses", {})
+                if policy.scope:
+                    op["security"] = [{"APIKey": []}, {"Bearer": []}]
+                    op["x-required-scope"] = policy.scope
+                    responses.setdefault("401", {"description": "API keys are on and none or a wrong one was sent",
+                                                 "content": problem})
+                    responses.setdefault("403", {"description": f"the principal lacks the {policy.scope!r} scope",
+                                                 "content": problem})
+                if policy.application:
+                    responses.setdefault("503", {"description": f"{policy.application} is at its in-flight bound "
+                                                 "(Retry-After) or not available", "content": problem})
+                    responses.setdefault("504", {"description": "the X-Request-Timeout deadline passed before the "
+                                                 "work ran", "content": problem})
+                responses.setdefault("422", {"description": "invalid parameters or X-Request-Timeout",
+                                             "content": problem})
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -26,8 +26,14 @@ class Metrics:
                                          buckets=BATCH_BUCKETS, registry=r)
         self.batch_seconds = Histogram("cnn_batch_forward_seconds", "Duration of one batched forward pass",
                                        ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.rejected = Counter("cnn_batch_rejected", "Items rejected because a model's queue was full",
-                                ["model"], registry=r)
+        self.rejected_items = Counter("cnn_batch_rejected", "Items refused (queue_full) or dropped unrun because "
+                                      "their request's deadline passed (deadline)", ["model", "reason"], registry=r)
+        self.inflight = Gauge("cnn_requests_in_flight", "Requests admitted and not yet answered, per application",
+                              ["application"], registry=r)
+        self.inflight_limit = Gauge("cnn_requests_in_flight_limit", "The in-flight bound of each application",
+                                    ["application"], registry=r)
+        self.admission_rejected = Counter("cnn_admission_rejected", "Requests answered 503 at the gate because "
+                                          "their application was at its in-flight bound", ["application"], registry=r)
         self.style_jobs = Gauge("cnn_style_jobs", "Style-transfer jobs by state", ["state"], registry=r)
         self.style_queue = Gauge("cnn_style_queue_length", "Style-transfer jobs waiting", registry=r)
         self.style_seconds = Histogram("cnn_style_job_duration_seconds", "Run time of style-transfer jobs",
@@ -50,10 +56,21 @@ class Metrics:
         """Record a model's queue depth."""
         self.queue_depth_gauge.labels(model).set(depth)
 
+    def rejected(self, model: str, items: int, reason: str) -> None:
+        """Record items a batcher refused or dropped."""
+        self.rejected_items.labels(model, reason).inc(items)
+
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        """Record one HTTP request."""
+        """Record one HTTP request. Callers pass bounded values only: a route template or 'unmatched', a known
+        method or 'other', a status code, so no client can grow the label set."""
         self.requests.labels(route, method, str(status)).inc()
         self.latency.labels(route, method, str(status)).observe(seconds)
+
+    def set_admission(self, snapshot: dict[str, dict[str, int]]) -> None:
+        """In-flight counts and bounds per application, read from the gate at scrape time."""
+        for application, v in snapshot.items():
+            self.inflight.labels(application).set(v["in_flight"])
+            self.inflight_limit.labels(application).set(v["limit"])
 
     def style_job_finished(self, status: str, seconds: float) -> None:
         """Record one finished style job."""

@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     style_max_styles: int = Field(default=4, ge=1)
     style_ttl_hours: float = Field(default=24.0, gt=0, description="finished jobs and their files are deleted after")
     style_stale_seconds: float = Field(default=120.0, gt=0, description="a running job without heartbeat is requeued")
+    style_max_finished_jobs: int = Field(default=1000, ge=1, description="finished jobs kept; beyond it the oldest "
+                                         "finished ones (records and files) are deleted")
+    style_max_finished_bytes: int = Field(default=2 * 1024**3, ge=1, description="bytes the files of finished jobs "
+                                          "may take; beyond it the oldest finished jobs are deleted")
 
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N")
     torch_threads: int = Field(default=0, description="intra-op CPU threads (0: torch default)")
@@ -103,16 +107,52 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=50 * 1024 * 1024, description="whole request body limit")
     max_image_bytes: int = Field(default=10 * 1024 * 1024, description="per uploaded image")
     max_image_pixels: int = Field(default=40_000_000, description="decoded pixel cap (decompression bombs)")
+    max_image_side: int = Field(default=20_000, ge=1, description="longest image side in pixels, checked from the "
+                                "header before decoding (413 above)")
+    max_aspect_ratio: float = Field(default=20.0, ge=1.0, description="longest side / shortest side, checked from "
+                                    "the header (422 above; panoramas to 10:1 pass)")
     max_images_per_request: int = Field(default=16, ge=1)
 
     api_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="when set, every non-health endpoint needs X-API-Key or Bearer"
+        default_factory=list, description="plain keys (principals key-1, key-2, ... with scopes read, write, "
+        "metrics); when any key is configured every non-health endpoint needs X-API-Key or Bearer"
     )
+    api_keys_file: Path | None = Field(
+        default=None, description="JSON list of principals: {name, key_sha256, scopes: read|write|admin|metrics} "
+        "(make one with `python -m app.cli keygen NAME --scopes read,write`)")
 
-    @field_validator("classifiers", "text_models", "face_models", "api_keys", mode="before")
+    in_flight_max: int = Field(default=32, ge=1, description="requests admitted at once per application "
+                               "(classification, text, faces, style); more get 503 + Retry-After before their body "
+                               "is read")
+    in_flight_overrides: dict[str, int] = Field(default_factory=dict, description='per application, JSON: '
+                                                '{"classification": 64, "style": 4}')
+    request_timeout_seconds: float | None = Field(
+        default=None, gt=0, le=3600, description="default per-request deadline; queued work past it is dropped with "
+        "504 (clients may ask for less with X-Request-Timeout)")
+    ready_requires: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="applications /health/ready requires (default: every enabled one)")
+
+    @field_validator("classifiers", "text_models", "face_models", "api_keys", "ready_requires", mode="before")
     @classmethod
     def _lists(cls, v: Any) -> Any:
         return _split_list(v)
+
+    @field_validator("api_keys_file", "request_timeout_seconds", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v  # CNN_X= in a compose file means unset
+
+    @field_validator("ready_requires", "in_flight_overrides")
+    @classmethod
+    def _known_applications(cls, v: Any) -> Any:
+        unknown = sorted(set(v) - {"classification", "text", "faces", "style"})
+        if unknown:
+            raise ValueError(f"unknown applications {unknown}; known: classification, text, faces, style")
+        return v
+
+    def in_flight_limit(self, application: str) -> int:
+        """The in-flight bound of one application."""
+        return max(1, int(self.in_flight_overrides.get(application, self.in_flight_max)))
 
     def batch_config_for(self, model: str) -> dict[str, float]:
         """Batcher settings for one model: the global values overlaid with its override."""

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.gate import Admission
 from app.metrics import Metrics
 from app.runtime.registry import ModelRegistry
 from app.services.classification import ClassificationService
@@ -15,6 +16,20 @@ from app.services.pool import ModelPool
 from app.services.style import StyleJobs, StyleWorker
 from app.services.text import TextService
 from app.settings import Settings
+
+
+@dataclass(frozen=True)
+class AppStatus:
+    """One application's state: loading, ready, degraded (serves, but its default path is broken),
+    unavailable (no model serves), failed (start-up raised) or disabled."""
+
+    status: str
+    reason: str | None = None
+    default_model: str | None = None
+
+    @property
+    def serving(self) -> bool:
+        return self.status in ("ready", "degraded")
 
 
 @dataclass
@@ -31,5 +46,7 @@ class AppState:
     pools: list[ModelPool[Any]] = field(default_factory=list)
     style: StyleJobs | None = None
     style_worker: StyleWorker | None = None
+    admission: Admission | None = None
+    keys_enabled: bool = False
+    applications: dict[str, AppStatus] = field(default_factory=dict)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
-    startup_error: str | None = None

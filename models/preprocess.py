@@ -57,21 +57,40 @@ class ImageSpec:
         return d
 
 
+# The full resize below is bounded by the input (when it shrinks) or by this many output squares (when it grows):
+# every photo and panorama. Past that only a strip is left, a few pixels thick, that would balloon into a
+# huge image (a 5000 x 2 strip becomes 80000 x 32 on the way to a 32-pixel crop).
+_MAX_GROWTH_SQUARES = 16
+
+
 def resize_crop(img: Image.Image, spec: ImageSpec) -> Image.Image:
-    """Resize the shorter side to spec.resize and take the centred spec.crop square."""
+    """Resize the shorter side to spec.resize and take the centred spec.crop square.
+
+    No intermediate is larger than the input or 16 x resize^2 pixels, whatever the aspect ratio."""
     img = img.convert("RGB") if img.mode != "RGB" else img
     w, h = img.size
-    if min(w, h) != spec.resize:
+    if min(w, h) == spec.resize:
+        nw, nh = w, h
+    elif w <= h:
         # torchvision's rule: the short side becomes `resize`, the long side is truncated, not rounded
-        if w <= h:
-            nw, nh = spec.resize, int(spec.resize * h / w)
-        else:
-            nw, nh = int(spec.resize * w / h), spec.resize
-        img = img.resize((nw, nh), _INTERPOLATIONS[spec.interpolation])
-        w, h = nw, nh
-    left = round((w - spec.crop) / 2.0)
-    top = round((h - spec.crop) / 2.0)
-    if (w, h) != (spec.crop, spec.crop):
+        nw, nh = spec.resize, int(spec.resize * h / w)
+    else:
+        nw, nh = int(spec.resize * w / h), spec.resize
+    # the crop in the coordinates of the resized image, where torchvision's center_crop puts it
+    left = round((nw - spec.crop) / 2.0)
+    top = round((nh - spec.crop) / 2.0)
+    resample = _INTERPOLATIONS[spec.interpolation]
+    if (nw, nh) != (w, h) and nw * nh > max(w * h, _MAX_GROWTH_SQUARES * spec.resize * spec.resize):
+        # A strip: resample only the crop, with the source box the full resize would have mapped onto it
+        # (same sampling positions; PIL may order its two passes differently, so a few grey levels can differ).
+        sx, sy = w / nw, h / nh
+        # clamped: nw * (w / nw) can exceed w by a rounding error, and PIL refuses boxes outside the image
+        box = (left * sx, top * sy, min(w, (left + spec.crop) * sx), min(h, (top + spec.crop) * sy))
+        return img.resize((spec.crop, spec.crop), resample, box=box)
+    # Every other image: the full resize, then the crop, exactly the transform the models were trained with.
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), resample)
+    if (nw, nh) != (spec.crop, spec.crop):
         img = img.crop((left, top, left + spec.crop, top + spec.crop))
     return img
 

@@ -313,6 +313,10 @@ class StyleParams:
     pool: PoolMode | None = None  # None: the feature network's own setting
 
     def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise ValueError when a value is invalid (run at construction, and again by plan_stylize)."""
         _int_in("steps", self.steps, 1, 100_000)
         _int_in("size", self.size, MIN_SIZE, 16_384)
         _int_in("multires", self.multires, 1, MAX_MULTIRES)
@@ -575,6 +579,88 @@ def _default_amp(device: torch.device) -> torch.dtype | None:
     return None
 
 
+def min_side(layers: Iterable[str]) -> int:
+    """Smallest image side (px) from which the feature network reaches every layer in `layers`.
+
+    Each 2x2 pooling up to the deepest layer halves the image (rounding down) and fails on a side of
+    one pixel, so p poolings need 2**p px (16 for conv5_1, 8 for conv4_2). Never below 2: the
+    total-variation loss and colour preservation's standard deviation are undefined on one pixel.
+    """
+    names = list(layers)
+    if not names:
+        return 2
+    deepest = max(layer_index(n) for n in names)
+    pools = sum(1 for m in VGG19_MODULES[: deepest + 1] if m.startswith("pool"))
+    return max(2, 2**pools)
+
+
+@dataclass(frozen=True)
+class StylePlan:
+    """What `stylize` does for given parameters and image sizes (returned only when it can run)."""
+
+    size: tuple[int, int]  # (width, height) of the result
+    levels: tuple[tuple[int, int], ...]  # (width, height) of each multires level, coarse to fine
+    steps: tuple[int, ...]  # steps per level
+    blend: tuple[float, ...]  # normalised weight per style image
+    min_side: int  # smallest side the optimised image may have at any level
+
+
+def _size_pair(what: str, size: object) -> tuple[int, int]:
+    if not isinstance(size, tuple | list) or len(size) != 2:
+        raise ValueError(f"{what}: size must be (width, height), got {size!r}")
+    w, h = size
+    _int_in(f"{what} width", w, 1, 2**31 - 1)
+    _int_in(f"{what} height", h, 1, 2**31 - 1)
+    return int(w), int(h)
+
+
+def plan_stylize(params: StyleParams, content_size: tuple[int, int], style_sizes: Sequence[tuple[int, int]], *,
+                 network_modules: int | None = None) -> StylePlan:
+    """Check that `stylize` can run these parameters on images of these sizes; ValueError saying why not.
+
+    Pure (sizes only, no pixels), so a service can call it before accepting a job; `stylize` calls it
+    too, so the two never disagree. Checks: the parameters themselves (StyleParams.check), one blend
+    weight per style image, the layers against a feature network of `network_modules` modules (when
+    given), and that at every multires level the image being optimised, and every style image that
+    takes part (blend weight > 0, style_weight > 0) scaled to that level, keep both sides at least
+    `min_side` of the layers used once scaled with their aspect ratio kept.
+    """
+    params.check()
+    content_wh = _size_pair("content image", content_size)
+    styles_wh = [_size_pair(f"style[{i}]", s) for i, s in enumerate(style_sizes)]
+    blend = params.blend_weights(len(styles_wh))
+    if network_modules is not None:
+        missing = [n for n in (*params.content_layers, *params.style_layers) if layer_index(n) >= network_modules]
+        if missing:
+            raise ValueError(f"the feature network stops before layer(s) {missing}")
+    c_layers = list(params.content_layers) if params.content_weight > 0 else []
+    s_layers = list(params.style_layers) if params.style_weight > 0 else []
+    used = [*c_layers, *s_layers]
+    deepest = max(used, key=layer_index)
+    x_min, s_min = min_side(used), min_side(s_layers)
+    final = fit_size(*content_wh, params.size)
+    levels = _level_sizes(final, params.multires)
+    fix = "use a larger size" + (" or fewer multires levels" if params.multires > 1 else "")
+    for k, level in enumerate(levels):
+        at = (f"multires level {k + 1} of {len(levels)} (coarse to fine)" if len(levels) > 1
+              else f"size {params.size}")
+        if min(level) < x_min:
+            raise ValueError(
+                f"the content image ({content_wh[0]}x{content_wh[1]} px) is {level[0]}x{level[1]} px at {at}; the "
+                f"feature layers up to {deepest} need at least {x_min} px on each side: {fix}, or a less "
+                "elongated image")
+        if not s_layers:
+            continue  # style_weight 0: the style images are never fed to the network
+        s_deepest = max(s_layers, key=layer_index)
+        for i, ((sw, sh), b) in enumerate(zip(styles_wh, blend, strict=True)):
+            w, h = fit_size(sw, sh, max(level))
+            if b > 0 and min(w, h) < s_min:  # a style with blend weight 0 is never fed to the network
+                raise ValueError(
+                    f"style[{i}] ({sw}x{sh} px) is scaled to {w}x{h} px at {at}; the style layers up to {s_deepest} "
+                    f"need at least {s_min} px on each side: {fix}, or a less elongated style image")
+    return StylePlan(final, tuple(levels), tuple(_split_steps(params.steps, params.multires)), tuple(blend), x_min)
+
+
 def stylize(content: Image.Image, styles: Sequence[Image.Image], params: StyleParams, features: VGGFeatures,
             device: torch.device, progress: ProgressFn | None = None, *,
             amp: torch.dtype | Literal["auto"] | None = "auto") -> Image.Image:
@@ -583,21 +669,15 @@ def stylize(content: Image.Image, styles: Sequence[Image.Image], params: StylePa
     `progress(info)` runs after every step; returning False stops the run with StyleCancelled.
     `amp`: autocast dtype for the feature network ("auto": bf16 on CUDA, none on CPU).
     """
-    blend = params.blend_weights(len(styles))
-    missing = [n for n in (*params.content_layers, *params.style_layers)
-               if layer_index(n) >= len(features.layers)]
-    if missing:
-        raise ValueError(f"the feature network stops before layer(s) {missing}")
+    plan = plan_stylize(params, content.size, [s.size for s in styles], network_modules=len(features.layers))
     amp_dtype = _default_amp(device) if amp == "auto" else amp
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes for hundreds of steps: tuning pays off
     features.to(device)
     if _use_channels_last(device):
         features.to(memory_format=torch.channels_last)  # a no-op after the first job
-    weighted = [(s, w) for s, w in zip(styles, blend, strict=True) if w > 0]
-    final = fit_size(*content.size, params.size)
-    sizes = _level_sizes(final, params.multires)
-    per_level = _split_steps(params.steps, params.multires)
+    weighted = [(s, w) for s, w in zip(styles, plan.blend, strict=True) if w > 0]
+    sizes, per_level = plan.levels, plan.steps
     gen = torch.Generator().manual_seed(params.seed)
     x: Tensor | None = None
     done = 0

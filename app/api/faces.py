@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, Path, Query, Response, UploadFile
 
 from app.api.schemas import PROBLEM_RESPONSES
+from app.api.uploads import single_file
 from app.deps import Faces
 from app.errors import InvalidParameters
 from app.services.classification import Upload
@@ -28,15 +29,6 @@ ThresholdField = Annotated[float | None, Form(gt=0.0, lt=4.0, description="squar
 async def _read(service: Any, f: UploadFile, fallback: str) -> Upload:
     # read at most one byte past the limit: enough to know the file is too large
     return Upload(filename=f.filename or fallback, data=await f.read(service.max_image_bytes + 1))
-
-
-def _one(files: list[UploadFile] | None, field: str) -> UploadFile | None:
-    """The single file of a field that takes one image: a repeated field is a 422, not silently truncated."""
-    if not files:
-        return None
-    if len(files) > 1:
-        raise InvalidParameters(f"{field}: one image expected, {len(files)} sent", extra={"field": field})
-    return files[0]
 
 
 @router.post("/embed", responses=RESPONSES, summary="Detect faces and return their embeddings")
@@ -69,8 +61,8 @@ async def verify(
 ) -> dict[str, Any]:
     """Same person when the squared L2 distance between the largest faces' embeddings is at most the threshold.
     Send either image_a + image_b, or image + subject."""
-    image_a, image_b = _one(image_a_field, "image_a"), _one(image_b_field, "image_b")
-    image = _one(image_field, "image")
+    image_a, image_b = single_file(image_a_field, "image_a"), single_file(image_b_field, "image_b")
+    image = single_file(image_field, "image")
     pair = image_a is not None or image_b is not None
     single = image is not None or subject is not None
     if pair == single:
@@ -114,7 +106,7 @@ async def identify(
 ) -> dict[str, Any]:
     """For each detected face (largest first): the top-k subjects by best face distance, and `subject` = the
     nearest one when its distance is within the threshold, else null (a stranger)."""
-    one = _one(image, "image")
+    one = single_file(image, "image")
     assert one is not None  # the field is required
     return await service.identify(await _read(service, one, "image"), top_k, max_faces, detector, threshold)
 
@@ -126,7 +118,7 @@ SubjectPath = Annotated[str, Path(description="subject id")]
 async def list_subjects(
     service: Faces,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,  # larger: 422 (SQLite integers overflow at 2**63)
 ) -> dict[str, Any]:
     """Subjects sorted by id with their face counts; `next` links the following page."""
     return await service.list_subjects(limit, offset)

@@ -1,12 +1,16 @@
-"""Liveness, readiness and Prometheus metrics (never behind API keys)."""
+"""Liveness, readiness per application, and Prometheus metrics."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
 from fastapi.responses import JSONResponse
 
-from app.api.schemas import Live, Ready
+from app.api.schemas import PROBLEM_RESPONSES, Live, Ready
 from app.deps import State
+from app.errors import InvalidParameters
+from app.gate import APPLICATIONS
 
 router = APIRouter(tags=["health"])
 
@@ -17,31 +21,50 @@ async def live() -> Live:
     return Live()
 
 
-@router.get("/health/ready", response_model=Ready, summary="Models loaded and stores open",
-            responses={503: {"model": Ready, "description": "Still loading, or no model could be loaded"}})
-async def ready(state: State) -> JSONResponse:
-    """Readiness: 200 once start-up finished and the default classifier is serving, else 503."""
+@router.get("/health/ready", response_model=Ready, summary="The required applications serve",
+            responses={503: {"model": Ready, "description": "Still loading, or a required application is not ready"},
+                       422: PROBLEM_RESPONSES[422]})
+async def ready(
+    state: State,
+    require: Annotated[str | None, Query(max_length=200, description="comma-separated applications this check "
+                                         "requires (classification, text, faces, style); default: "
+                                         "CNN_READY_REQUIRES, else every enabled application")] = None,
+) -> JSONResponse:
+    """200 when every required application is ready, else 503 naming those that are not. Each application
+    starts and fails on its own, so a faces-only deployment can be ready while text is unavailable."""
+    if require is not None:
+        wanted = [a.strip() for a in require.split(",") if a.strip()]
+        unknown = [a for a in wanted if a not in APPLICATIONS]
+        if unknown or not wanted:
+            raise InvalidParameters(f"require: unknown applications {unknown}; known: {', '.join(APPLICATIONS)}")
+    else:
+        wanted = list(state.settings.ready_requires) or [
+            a for a, st in state.applications.items() if st.status != "disabled"]
+    hide = state.keys_enabled  # with keys on, an open endpoint reveals no reasons (they name files and paths)
+    apps = {a: {"status": st.status, "reason": None if hide else st.reason, "default_model": st.default_model,
+                "required": a in wanted} for a, st in state.applications.items()}
+    models = [] if state.registry is None else [
+        {"name": n, "task": s.task, "status": s.status, "reason": None if hide else s.reason}
+        for n, s in state.registry.states.items()]
     if not state.ready.is_set():
-        body = Ready(status="loading", detail="models are loading")
+        body = Ready(status="loading", detail="applications are starting", applications=apps)  # type: ignore[arg-type]
         return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})
-    if state.startup_error is not None or state.registry is None or state.classification is None:
-        body = Ready(status="failed", detail=state.startup_error)
+    missing = [a for a in wanted if a not in state.applications or state.applications[a].status != "ready"]
+    if missing:
+        detail = "not ready: " + ", ".join(
+            f"{a} ({state.applications[a].status if a in state.applications else 'unknown'})" for a in missing)
+        body = Ready.model_validate({"status": "not-ready", "detail": detail, "applications": apps, "models": models})
         return JSONResponse(body.model_dump(), status_code=503)
-    models = [{"name": n, "task": s.task, "status": s.status, "reason": s.reason}
-              for n, s in state.registry.states.items()]
-    default = state.classification.default_model
-    default_state = state.registry.states.get(default) if default else None
-    if default_state is None or default_state.status != "ready":
-        body = Ready.model_validate({"status": "no-models", "models": models,
-                                     "detail": f"default classifier {default!r} is not ready"})
-        return JSONResponse(body.model_dump(), status_code=503)
-    return JSONResponse(Ready.model_validate({"status": "ready", "models": models}).model_dump())
+    return JSONResponse(Ready.model_validate({"status": "ready", "applications": apps, "models": models}).model_dump())
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
             responses={200: {"content": {"text/plain": {}}}})
 async def metrics(state: State) -> Response:
-    """Prometheus text exposition: requests, latency, queue depth and wait, batch sizes, style jobs."""
+    """Prometheus text exposition: requests, latency, in-flight per application, queue depth and wait, batch sizes,
+    rejections, style jobs."""
     if state.style is not None:
         state.metrics.set_style_counts(state.style.store.counts())
+    if state.admission is not None:
+        state.metrics.set_admission(state.admission.snapshot())
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

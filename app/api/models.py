@@ -18,7 +18,9 @@ async def list_models(state: State) -> ModelList:
         raise ServiceUnavailable("models are still loading; retry shortly", retry_after=5)
     default = state.classification.default_model if state.classification else None
     default_text = state.text.default_model if state.text else None
-    return ModelList(default_classifier=default, default_text_model=default_text,
+    apps = {a: {"status": st.status, "reason": st.reason, "default_model": st.default_model}
+            for a, st in state.applications.items()}
+    return ModelList(default_classifier=default, default_text_model=default_text, applications=apps,  # type: ignore[arg-type]
                      models=[ModelInfo.model_validate(state.registry.describe(n)) for n in state.registry.states])
 
 

@@ -21,9 +21,11 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": Problem, "content": {"application/problem+json": {}}, "description": desc}
     for code, desc in {
         400: "Malformed request or corrupt image", 401: "Missing or invalid API key",
+        403: "The API key's principal lacks the scope this route needs",
         404: "Unknown model", 413: "Body, image or decoded pixels too large",
         415: "Not an image or unsupported format", 422: "Invalid parameters",
         503: "Model unavailable, still loading, or overloaded (see Retry-After)",
+        504: "The request's deadline (X-Request-Timeout) passed before its work ran",
     }.items()
 }
 
@@ -39,9 +41,21 @@ class ModelReadiness(BaseModel):
     reason: str | None = None
 
 
+class ApplicationInfo(BaseModel):
+    status: Literal["loading", "ready", "degraded", "unavailable", "failed", "disabled"]
+    reason: str | None = Field(None, description="why it is not (fully) ready")
+    default_model: str | None = None
+
+
+class ApplicationReadiness(ApplicationInfo):
+    reason: str | None = Field(None, description="why it is not ready (omitted when API keys are on)")
+    required: bool = Field(description="whether this readiness answer requires it")
+
+
 class Ready(BaseModel):
-    status: Literal["ready", "loading", "failed", "no-models"]
+    status: Literal["ready", "loading", "not-ready"]
     detail: str | None = None
+    applications: dict[str, ApplicationReadiness] = Field(default_factory=dict)
     models: list[ModelReadiness] = Field(default_factory=list)
 
 
@@ -67,6 +81,8 @@ class ModelInfo(BaseModel):
 class ModelList(BaseModel):
     default_classifier: str | None
     default_text_model: str | None = None
+    applications: dict[str, ApplicationInfo] = Field(default_factory=dict, description="each application's status "
+                                                     "and, when it does not serve, why")
     models: list[ModelInfo]
 
 

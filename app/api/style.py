@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import io
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse
 from PIL import Image
 from pydantic import BaseModel
 
 from app.api.schemas import PROBLEM_RESPONSES
-from app.deps import StyleJobsDep
-from app.services.style import encode_image
+from app.api.uploads import single_file
+from app.deps import Caller, StyleJobsDep
+from app.services.style import encode_image, read_job_file
 
 router = APIRouter(tags=["style transfer"])
+MAX_OFFSET = 2**31 - 1  # pagination offsets beyond this are a 422 (SQLite integers overflow at 2**63)
+JOB_RESPONSES: dict[int | str, dict[str, Any]] = {**PROBLEM_RESPONSES, 404: {
+    **PROBLEM_RESPONSES[404], "description": "Unknown job (or another caller's: its existence is not revealed), "
+    "deleted, expired or evicted"}}
+NOT_YET: dict[int | str, dict[str, Any]] = {409: {
+    **PROBLEM_RESPONSES[404], "description": "The job has no such image yet (see job_status)"}}
 
 
 class StyleJob(BaseModel):
@@ -35,6 +43,7 @@ class StyleJob(BaseModel):
     parameters: dict[str, Any]
     feature_weights: str | None
     device: str | None
+    owner: str | None = None  # the principal that submitted it (null for jobs from before owners were kept)
     links: dict[str, str]
 
 
@@ -54,7 +63,8 @@ async def _read(f: UploadFile, limit: int) -> tuple[str, bytes]:
              summary="Submit a style-transfer job")
 async def submit(
     jobs: StyleJobsDep,
-    content: Annotated[UploadFile, File(description="the photograph to restyle")],
+    caller: Caller,
+    content: Annotated[list[UploadFile], File(description="the photograph to restyle (one file)")],
     style: Annotated[list[UploadFile], File(description="style image(s); repeat the field to blend several")],
     steps: Annotated[int | None, Form(description="optimisation steps (default 300)")] = None,
     size: Annotated[int | None, Form(description="longest side of the result in pixels (default 512)")] = None,
@@ -77,9 +87,12 @@ async def submit(
     raw = {"steps": steps, "size": size, "content_weight": content_weight, "style_weight": style_weight,
            "tv_weight": tv_weight, "init": init, "optimizer": optimizer, "lr": lr, "style_blend": blend,
            "preserve_colors": preserve_colors, "multires": multires, "seed": seed}
-    c = await _read(content, limit)
+    one = single_file(content, "content")
+    assert one is not None  # the field is required
+    c = await _read(one, limit)
     s = [await _read(f, limit) for f in style]
-    job = await asyncio.to_thread(jobs.submit, c, s, raw)  # decodes the images and writes files: off the loop
+    # decodes the images and writes files: off the loop; the job belongs to the caller
+    job = await asyncio.to_thread(lambda: jobs.submit(c, s, raw, owner=caller.name))
     body = StyleJob.model_validate(jobs.view(job)).model_dump()
     return JSONResponse(body, status_code=202, headers={"Location": f"/style-transfer/{job.id}"})
 
@@ -87,12 +100,13 @@ async def submit(
 @router.get("/style-transfer", response_model=StyleJobList, responses=PROBLEM_RESPONSES, summary="Recent jobs")
 async def list_jobs(
     jobs: StyleJobsDep,
+    caller: Caller,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     status: Annotated[Literal["queued", "running", "succeeded", "failed", "canceled"] | None, Query()] = None,
 ) -> StyleJobList:
-    """Jobs, newest first."""
-    page, total = jobs.store.list_jobs(limit=limit, offset=offset, status=status)
+    """Jobs, newest first: the caller's own; every job for an admin, or when API keys are off."""
+    page, total = jobs.list(limit=limit, offset=offset, status=status, owner=caller.owner_filter)
     nxt = f"/style-transfer?limit={limit}&offset={offset + limit}" if offset + limit < total else None
     if nxt and status:
         nxt += f"&status={status}"
@@ -100,42 +114,48 @@ async def list_jobs(
                         offset=offset, next=nxt)
 
 
-@router.get("/style-transfer/{job_id}", response_model=StyleJob, responses=PROBLEM_RESPONSES, summary="One job")
-async def get_job(job_id: str, jobs: StyleJobsDep) -> StyleJob:
+@router.get("/style-transfer/{job_id}", response_model=StyleJob, responses=JOB_RESPONSES, summary="One job")
+async def get_job(job_id: str, jobs: StyleJobsDep, caller: Caller) -> StyleJob:
     """Status, progress (0..1), step, loss, queue position or ETA, timestamps, error and links."""
-    return StyleJob.model_validate(jobs.view(jobs.get(job_id)))
+    return StyleJob.model_validate(jobs.view(jobs.get(job_id, owner=caller.owner_filter)))
 
 
-@router.get("/style-transfer/{job_id}/result", responses={**PROBLEM_RESPONSES, 200: {
+@router.get("/style-transfer/{job_id}/result", responses={**JOB_RESPONSES, **NOT_YET, 200: {
     "content": {"image/png": {}, "image/jpeg": {}}, "description": "the stylised image"}}, summary="The result")
-async def get_result(job_id: str, jobs: StyleJobsDep,
+async def get_result(job_id: str, jobs: StyleJobsDep, caller: Caller,
                      format: Annotated[Literal["png", "jpeg"], Query(description="image format")] = "png",
                      ) -> Response:
     """The result image once the job succeeded (409 before)."""
-    path = jobs.result(job_id)
+    path = jobs.result(job_id, owner=caller.owner_filter)
+    # read whole (a few MB at most), not streamed: a job evicted meanwhile is then a 404, not a broken response
+    png = await asyncio.to_thread(read_job_file, path)
     if format == "png":
-        return FileResponse(path, media_type="image/png", filename=f"{job_id}.png")
+        return Response(png, media_type="image/png",
+                        headers={"Content-Disposition": f'attachment; filename="{job_id}.png"'})
 
     def to_jpeg() -> bytes:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(png)) as img:
             return encode_image(img, "JPEG")
 
     return Response(await asyncio.to_thread(to_jpeg), media_type="image/jpeg",
                     headers={"Content-Disposition": f'inline; filename="{job_id}.jpg"'})
 
 
-@router.get("/style-transfer/{job_id}/preview", responses={**PROBLEM_RESPONSES, 200: {
+@router.get("/style-transfer/{job_id}/preview", responses={**JOB_RESPONSES, **NOT_YET, 200: {
     "content": {"image/png": {}}, "description": "the latest intermediate image"}}, summary="Latest preview")
-async def get_preview(job_id: str, jobs: StyleJobsDep) -> FileResponse:
+async def get_preview(job_id: str, jobs: StyleJobsDep, caller: Caller) -> Response:
     """The latest intermediate image while running (the result once succeeded)."""
-    return FileResponse(jobs.preview(job_id), media_type="image/png", headers={"Cache-Control": "no-store"})
+    path = jobs.preview(job_id, owner=caller.owner_filter)
+    png = await asyncio.to_thread(read_job_file, path)
+    return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
 
 
-@router.delete("/style-transfer/{job_id}", responses={**PROBLEM_RESPONSES, 200: {"model": StyleJob},
+@router.delete("/style-transfer/{job_id}", responses={**JOB_RESPONSES, 200: {"model": StyleJob},
                204: {"description": "a finished job and its files were deleted"}}, summary="Cancel or delete")
-async def delete_job(job_id: str, jobs: StyleJobsDep) -> Response:
+async def delete_job(job_id: str, jobs: StyleJobsDep, caller: Caller) -> Response:
     """Cancel a queued job at once or a running one within a step or two; delete a finished job's files."""
-    job = jobs.cancel_or_delete(job_id)
+    # off the loop: deleting files (and evicting old finished jobs after a cancel) touches the disk
+    job = await asyncio.to_thread(lambda: jobs.cancel_or_delete(job_id, owner=caller.owner_filter))
     if job is None:
         return Response(status_code=204)
     return JSONResponse(StyleJob.model_validate(jobs.view(job)).model_dump())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import functools
 import logging
 import math
@@ -67,6 +68,21 @@ class QueueFullError(Exception):
         super().__init__(f"queue for model {model!r} is full; retry in {self.retry_after:.1f}s")
 
 
+# The monotonic time after which the current request's queued work is not worth computing (None: no
+# deadline). The HTTP gate sets it per request; a context variable reaches the batcher through the
+# services without every signature carrying it.
+request_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("request_deadline", default=None)
+
+
+class DeadlineExceededError(Exception):
+    """The caller's deadline passed before its item ran, so the item was dropped, not computed."""
+
+    def __init__(self, model: str, waited: float) -> None:
+        self.model = model
+        self.waited = waited
+        super().__init__(f"the request's deadline passed after {waited:.3f}s in the queue of model {model!r}")
+
+
 class BatcherClosedError(Exception):
     """The batcher is closed (or closing) and will not run this item."""
 
@@ -87,6 +103,9 @@ class BatchObserver(Protocol):
     def queue_depth(self, model: str, depth: int) -> None:
         """The number of waiting items changed to ``depth``."""
 
+    def rejected(self, model: str, items: int, reason: str) -> None:
+        """``items`` were refused (``reason``: 'queue_full') or dropped unrun ('deadline')."""
+
 
 @dataclass(eq=False)  # identity equality, so deque.remove() removes exactly this entry
 class _Pending(Generic[I, O]):
@@ -95,6 +114,7 @@ class _Pending(Generic[I, O]):
     item: I
     future: asyncio.Future[O]
     enqueued: float = field(default_factory=time.monotonic)
+    deadline: float | None = None  # monotonic; past it the item is dropped unrun
 
 
 class MicroBatcher(Generic[I, O]):
@@ -160,11 +180,12 @@ class MicroBatcher(Generic[I, O]):
         (fut,) = self._enqueue([item])
         return await fut
 
-    async def submit_many(self, items: Sequence[I]) -> list[O]:
-        """Queue several items (all or none) and wait for their outputs, in order."""
+    async def submit_many(self, items: Sequence[I], deadline: float | None = None) -> list[O]:
+        """Queue several items (all or none) and wait for their outputs, in order. Items still queued at
+        ``deadline`` (default: the current request's, see ``request_deadline``) fail with DeadlineExceededError."""
         if not items:
             return []
-        futs = self._enqueue(items)
+        futs = self._enqueue(items, request_deadline.get() if deadline is None else deadline)
         try:
             return [await fut for fut in futs]
         except BaseException:
@@ -179,7 +200,7 @@ class MicroBatcher(Generic[I, O]):
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _enqueue(self, items: Sequence[I]) -> list[asyncio.Future[O]]:
+    def _enqueue(self, items: Sequence[I], deadline: float | None = None) -> list[asyncio.Future[O]]:
         """Append items to the queue or raise without enqueuing any of them."""
         if self._closed:
             raise BatcherClosedError(f"batcher {self._name!r} is closed")
@@ -187,12 +208,16 @@ class MicroBatcher(Generic[I, O]):
             # Without a running collector the caller would wait forever; fail loudly instead.
             raise RuntimeError(f"batcher {self._name!r} is not running")
         if len(self._queue) + len(items) > self._config.max_queue:
+            self._observe(lambda obs: obs.rejected(self._name, len(items), "queue_full"))
             raise QueueFullError(self._name, self._retry_after())
+        if deadline is not None and time.monotonic() >= deadline:
+            self._observe(lambda obs: obs.rejected(self._name, len(items), "deadline"))
+            raise DeadlineExceededError(self._name, 0.0)
         loop = asyncio.get_running_loop()
         futs: list[asyncio.Future[O]] = []
         for item in items:
             fut: asyncio.Future[O] = loop.create_future()
-            entry = _Pending(item, fut)
+            entry = _Pending(item, fut, deadline=deadline)
             fut.add_done_callback(functools.partial(self._on_done, entry))
             self._queue.append(entry)
             futs.append(fut)
@@ -217,12 +242,18 @@ class MicroBatcher(Generic[I, O]):
         return max(1.0, batches_ahead * (self._avg_batch_s + cfg.max_wait_ms / 1000.0))
 
     def _take(self) -> _Pending[I, O] | None:
-        """Pop the oldest live item, skipping callers that already went away."""
+        """Pop the oldest live item, skipping callers that went away and dropping items past their deadline."""
         while self._queue:
             entry = self._queue.popleft()
             self._observe_depth()
-            if not entry.future.done():
-                return entry
+            if entry.future.done():
+                continue
+            now = time.monotonic()
+            if entry.deadline is not None and now >= entry.deadline:
+                entry.future.set_exception(DeadlineExceededError(self._name, now - entry.enqueued))
+                self._observe(lambda obs: obs.rejected(self._name, 1, "deadline"))
+                continue
+            return entry
         return None
 
     async def _collector(self) -> None:
@@ -351,6 +382,8 @@ class MicroBatcher(Generic[I, O]):
             return
         try:
             call(self._observer)
+        except AttributeError as exc:  # an observer written before a newer hook existed
+            log.debug("batcher %s: observer lacks a hook: %s", self._name, exc)
         except Exception:
             log.exception("batcher %s: observer failed", self._name)
 

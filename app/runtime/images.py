@@ -8,14 +8,15 @@ import io
 import logging
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio.to_thread
 import numpy as np
 from PIL import Image, ImageOps
 
-from app.errors import BadRequest, PayloadTooLarge, ProblemError, UnsupportedMediaType
+from app.errors import BadRequest, InvalidParameters, PayloadTooLarge, ProblemError, UnsupportedMediaType
+from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,16 @@ log = logging.getLogger(__name__)
 SUPPORTED_FORMATS: frozenset[str] = frozenset({"JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP", "TIFF"})
 _SUPPORTED_LIST = ", ".join(sorted(SUPPORTED_FORMATS))
 
+# Limits callers do not pass come from the Settings defaults: one place, so every caller (style included)
+# gets the same header checks.
+_FIELDS = Settings.model_fields
+DEFAULT_MAX_BYTES: int = _FIELDS["max_image_bytes"].default
+DEFAULT_MAX_PIXELS: int = _FIELDS["max_image_pixels"].default
+DEFAULT_MAX_SIDE: int = _FIELDS["max_image_side"].default
+DEFAULT_MAX_ASPECT_RATIO: float = _FIELDS["max_aspect_ratio"].default
+
 _WHITE = (255, 255, 255)
+_CHUNK_SAMPLES = 1 << 20  # high-bit-depth conversion works on row blocks of about this many samples
 _MAX_DETAIL = 200  # PIL messages go into the response; keep them short
 
 # warnings.catch_warnings swaps the process-wide filter list; two threads entering and leaving it in an
@@ -45,11 +55,15 @@ def _bomb_warnings_ignored() -> Iterator[None]:
 def decode_image(
     data: bytes,
     *,
-    max_bytes: int = 10 * 1024 * 1024,
-    max_pixels: int = 40_000_000,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_side: int = DEFAULT_MAX_SIDE,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
     name: str = "image",
 ) -> Image.Image:
-    """Validate and decode untrusted image bytes into a fully loaded RGB image, or raise a ProblemError."""
+    """Validate and decode untrusted image bytes into a fully loaded RGB image, or raise a ProblemError.
+
+    Size, side length and aspect ratio are checked from the header, before any pixel buffer exists."""
     size = len(data)
     if size == 0:
         raise BadRequest(f"{name}: the upload is empty", extra={"field": name})
@@ -70,6 +84,7 @@ def decode_image(
                 "pixels (possible decompression bomb)",
                 extra={"field": name, "width": width, "height": height, "max_pixels": max_pixels},
             )
+        _check_shape(width, height, max_side, max_aspect_ratio, name)
         img.seek(0)  # animated GIF/WEBP/APNG and multi-page TIFF/MPO: classify the first frame
         # PIL re-checks its own global limit while allocating; when the caller allowed more than that limit
         # we have already vetted the size, so silence the warning (rare and large, so the lock costs little).
@@ -130,6 +145,24 @@ def _open(data: bytes, name: str) -> Image.Image:
     return img
 
 
+def _check_shape(width: int, height: int, max_side: int, max_aspect_ratio: float, name: str) -> None:
+    """Refuse sides and aspect ratios no model can use: a few header bytes must not buy gigabytes of resized
+    intermediates (a 2,000,000 x 1 strip scaled to a 256-pixel short side is half a gigapixel)."""
+    long, short = max(width, height), min(width, height)
+    extra = {"field": name, "width": width, "height": height}
+    if long > max_side:
+        raise PayloadTooLarge(
+            f"{name}: {width}x{height} has a side of {long} pixels; the limit is {max_side} pixels per side",
+            extra={**extra, "max_side": max_side},
+        )
+    if long > max_aspect_ratio * short:
+        raise InvalidParameters(
+            f"{name}: {width}x{height} has an aspect ratio of {long / short:.4g}:1; at most {max_aspect_ratio:g}:1 "
+            "is accepted (crop the strip, or send the region of interest)",
+            extra={**extra, "aspect_ratio": round(long / short, 4), "max_aspect_ratio": max_aspect_ratio},
+        )
+
+
 def _apply_orientation(img: Image.Image, name: str) -> None:
     """Rotate/flip by the EXIF Orientation tag in place, so the model sees the picture upright."""
     try:
@@ -166,12 +199,22 @@ def _flatten(rgba: Image.Image) -> Image.Image:
     return out
 
 
+def _by_rows(arr: np.ndarray, convert: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """uint8 result of `convert` applied to blocks of rows: wide temporaries (int64, float) stay a few MB
+    instead of several times the image."""
+    out = np.empty(arr.shape[:2], dtype=np.uint8)
+    step = max(1, _CHUNK_SAMPLES // max(1, arr.shape[1]))
+    for r in range(0, arr.shape[0], step):
+        out[r : r + step] = convert(arr[r : r + step])
+    return out
+
+
 def _integer_to_rgb(img: Image.Image) -> Image.Image:
     """Scale 16/32-bit integer samples to 8 bits by their bit range; clipping at 255 would turn them white."""
     arr = np.asarray(img)
     if img.mode.startswith("I;16"):
         # round(x / 257) maps 0..65535 onto 0..255 exactly; uint32 holds x + 128 without overflow.
-        out = ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)
+        out = _by_rows(arr, lambda a: ((a.astype(np.uint32) + 128) // 257).astype(np.uint8))
     else:
         # Mode I does not say how many bits are in use: infer the range from the values present.
         lo, hi = int(arr.min()), int(arr.max())
@@ -180,14 +223,21 @@ def _integer_to_rgb(img: Image.Image) -> Image.Image:
         elif lo >= 0 and hi <= 65535:
             lo, hi = 0, 65535  # 16-bit data in a 32-bit container (older PNG/TIFF decoders)
         span = max(hi - lo, 1)
-        # int64 cannot overflow for any 32-bit sample; otherwise stretch the actual min..max to 0..255.
-        scaled = ((arr.astype(np.int64) - lo) * 255 + span // 2) // span
-        out = np.clip(scaled, 0, 255).astype(np.uint8)
+
+        def scale(a: np.ndarray) -> np.ndarray:
+            # int64 cannot overflow for any 32-bit sample; otherwise stretch the actual min..max to 0..255.
+            scaled = ((a.astype(np.int64) - lo) * 255 + span // 2) // span
+            return np.clip(scaled, 0, 255).astype(np.uint8)
+
+        out = _by_rows(arr, scale)
     return Image.fromarray(out).convert("RGB")
 
 
 def _float_to_rgb(img: Image.Image) -> Image.Image:
     """Round and clip float samples to 0..255 (NaN to 0)."""
-    arr = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=255.0, neginf=0.0)
-    out = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
-    return Image.fromarray(out).convert("RGB")
+
+    def scale(a: np.ndarray) -> np.ndarray:
+        a = np.nan_to_num(a.astype(np.float32), nan=0.0, posinf=255.0, neginf=0.0)
+        return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+    return Image.fromarray(_by_rows(np.asarray(img), scale)).convert("RGB")

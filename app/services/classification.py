@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from app.errors import InvalidParameters
-from app.runtime.images import decode_image
+from app.runtime.images import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_SIDE, decode_image
 from app.runtime.registry import LoadedClassifier
 from app.services.pool import ModelPool
 from models.preprocess import image_to_tensor
@@ -35,10 +35,13 @@ class ClassificationService:
     """Serves every loaded image classifier through its own micro-batcher."""
 
     def __init__(self, pool: ModelPool[LoadedClassifier], *, max_image_bytes: int, max_image_pixels: int,
-                 max_images: int) -> None:
+                 max_images: int, max_image_side: int = DEFAULT_MAX_SIDE,
+                 max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> None:
         self.pool = pool
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
+        self.max_image_side = max_image_side
+        self.max_aspect_ratio = max_aspect_ratio
         self.max_images = max_images
 
     @property
@@ -48,7 +51,7 @@ class ClassificationService:
 
     def _prepare(self, upload: Upload, loaded: LoadedClassifier) -> torch.Tensor:
         img = decode_image(upload.data, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels,
-                           name=upload.filename)
+                           max_side=self.max_image_side, max_aspect_ratio=self.max_aspect_ratio, name=upload.filename)
         return image_to_tensor(img, loaded.preprocessing)
 
     async def classify(self, uploads: list[Upload], model: str | None, k: int) -> dict[str, Any]:

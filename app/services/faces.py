@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from app.errors import Conflict, InvalidParameters, NotFound
-from app.runtime.images import decode_image
+from app.errors import Conflict, InvalidParameters, NotFound, ServiceUnavailable
+from app.runtime.images import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_SIDE, decode_image
 from app.runtime.registry import LoadedFaceEmbedder
 from app.services.classification import Upload
 from app.services.pool import ModelPool
@@ -56,16 +56,26 @@ class ImageFaces:
 
 
 class DetectorPool:
-    """One Haar cascade per thread (OpenCV's CascadeClassifier is not safe to share across threads)."""
+    """One Haar cascade per thread (OpenCV's CascadeClassifier is not safe to share across threads).
+
+    A detector that cannot be built (an OpenCV without cascades or without CascadeClassifier) is recorded in
+    `errors` at start-up: requests for it get a 503 with the reason, the other detectors keep serving."""
 
     def __init__(self, params: HaarParams) -> None:
         self.params = params
         self._local = threading.local()
-        HaarDetector(params)  # fail at start-up, not on the first request, when the cascade is missing
+        self.errors: dict[str, str] = {}
+        try:
+            HaarDetector(params)  # find out at start-up, not on the first request, when the cascade is missing
+        except Exception as exc:
+            self.errors["haar"] = f"{type(exc).__name__}: {exc}"
 
     def detect(self, name: str, img: Image.Image) -> list[FaceBox]:
         if name == "none":
             return WholeImageDetector().detect(img)
+        if name in self.errors:
+            raise ServiceUnavailable(f"face detector {name!r} is unavailable on this server ({self.errors[name]}); "
+                                     "send cropped faces with detector=none", extra={"detector": name})
         det: HaarDetector | None = getattr(self._local, "haar", None)
         if det is None:
             det = HaarDetector(self.params)
@@ -82,7 +92,8 @@ class FacesService:
 
     def __init__(self, pool: ModelPool[LoadedFaceEmbedder], gallery: GalleryStore | None, detectors: DetectorPool, *,
                  default_detector: str, max_faces: int, threshold_override: float | None, max_image_bytes: int,
-                 max_image_pixels: int, max_images: int) -> None:
+                 max_image_pixels: int, max_images: int, max_image_side: int = DEFAULT_MAX_SIDE,
+                 max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> None:
         self.pool = pool
         self.gallery = gallery
         self.detectors = detectors
@@ -91,6 +102,8 @@ class FacesService:
         self.threshold_override = threshold_override
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
+        self.max_image_side = max_image_side
+        self.max_aspect_ratio = max_aspect_ratio
         self.max_images = max_images
 
     # ----- helpers --------------------------------------------------------------------------------------
@@ -118,7 +131,7 @@ class FacesService:
     def _find(self, upload: Upload, loaded: LoadedFaceEmbedder, detector: str, max_faces: int) -> ImageFaces:
         """Blocking: decode, detect, keep the largest max_faces faces and make their embedder inputs."""
         img = decode_image(upload.data, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels,
-                           name=upload.filename)
+                           max_side=self.max_image_side, max_aspect_ratio=self.max_aspect_ratio, name=upload.filename)
         boxes = self.detectors.detect(detector, img)  # largest first (the Detector contract)
         spec = CropSpec(size=loaded.crop_size, margin=0.0 if detector == "none" else loaded.crop_margin)
         faces = [Face(b, image_to_tensor(crop_face(img, b, spec), loaded.preprocessing)) for b in boxes[:max_faces]]

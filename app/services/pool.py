@@ -6,8 +6,15 @@ from collections.abc import Sequence
 from concurrent.futures import Executor
 from typing import Any, Generic, TypeVar
 
-from app.errors import NotFound, ServiceUnavailable
-from app.runtime.batcher import BatchConfig, BatcherClosedError, BatchObserver, MicroBatcher, QueueFullError
+from app.errors import DeadlineExceeded, NotFound, ServiceUnavailable
+from app.runtime.batcher import (
+    BatchConfig,
+    BatcherClosedError,
+    BatchObserver,
+    DeadlineExceededError,
+    MicroBatcher,
+    QueueFullError,
+)
 from app.runtime.registry import LoadedModel, ModelRegistry
 
 M = TypeVar("M", bound=LoadedModel)
@@ -50,7 +57,10 @@ class ModelPool(Generic[M]):
         """The loaded model a request asks for (or the default), or the problem that explains why there is none."""
         name = name or self.default_model
         if name is None:
-            raise ServiceUnavailable(f"no {self.task} model is loaded; see GET /models")
+            states = [(n, self.registry.states[n]) for n in self.registry.names(self.task)]
+            why = "; ".join(f"{n} is {st.status}" + (f" ({st.reason})" if st.reason else "") for n, st in states)
+            raise ServiceUnavailable(f"no {self.task} model is loaded" + (f": {why}" if why else "; none is "
+                                     "configured"), extra={"models": [n for n, _ in states]})
         st = self.registry.states.get(name)
         if st is None or st.task != self.task:
             available = self.registry.names(self.task)
@@ -68,5 +78,9 @@ class ModelPool(Generic[M]):
         except QueueFullError as exc:
             raise ServiceUnavailable(f"model {name!r} is overloaded (queue full); retry later",
                                      retry_after=exc.retry_after) from exc
+        except DeadlineExceededError as exc:
+            raise DeadlineExceeded(f"the request's deadline passed before model {name!r} ran it (after "
+                                   f"{exc.waited:.3f}s in its queue); nothing was computed",
+                                   extra={"model": name}) from exc
         except BatcherClosedError as exc:
             raise ServiceUnavailable("the service is shutting down; retry shortly", retry_after=5) from exc

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
+import math
 import os
 import socket
 import threading
@@ -20,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from app.errors import Conflict, InvalidParameters, NotFound, ServiceUnavailable
 from app.runtime.images import decode_image
 from app.stores.jobs import Job, JobStore, QueueFull
-from models.style import StyleCancelled, StyleParams, stylize
+from models.style import StyleCancelled, StyleParams, plan_stylize, stylize
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,8 @@ def style_file(i: int) -> str:
 class StyleParameters(BaseModel):
     """Validated parameters of one style-transfer job (limits come from the settings)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan=False: NaN and infinities are refused in every float, list items included
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     steps: int = Field(300, ge=1, description="optimisation steps (L-BFGS iterations or Adam steps)")
     size: int = Field(512, ge=32, description="longest side of the result in pixels")
     content_weight: float = Field(1.0, ge=0.0, le=1e12, description="alpha")
@@ -70,6 +73,8 @@ class StyleLimits:
     max_queue: int
     max_image_bytes: int
     max_image_pixels: int
+    max_image_side: int = 20_000
+    max_aspect_ratio: float = 20.0
 
 
 def _ago(t: float | None) -> str | None:
@@ -99,22 +104,39 @@ class StyleJobs:
             raise InvalidParameters(f"style_blend has {len(params.style_blend)} weights for {n_styles} style images")
         return params
 
-    def submit(self, content: tuple[str, bytes], styles: list[tuple[str, bytes]], raw: dict[str, Any]) -> Job:
-        """Validate everything, then store the inputs and a queued job (blocking: call off the event loop)."""
+    def check_runnable(self, params: StyleParameters, content_size: tuple[int, int],
+                       style_sizes: list[tuple[int, int]]) -> None:
+        """422 unless the algorithm accepts these parameters for images of these sizes (the same check
+        `stylize` makes before it runs, so an accepted job never fails on its parameters)."""
+        try:
+            plan_stylize(StyleParams(**params.model_dump()), content_size, style_sizes)
+        except ValueError as exc:
+            raise InvalidParameters(str(exc)) from exc
+
+    def submit(self, content: tuple[str, bytes], styles: list[tuple[str, bytes]], raw: dict[str, Any], *,
+               owner: str | None = None) -> Job:
+        """Validate everything, then store the inputs and a queued job owned by `owner` (blocking: call
+        off the event loop). Nothing is stored for a refused submission."""
         if not styles:
             raise InvalidParameters("at least one 'style' image is required")
         if len(styles) > self.limits.max_styles:
             raise InvalidParameters(f"{len(styles)} style images; at most {self.limits.max_styles}")
         params = self.validate(raw, len(styles))
         files: dict[str, bytes] = {}
+        sizes: list[tuple[int, int]] = []
         for key, (name, data) in [(CONTENT_FILE, content), *((style_file(i), s) for i, s in enumerate(styles))]:
             # decode now so a bad upload is a 4xx at submission, not a failed job later
-            decode_image(data, max_bytes=self.limits.max_image_bytes, max_pixels=self.limits.max_image_pixels,
-                         name=name)
+            img = decode_image(data, max_bytes=self.limits.max_image_bytes, max_pixels=self.limits.max_image_pixels,
+                               max_side=self.limits.max_image_side, max_aspect_ratio=self.limits.max_aspect_ratio,
+                               name=name)
+            sizes.append(img.size)  # as the worker will see it: decode_image applies the EXIF orientation
+            img.close()
             files[key] = data
+        self.check_runnable(params, sizes[0], sizes[1:])
         try:
             job = self.store.create(KIND, params.model_dump(), files, max_queued=self.limits.max_queue,
-                                    info={"styles": len(styles), "filenames": [content[0], *(s[0] for s in styles)]})
+                                    info={"styles": len(styles), "filenames": [content[0], *(s[0] for s in styles)]},
+                                    owner=owner)
         except QueueFull as exc:
             raise ServiceUnavailable(f"the style-transfer queue is full ({exc.queued} jobs waiting)",
                                      retry_after=self._retry_after()) from exc
@@ -125,12 +147,17 @@ class StyleJobs:
     def _retry_after(self) -> float:
         return max(5.0, self.store.mean_duration(KIND) or 30.0)
 
-    def get(self, job_id: str) -> Job:
-        """A job, or 404."""
-        job = self.store.get(job_id) if _valid_id(job_id) else None
+    def get(self, job_id: str, *, owner: str | None = None) -> Job:
+        """A job, or 404 (also when `owner` is given and the job is another owner's: existence is not revealed)."""
+        job = self.store.get(job_id, owner=owner) if _valid_id(job_id) else None
         if job is None or job.kind != KIND:
             raise NotFound(f"no style-transfer job {job_id!r} (unknown, deleted or expired)")
         return job
+
+    def list(self, *, limit: int, offset: int, status: str | None = None,
+             owner: str | None = None) -> tuple[list[Job], int]:
+        """A page of jobs, newest first (only `owner`'s when given), and their total."""
+        return self.store.list_jobs(limit=limit, offset=offset, status=status, owner=owner)
 
     def view(self, job: Job) -> dict[str, Any]:
         """The job's JSON representation."""
@@ -145,18 +172,18 @@ class StyleJobs:
                 eta = max(0.0, mean * (1.0 - job.progress))
         return {
             "id": job.id, "status": job.status, "progress": round(job.progress, 4), "step": job.step,
-            "total_steps": job.total_steps or job.params.get("steps"), "loss": job.loss,
+            "total_steps": job.total_steps or job.params.get("steps"), "loss": _finite_or_none(job.loss),
             "queue_position": position, "eta_seconds": None if eta is None else round(eta, 1),
             "created_at": _ago(job.created_at), "started_at": _ago(job.started_at),
             "finished_at": _ago(job.finished_at), "attempts": job.attempts, "error": job.error,
-            "cancel_requested": job.cancel_requested, "parameters": job.params,
-            "feature_weights": job.info.get("feature_weights"), "device": job.info.get("device"),
+            "cancel_requested": job.cancel_requested, "parameters": _json_safe(job.params),
+            "feature_weights": job.info.get("feature_weights"), "device": job.info.get("device"), "owner": job.owner,
             "links": {"self": base, "result": f"{base}/result", "preview": f"{base}/preview"},
         }
 
-    def result(self, job_id: str) -> Path:
-        """The result file of a succeeded job; 409 before, 404 when unknown."""
-        job = self.get(job_id)
+    def result(self, job_id: str, *, owner: str | None = None) -> Path:
+        """The result file of a succeeded job; 409 before, 404 when unknown (or another owner's)."""
+        job = self.get(job_id, owner=owner)
         if job.status != "succeeded":
             raise Conflict(f"job {job_id} is {job.status}; the result exists once it has succeeded",
                            extra={"job_status": job.status})
@@ -165,29 +192,53 @@ class StyleJobs:
             raise NotFound(f"the result of job {job_id} has been removed")
         return path
 
-    def preview(self, job_id: str) -> Path:
+    def preview(self, job_id: str, *, owner: str | None = None) -> Path:
         """The latest intermediate image (or the result once finished); 409 when none exists yet."""
-        job = self.get(job_id)
+        job = self.get(job_id, owner=owner)
         d = self.store.job_dir(job.id)
         for name in ((RESULT_FILE, PREVIEW_FILE) if job.status == "succeeded" else (PREVIEW_FILE,)):
             if (d / name).is_file():
                 return d / name
         raise Conflict(f"job {job_id} is {job.status} and has no preview yet", extra={"job_status": job.status})
 
-    def cancel_or_delete(self, job_id: str) -> Job | None:
-        """Cancel a queued or running job; delete a finished one with its files (returns None then)."""
-        job = self.get(job_id)
+    def cancel_or_delete(self, job_id: str, *, owner: str | None = None) -> Job | None:
+        """Cancel a queued or running job; delete a finished one with its files (returns None then).
+        With `owner`, only that owner's job (anyone else's is a 404)."""
+        job = self.get(job_id, owner=owner)
         if job.finished:
-            self.store.delete(job.id)
+            self.store.delete(job.id, owner=owner)
             return None
-        updated = self.store.cancel(job.id)
-        if updated is None:  # finished and deleted meanwhile
+        updated = self.store.cancel(job.id, owner=owner)
+        if updated is None:  # finished and deleted (or evicted) meanwhile
             raise NotFound(f"no style-transfer job {job_id!r}")
         return updated
 
 
+def read_job_file(path: Path) -> bytes:
+    """The bytes of a job's file; 404 when it went meanwhile (the job expired, was deleted or evicted)."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise NotFound(f"{path.name} of job {path.parent.name} has been removed") from exc
+
+
 def _valid_id(job_id: str) -> bool:
     return len(job_id) == 32 and all(c in "0123456789abcdef" for c in job_id)
+
+
+def _finite_or_none(v: float | None) -> float | None:
+    return v if v is None or math.isfinite(v) else None
+
+
+def _json_safe(v: Any) -> Any:
+    """A copy with non-finite floats as None: JSON has no NaN (jobs stored before they were refused had them)."""
+    if isinstance(v, float):
+        return _finite_or_none(v)
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_json_safe(x) for x in v]
+    return v
 
 
 def encode_image(img: Image.Image, fmt: str = "PNG", quality: int = 92) -> bytes:
@@ -232,7 +283,8 @@ class StyleWorker:
         self._threads: list[threading.Thread] = []
 
     def recover(self) -> None:
-        """At start-up: requeue jobs left running by dead workers of this host, and stale ones anywhere."""
+        """At start-up: requeue jobs left running by dead workers of this host, and stale ones anywhere;
+        then apply the bounds on finished jobs (they may have changed since the last run)."""
         host = socket.gethostname()
         jobs, _ = self.store.list_jobs(limit=10_000, status="running")
         for job in jobs:
@@ -241,6 +293,14 @@ class StyleWorker:
                 self.store.requeue_worker(job.worker or "")
         for job_id, status in self.store.recover_stale():
             log.warning("style job %s was left running by a stopped worker: now %s", job_id, status)
+        self.housekeeping()
+
+    def housekeeping(self) -> None:
+        """Expire finished jobs past their time to live, then evict the oldest beyond the store's bounds."""
+        expired = self.store.expire(self.ttl_seconds)
+        evicted = self.store.prune()
+        if expired or evicted:
+            log.info("style jobs: %d expired, %d evicted by the bounds on finished jobs", expired, evicted)
 
     def start(self, threads: int) -> None:
         """Start worker threads (each runs one job at a time)."""
@@ -266,7 +326,7 @@ class StyleWorker:
                 now = time.monotonic()
                 if now - last_housekeeping > 30:
                     self.store.recover_stale()
-                    self.store.expire(self.ttl_seconds)
+                    self.housekeeping()
                     last_housekeeping = now
                 job = self.store.claim(self.id, (KIND,))
                 if job is None:
@@ -286,8 +346,11 @@ class StyleWorker:
         status, error = "failed", None
         try:
             # everything that can fail sits inside the try: a job must always reach a final state
-            content = decode_image((d / CONTENT_FILE).read_bytes(), max_pixels=10**9, max_bytes=10**10)
-            styles = [decode_image((d / style_file(i)).read_bytes(), max_pixels=10**9, max_bytes=10**10)
+            # inputs were vetted at submission; a limit lowered since must not fail a job already accepted
+            loose = functools.partial(decode_image, max_pixels=10**9, max_bytes=10**10, max_side=10**9,
+                                      max_aspect_ratio=1e9)
+            content = loose((d / CONTENT_FILE).read_bytes())
+            styles = [loose((d / style_file(i)).read_bytes())
                       for i in range(int(job.info.get("styles", 1)))]
             features, tag = self.features.get(self.device)
             info = {"feature_weights": tag, "device": str(self.device)}
@@ -355,17 +418,26 @@ class FeatureSource:
                 self._cache[key] = self._build(device)
             return self._cache[key]
 
-    def _build(self, device: torch.device) -> tuple[Any, str]:
+    def check(self) -> tuple[Path | None, str]:
+        """Resolve the weights (hashing a file that is present): (file or None for the offline fallback, description).
+        A file that is present but damaged is a RuntimeError, never a silent fall back to random features."""
         from app.runtime.registry import WeightsUnavailable, resolve_weights, spec_from_torchvision
-        from models.style import VGGFeatures, random_vgg_features
 
         spec = spec_from_torchvision("vgg19")
         try:
             found = resolve_weights(spec.weights, self.weights_dir, self.hub_dir, allow_download=False)
-            sd = torch.load(found.path, map_location="cpu", weights_only=True)
-            net = VGGFeatures.from_state_dict(sd)
-            tag = f"{spec.source} ({found.source}: {found.path.name})"
-        except WeightsUnavailable:
+        except WeightsUnavailable as exc:
+            if any((d / spec.weights.file_name).is_file() for d in (self.weights_dir, self.hub_dir)):
+                raise RuntimeError(f"the style feature network cannot be used: {exc}") from exc
+            return None, f"random VGG-19 (seed 0): {spec.weights.file_name} not found, see docs/style-transfer.md"
+        return found.path, f"{spec.source} ({found.source}: {found.path.name})"
+
+    def _build(self, device: torch.device) -> tuple[Any, str]:
+        from models.style import VGGFeatures, random_vgg_features
+
+        path, tag = self.check()
+        if path is None:
             net = random_vgg_features(seed=0)
-            tag = f"random VGG-19 (seed 0): {spec.weights.file_name} not found, see docs/style-transfer.md"
+        else:
+            net = VGGFeatures.from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return net.to(device).eval(), tag

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from app.errors import InvalidParameters
@@ -37,18 +38,26 @@ class TextService:
 
     async def classify(self, texts: list[str], model: str | None, k: int) -> dict[str, Any]:
         """Top-k labels for each text."""
-        self.validate(texts)
+        if not texts or len(texts) > self.max_texts:  # cheap, and bounds the work handed to the thread below
+            self.validate(texts)
         name, loaded = self.pool.resolve(model)
+        window = loaded.encoding.length
+
+        def check_and_measure() -> list[bool]:
+            # scanning and normalising up to max_texts x max_text_chars characters is CPU work: never on the loop
+            self.validate(texts)
+            return [len(loaded.encoding.prepare(t)) > window for t in texts]
+
+        truncated = await asyncio.to_thread(check_and_measure)
         probs = await self.pool.run(name, texts)
         labels = loaded.spec.labels
-        window = loaded.encoding.length
         results = []
-        for text, p in zip(texts, probs, strict=True):
+        for p, cut in zip(probs, truncated, strict=True):
             values, indices = p.topk(min(k, p.numel()))
             results.append({
                 "top_k": [{"label": labels[int(i)], "index": int(i), "probability": round(float(v), 6)}
                           for v, i in zip(values, indices, strict=True)],
-                "truncated": len(loaded.encoding.prepare(text)) > window,
+                "truncated": cut,
             })
         return {"model": name, "weights": loaded.weights_tag, "weights_source": loaded.weights_source,
                 "window": window, "results": results}

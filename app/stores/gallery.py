@@ -573,11 +573,13 @@ class GalleryStore:
         """A page of subjects (sorted by id) with face counts, and the total number of subjects."""
         conn = self._reader()
         total = int(conn.execute("SELECT COUNT(*) FROM subjects").fetchone()[0])
+        if offset >= total or limit <= 0:  # also keeps values beyond SQLite's 64-bit integers out of the query
+            return [], total
         rows = conn.execute(
             "SELECT s.subject, s.created_at, COUNT(f.vid) AS n, "
             "SUM(CASE WHEN f.model = ? AND f.model_sha256 = ? THEN 1 ELSE 0 END) AS mine "
             "FROM subjects s LEFT JOIN faces f ON f.subject = s.subject GROUP BY s.subject ORDER BY s.subject "
-            "LIMIT ? OFFSET ?", (self.model.name, self.model.sha256, limit, offset)).fetchall()
+            "LIMIT ? OFFSET ?", (self.model.name, self.model.sha256, min(limit, 2**63 - 1), offset)).fetchall()
         return [{"subject": r["subject"], "created_at": r["created_at"], "face_count": int(r["n"]),
                  "faces_from_other_models": int(r["n"]) - int(r["mine"] or 0)} for r in rows], total
 

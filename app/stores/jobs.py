@@ -5,6 +5,11 @@ inputs. Claiming is one atomic UPDATE ... WHERE status = 'queued' inside an imme
 so two workers (threads or processes) never run the same job. A running job carries a heartbeat;
 a job whose heartbeat stopped (its worker crashed or the server was killed) is requeued, or failed
 with a reason once it has used its attempts, so nothing stays "running" forever.
+
+Every job records its owner (the principal that submitted it); reads and deletions can be limited to
+one owner. Finished jobs are bounded by count and bytes on disk: whenever a job finishes (and on
+`prune`), the oldest finished jobs beyond either bound are deleted with their files; queued and
+running jobs are never evicted.
 """
 
 from __future__ import annotations
@@ -48,6 +53,14 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_status_created ON jobs(status, created_at);
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
 """
+# columns added after the first release: (name, declaration), added to older databases when missing
+_ADDED_COLUMNS = (
+    ("owner", "TEXT"),  # the principal that submitted the job (NULL: made before owners were recorded)
+    ("size_bytes", "INTEGER"),  # bytes of the job's files, measured when it finished
+)
+_ADDED_INDEXES = "CREATE INDEX IF NOT EXISTS jobs_owner_created ON jobs(owner, created_at);"
+# SQLite integers are signed 64-bit: a larger LIMIT or OFFSET is an OverflowError, not an empty page
+SQLITE_MAX_INT = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -71,6 +84,8 @@ class Job:
     loss: float | None
     error: str | None
     info: dict[str, Any]
+    owner: str | None = None
+    size_bytes: int | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -104,18 +119,57 @@ def _fsync_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-class JobStore:
-    """Jobs in SQLite under `root/jobs.db`, their files under `root/files/<id>/`."""
+def _dir_bytes(path: Path) -> int:
+    """Total size of the files in a job's directory (0 when it is gone)."""
+    total = 0
+    try:
+        entries = list(os.scandir(path))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.is_file(follow_symlinks=False):
+                total += entry.stat(follow_symlinks=False).st_size
+        except FileNotFoundError:
+            continue
+    return total
 
-    def __init__(self, root: Path, *, max_attempts: int = 2, stale_after: float = 60.0) -> None:
+
+def _owner_clause(owner: str | None) -> tuple[str, list[Any]]:
+    """SQL condition (with a leading AND) restricting rows to one owner; nothing when owner is None."""
+    return (" AND owner = ?", [owner]) if owner is not None else ("", [])
+
+
+class JobStore:
+    """Jobs in SQLite under `root/jobs.db`, their files under `root/files/<id>/`.
+
+    `max_finished` and `max_finished_bytes` bound the finished jobs kept (None: unbounded); the
+    oldest finished jobs beyond either bound are deleted whenever a job finishes and on `prune()`.
+    """
+
+    def __init__(self, root: Path, *, max_attempts: int = 2, stale_after: float = 60.0,
+                 max_finished: int | None = None, max_finished_bytes: int | None = None) -> None:
         self.root = Path(root)
         self.files_root = self.root / "files"
         self.files_root.mkdir(parents=True, exist_ok=True)
         self.db_path = self.root / "jobs.db"
         self.max_attempts = max_attempts
         self.stale_after = stale_after
+        self.max_finished = max_finished
+        self.max_finished_bytes = max_finished_bytes
         self._local = threading.local()
         self._conn().executescript(_SCHEMA)  # executescript manages its own transaction
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Add the columns later versions introduced to an older database (in one transaction, so two
+        processes opening the same old database do not both add them)."""
+        with self._tx() as db:
+            have = {r[1] for r in db.execute("PRAGMA table_info(jobs)").fetchall()}
+            for name, decl in _ADDED_COLUMNS:
+                if name not in have:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
+        self._conn().executescript(_ADDED_INDEXES)
 
     # -- connections ---------------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -163,36 +217,55 @@ class JobStore:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def create(self, kind: str, params: dict[str, Any], files: dict[str, bytes], *, max_queued: int,
-               info: dict[str, Any] | None = None) -> Job:
-        """Store the input files, then the queued record; QueueFull when too many jobs wait."""
+               info: dict[str, Any] | None = None, owner: str | None = None) -> Job:
+        """Store the input files, then the queued record; QueueFull when too many jobs wait.
+
+        All or nothing: when the record cannot be stored, the files written for it are removed.
+        """
         job_id = uuid.uuid4().hex
-        with self._tx() as db:
-            queued = db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
-            if queued >= max_queued:
-                raise QueueFull(queued, max_queued)
-            for name, data in files.items():
-                self.write_file(job_id, name, data)
-            now = time.time()
-            db.execute(
-                "INSERT INTO jobs (id, kind, status, params, created_at, info) VALUES (?, ?, 'queued', ?, ?, ?)",
-                (job_id, kind, json.dumps(params), now, json.dumps(info or {})),
-            )
+        # allow_nan=False: a NaN or infinity is no valid parameter, and would break every JSON view of the job
+        params_json, info_json = json.dumps(params, allow_nan=False), json.dumps(info or {}, allow_nan=False)
+        try:
+            with self._tx() as db:
+                queued = db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
+                if queued >= max_queued:
+                    raise QueueFull(queued, max_queued)
+                for name, data in files.items():
+                    self.write_file(job_id, name, data)
+                db.execute(
+                    "INSERT INTO jobs (id, kind, status, params, created_at, info, owner) "
+                    "VALUES (?, ?, 'queued', ?, ?, ?, ?)",
+                    (job_id, kind, params_json, time.time(), info_json, owner),
+                )
+        except BaseException:
+            shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+            raise
         job = self.get(job_id)
         assert job is not None
         return job
 
-    def get(self, job_id: str) -> Job | None:
-        """A job by id, or None."""
-        row = self._conn().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    def get(self, job_id: str, *, owner: str | None = None) -> Job | None:
+        """A job by id, or None (also when `owner` is given and the job is someone else's)."""
+        cond, args = _owner_clause(owner)
+        row = self._conn().execute(f"SELECT * FROM jobs WHERE id = ?{cond}", (job_id, *args)).fetchone()
         return Job.from_row(row) if row else None
 
-    def list_jobs(self, *, limit: int = 20, offset: int = 0, status: str | None = None) -> tuple[list[Job], int]:
-        """Jobs newest first, and the total count (for pagination)."""
-        where, args = ("WHERE status = ?", [status]) if status else ("", [])
+    def list_jobs(self, *, limit: int = 20, offset: int = 0, status: str | None = None,
+                  owner: str | None = None) -> tuple[list[Job], int]:
+        """Jobs newest first (only `owner`'s when given), and the total count (for pagination)."""
+        if limit < 0 or offset < 0:
+            raise ValueError(f"limit and offset must be >= 0, got {limit} and {offset}")
+        where, args = "WHERE 1 = 1", []
+        if status:
+            where, args = where + " AND status = ?", [status]
+        cond, owner_args = _owner_clause(owner)
+        where, args = where + cond, [*args, *owner_args]
         db = self._conn()
         total = db.execute(f"SELECT COUNT(*) FROM jobs {where}", args).fetchone()[0]
+        if offset >= total:  # also keeps offsets beyond SQLite's 64-bit integers out of the query
+            return [], total
         rows = db.execute(f"SELECT * FROM jobs {where} ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
-                          [*args, limit, offset]).fetchall()
+                          [*args, min(limit, SQLITE_MAX_INT), offset]).fetchall()
         return [Job.from_row(r) for r in rows], total
 
     def queue_position(self, job: Job) -> int | None:
@@ -260,8 +333,11 @@ class JobStore:
                 return False
             merged = json.loads(row["info"]) | (info or {})
             progress_sql = ", progress = 1" if status == "succeeded" else ""
-            db.execute(f"UPDATE jobs SET status = ?, finished_at = ?, error = ?, info = ?{progress_sql} WHERE id = ?",
-                       (status, time.time(), error, json.dumps(merged), job_id))
+            size = _dir_bytes(self.job_dir(job_id))  # the result is written before the job finishes
+            db.execute("UPDATE jobs SET status = ?, finished_at = ?, error = ?, info = ?, "
+                       f"size_bytes = ?{progress_sql} WHERE id = ?",
+                       (status, time.time(), error, json.dumps(merged), size, job_id))
+        self.prune()
         return True
 
     def release(self, job_id: str, worker: str) -> bool:
@@ -272,18 +348,28 @@ class JobStore:
                              "status = 'running' AND cancel_requested = 0", (job_id, worker))
             return cur.rowcount == 1
 
-    def cancel(self, job_id: str) -> Job | None:
-        """Cancel a queued job at once; ask a running one to stop (its worker sees it at the next step)."""
-        with self._tx() as db:
-            db.execute("UPDATE jobs SET status = 'canceled', finished_at = ?, error = 'canceled by request' "
-                       "WHERE id = ? AND status = 'queued'", (time.time(), job_id))
-            db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = 'running'", (job_id,))
-        return self.get(job_id)
+    def cancel(self, job_id: str, *, owner: str | None = None) -> Job | None:
+        """Cancel a queued job at once; ask a running one to stop (its worker sees it at the next step).
 
-    def delete(self, job_id: str) -> bool:
-        """Remove a finished job's record and files."""
+        With `owner`, only that owner's job is touched (None is returned for anyone else's)."""
+        cond, args = _owner_clause(owner)
         with self._tx() as db:
-            cur = db.execute(f"DELETE FROM jobs WHERE id = ? AND status IN {FINISHED}", (job_id,))
+            cur = db.execute("UPDATE jobs SET status = 'canceled', finished_at = ?, error = 'canceled by request', "
+                             f"size_bytes = ? WHERE id = ? AND status = 'queued'{cond}",
+                             (time.time(), _dir_bytes(self.job_dir(job_id)), job_id, *args))
+            finished = cur.rowcount == 1
+            db.execute(f"UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = 'running'{cond}",
+                       (job_id, *args))
+        job = self.get(job_id, owner=owner)
+        if finished:
+            self.prune()
+        return job
+
+    def delete(self, job_id: str, *, owner: str | None = None) -> bool:
+        """Remove a finished job's record and files (only `owner`'s when given)."""
+        cond, args = _owner_clause(owner)
+        with self._tx() as db:
+            cur = db.execute(f"DELETE FROM jobs WHERE id = ? AND status IN {FINISHED}{cond}", (job_id, *args))
             deleted = cur.rowcount == 1
         if deleted:
             shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
@@ -297,19 +383,22 @@ class JobStore:
             rows = db.execute("SELECT id, attempts, cancel_requested, worker FROM jobs WHERE status = 'running' "
                               "AND (heartbeat_at IS NULL OR heartbeat_at < ?)", (now - self.stale_after,)).fetchall()
             for r in rows:
+                size = _dir_bytes(self.job_dir(r["id"]))
                 if r["cancel_requested"]:
-                    db.execute("UPDATE jobs SET status = 'canceled', finished_at = ?, error = 'canceled by request' "
-                               "WHERE id = ?", (now, r["id"]))
+                    db.execute("UPDATE jobs SET status = 'canceled', finished_at = ?, error = 'canceled by request', "
+                               "size_bytes = ? WHERE id = ?", (now, size, r["id"]))
                     changed.append((r["id"], "canceled"))
                 elif r["attempts"] >= self.max_attempts:
-                    db.execute("UPDATE jobs SET status = 'failed', finished_at = ?, error = ? WHERE id = ?",
-                               (now, f"worker {r['worker']} stopped while running the job "
-                                     f"({r['attempts']} attempts); giving up", r["id"]))
+                    db.execute("UPDATE jobs SET status = 'failed', finished_at = ?, error = ?, size_bytes = ? "
+                               "WHERE id = ?", (now, f"worker {r['worker']} stopped while running the job "
+                                                     f"({r['attempts']} attempts); giving up", size, r["id"]))
                     changed.append((r["id"], "failed"))
                 else:
                     db.execute("UPDATE jobs SET status = 'queued', worker = NULL, heartbeat_at = NULL, "
                                "progress = 0, step = 0 WHERE id = ?", (r["id"],))
                     changed.append((r["id"], "queued"))
+        if any(status != "queued" for _, status in changed):
+            self.prune()
         return changed
 
     def requeue_worker(self, worker: str) -> int:
@@ -330,3 +419,43 @@ class JobStore:
         for i in ids:
             shutil.rmtree(self.job_dir(i), ignore_errors=True)
         return len(ids)
+
+    def prune(self) -> int:
+        """Delete the oldest finished jobs (records and files) beyond `max_finished` jobs or
+        `max_finished_bytes` bytes; queued and running jobs are never touched. Returns how many went.
+
+        Finished jobs are kept newest first (by finish time) while both bounds hold; the first that
+        would break one, and every older one, is deleted. A finished job whose size was never measured
+        (a database from before sizes were recorded) is measured on disk here.
+        """
+        max_n, max_bytes = self.max_finished, self.max_finished_bytes
+        if max_n is None and max_bytes is None:
+            return 0
+        evict: list[str] = []
+        with self._tx() as db:
+            rows = db.execute(f"SELECT id, size_bytes FROM jobs WHERE status IN {FINISHED} "
+                              "ORDER BY finished_at DESC, created_at DESC, id DESC").fetchall()
+            kept = kept_bytes = 0
+            for r in rows:
+                if evict:  # older than one already evicted: the oldest go first
+                    evict.append(r["id"])
+                    continue
+                size = r["size_bytes"]
+                if size is None:
+                    size = _dir_bytes(self.job_dir(r["id"]))
+                    db.execute("UPDATE jobs SET size_bytes = ? WHERE id = ?", (size, r["id"]))
+                over_count = max_n is not None and kept + 1 > max_n
+                if over_count or (max_bytes is not None and kept_bytes + size > max_bytes):
+                    evict.append(r["id"])
+                else:
+                    kept, kept_bytes = kept + 1, kept_bytes + size
+            db.executemany(f"DELETE FROM jobs WHERE id = ? AND status IN {FINISHED}", [(i,) for i in evict])
+        for i in evict:
+            shutil.rmtree(self.job_dir(i), ignore_errors=True)
+        return len(evict)
+
+    def finished_usage(self) -> tuple[int, int]:
+        """(number of finished jobs, bytes their files took when they finished; unmeasured ones count 0)."""
+        row = self._conn().execute(
+            f"SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM jobs WHERE status IN {FINISHED}").fetchone()
+        return int(row[0]), int(row[1])

@@ -92,15 +92,20 @@ class HaarDetector:
         import cv2
 
         p = self.params
+        if min(img.size) < p.min_size:
+            return []  # no face of the minimum size fits (and a 20000 x 1 strip would scale to 0 rows)
         gray = np.asarray(img.convert("L"))
         scale = 1.0
         longest = max(gray.shape)
         if longest > p.max_side:
             scale = longest / p.max_side
-            size = (round(gray.shape[1] / scale), round(gray.shape[0] / scale))
+            # at least one pixel per side: cv2.resize refuses an empty size
+            size = (max(1, round(gray.shape[1] / scale)), max(1, round(gray.shape[0] / scale)))
             gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
         gray = cv2.equalizeHist(gray)
         min_size = max(1, round(p.min_size / scale))
+        if min(gray.shape) < min_size:
+            return []
         rects, _levels, weights = self._cascade.detectMultiScale3(
             gray, scaleFactor=p.scale_factor, minNeighbors=p.min_neighbors, minSize=(min_size, min_size),
             outputRejectLevels=True)

@@ -146,8 +146,11 @@ def test_api_keys(base_settings: Settings, client_factory) -> None:
         assert_problem(c.get("/models", headers={"Authorization": "Bearer nope"}), 401)
         assert c.get("/models", headers={"X-API-Key": "k-two"}).status_code == 200
         assert c.post("/classify", files=files, headers={"Authorization": "Bearer k-one"}).status_code == 200
-        for open_path in ("/health/live", "/health/ready", "/metrics", "/docs", "/openapi.json"):
+        for open_path in ("/health/live", "/health/ready", "/docs", "/openapi.json"):
             assert c.get(open_path).status_code == 200, open_path
+        # metrics need the metrics scope, which the plain keys hold
+        assert_problem(c.get("/metrics"), 401)
+        assert c.get("/metrics", headers={"X-API-Key": "k-one"}).status_code == 200
 
 
 def test_api_keys_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -215,3 +215,195 @@ def test_a_job_that_breaks_ends_failed_with_its_reason(tmp_path: Path) -> None:
     assert claimed is not None and worker.run_job(claimed) == "failed"
     done = store.get(job.id)
     assert done is not None and done.status == "failed" and "could not be built" in (done.error or "")
+
+
+# ---------------------------------------------------------------------------------------------- refusals store nothing
+
+
+def assert_nothing_stored(s: Settings) -> None:
+    store = JobStore(s.data_dir / "style-jobs")
+    try:
+        assert store.list_jobs()[1] == 0 and list(store.files_root.iterdir()) == []
+    finally:
+        store.close()
+
+
+FLOAT_FIELDS = ("content_weight", "style_weight", "tv_weight", "lr")
+
+
+@pytest.mark.parametrize("data", [
+    *({field: value} for field in FLOAT_FIELDS for value in ("nan", "inf", "-inf", "1e999", "NaN", "-Infinity")),
+    {"style_blend": "nan"}, {"style_blend": "inf"}, {"style_blend": "1,nan"}, {"style_blend": "1e999,1"},
+    {"style_blend": "-inf,1"},
+], ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()))
+def test_non_finite_numbers_are_422_and_store_nothing(base_settings: Settings, client_factory, data: dict) -> None:
+    n = 2 if "," in data.get("style_blend", "") else 1
+    with client_factory(base_settings) as c:
+        body = assert_problem(c.post("/style-transfer", files=files(n), data={**TINY, **data}), 422)
+        assert next(iter(data)) in body["detail"]
+        assert c.get("/style-transfer").json()["total"] == 0
+    assert_nothing_stored(base_settings)
+
+
+def thin(size: tuple[int, int]) -> bytes:
+    return image_bytes((90, 120, 150), size)
+
+
+def uploads(content: bytes | None = None, styles: list[bytes] | None = None) -> list:
+    """files() with the content and/or the style images replaced."""
+    default = files()
+    out = [("content", ("thin.png", content, "image/png"))] if content is not None else default[:1]
+    if styles is None:
+        return out + default[1:]
+    return out + [("style", (f"style{i}.png", data, "image/png")) for i, data in enumerate(styles)]
+
+
+@pytest.mark.parametrize(("data", "sent", "needle"), [
+    # 160x9 at size 128 is 128x7: VGG-19's four poolings before conv5_1 need 16 px per side (and the
+    # aspect ratio, under 20:1, passes the image checks)
+    ({"size": "128"}, uploads(content=thin((160, 9))), "content image (160x9 px) is 128x7 px at size 128"),
+    ({"size": "128"}, uploads(styles=[thin((10, 180))]), "style[0] (10x180 px) is scaled to 7x128 px"),
+    ({"size": "128", "style_blend": "1,1"}, uploads(styles=[image_bytes(), thin((180, 10))]), "style[1]"),
+    ({"content_weight": "0", "style_weight": "0"}, uploads(), "nothing to optimise"),
+    # size 32 allows two levels on a square, not on the 48x36 content: 32x24 -> 16x12
+    ({"size": "32", "multires": "2"}, uploads(), "16x12 px at multires level 1 of 2"),
+    ({"size": "32", "multires": "3"}, uploads(), "multires"),
+    ({"steps": "2", "multires": "3", "size": "128"}, uploads(), "one per level"),
+    ({"style_blend": "0,0"}, uploads(styles=[image_bytes(), image_bytes()]), "style_blend"),
+], ids=["thin-content", "thin-style", "thin-second-style", "no-weights", "multires-aspect", "multires-size",
+        "multires-steps", "blend-zero"])
+def test_jobs_that_could_never_run_are_422_at_submission(base_settings: Settings, client_factory, data: dict,
+                                                         sent: list, needle: str) -> None:
+    with client_factory(base_settings) as c:
+        body = assert_problem(c.post("/style-transfer", files=sent, data={**TINY, **data}), 422)
+        assert needle in body["detail"], body
+        assert c.get("/style-transfer").json()["total"] == 0
+    assert_nothing_stored(base_settings)
+
+
+def test_the_same_shapes_are_accepted_when_they_can_run(worker_settings: Settings, client_factory) -> None:
+    with client_factory(worker_settings) as c:
+        # 300x19 becomes 128x8 at size 128: enough for conv4_2 (three poolings) when there is no style loss
+        r = c.post("/style-transfer", files=uploads(content=thin((300, 19))),
+                   data={"size": "128", "style_weight": "0", "steps": "2"})
+        assert r.status_code == 202, r.text
+        # a thin style image with blend weight 0 never reaches the network
+        r2 = c.post("/style-transfer", files=uploads(styles=[image_bytes(), thin((180, 10))]),
+                    data={"size": "128", "style_blend": "1,0", "steps": "2"})
+        assert r2.status_code == 202, r2.text
+        r3 = c.post("/style-transfer", files=files(), data={"size": "64", "multires": "2", "steps": "2"})
+        assert r3.status_code == 202, r3.text
+        for job in (r, r2, r3):  # and they do run
+            done = wait_status(c, job.headers["location"], {"succeeded", "failed"})
+            assert done["status"] == "succeeded", done
+
+
+# ---------------------------------------------------------------------------------------------- paging bounds
+
+
+@pytest.mark.parametrize("offset", [2**31, 2**63 - 1, 2**63, 2**64, 10**30])
+def test_huge_offsets_are_422(base_settings: Settings, client_factory, offset: int) -> None:
+    with client_factory(base_settings) as c:
+        assert "offset" in assert_problem(c.get("/style-transfer", params={"offset": offset}), 422)["detail"]
+        assert_problem(c.get("/style-transfer", params={"limit": 10**30}), 422)
+        assert c.get("/style-transfer", params={"offset": 2**31 - 1}).json()["jobs"] == []
+
+
+# ---------------------------------------------------------------------------------------------- owners
+
+
+def test_jobs_belong_to_their_owner(base_settings: Settings, client_factory) -> None:
+    from app.auth import Principal
+    from app.deps import get_principal
+
+    alice = Principal("alice", frozenset({"read", "write"}))
+    bob = Principal("bob", frozenset({"read", "write"}))
+    admin = Principal("root", frozenset({"read", "write", "admin"}))
+    caller = {"now": alice}
+    with client_factory(base_settings) as c:
+        c.app.dependency_overrides[get_principal] = lambda: caller["now"]  # type: ignore[attr-defined]
+        mine = c.post("/style-transfer", files=files(), data=TINY).json()
+        done = c.post("/style-transfer", files=files(), data=TINY).json()
+        # finish the second job by hand (no worker here) so its result and preview exist
+        store = JobStore(base_settings.data_dir / "style-jobs")
+        claimed = store.claim("test-worker")
+        assert claimed is not None and claimed.id == mine["id"] and claimed.owner == "alice"
+        store.release(mine["id"], "test-worker")
+        store.cancel(mine["id"])  # alice's first job: canceled (finished)
+        running = store.claim("test-worker")
+        assert running is not None and running.id == done["id"]
+        store.write_file(done["id"], "result.png", image_bytes(size=(32, 24)))
+        assert store.finish(done["id"], "test-worker", "succeeded")
+        store.close()
+        caller["now"] = bob
+        theirs = c.post("/style-transfer", files=files(), data=TINY).json()
+        for job in (mine, done):
+            for link in ("self", "result", "preview"):
+                assert_problem(c.get(job["links"][link]), 404)  # not 403: existence is not revealed
+            assert_problem(c.delete(job["links"]["self"]), 404)
+        listing = c.get("/style-transfer").json()
+        assert listing["total"] == 1 and [j["id"] for j in listing["jobs"]] == [theirs["id"]]
+        caller["now"] = alice
+        assert c.get(done["links"]["result"]).status_code == 200
+        assert c.get(done["links"]["preview"]).status_code == 200
+        assert {j["id"] for j in c.get("/style-transfer").json()["jobs"]} == {mine["id"], done["id"]}
+        assert_problem(c.delete(theirs["links"]["self"]), 404)
+        caller["now"] = admin  # an admin sees and controls everyone's jobs
+        assert c.get("/style-transfer").json()["total"] == 3
+        seen = c.get(theirs["links"]["self"]).json()
+        assert seen["status"] == "queued" and seen["owner"] == "bob"
+        assert c.get(done["links"]["result"]).status_code == 200
+        assert c.delete(theirs["links"]["self"]).json()["status"] == "canceled"
+        caller["now"] = alice
+        assert c.delete(done["links"]["self"]).status_code == 204  # the owner deletes her own
+        assert_problem(c.get(done["links"]["self"]), 404)
+
+
+# ---------------------------------------------------------------------------------------------- bounds
+
+
+def test_finished_jobs_beyond_the_bound_are_evicted(worker_settings: Settings, client_factory) -> None:
+    s = worker_settings.model_copy(update={"style_max_finished_jobs": 1})
+    with client_factory(s) as c:
+        first = c.post("/style-transfer", files=files(), data=TINY).json()
+        assert wait_status(c, first["links"]["self"], {"succeeded", "failed"})["status"] == "succeeded"
+        second = c.post("/style-transfer", files=files(), data=TINY).json()
+        assert wait_status(c, second["links"]["self"], {"succeeded", "failed"})["status"] == "succeeded"
+        assert_problem(c.get(first["links"]["self"]), 404)  # the oldest finished job went when the next finished
+        assert c.get(second["links"]["result"]).status_code == 200
+    store = JobStore(s.data_dir / "style-jobs")
+    assert not store.job_dir(first["id"]).exists() and store.finished_usage()[0] == 1
+
+
+def test_bounds_are_applied_at_start_up(base_settings: Settings, client_factory) -> None:
+    store = JobStore(base_settings.data_dir / "style-jobs")
+    ids = [store.create("style", {"steps": 1}, {"content": b"c"}, max_queued=10).id for _ in range(3)]
+    for i in ids:
+        assert store.claim("w") is not None and store.finish(i, "w", "failed", error="x")
+    store.close()
+    with client_factory(base_settings.model_copy(update={"style_max_finished_jobs": 2})) as c:
+        assert [j["id"] for j in c.get("/style-transfer").json()["jobs"]] == ids[:0:-1]
+
+
+def test_a_stored_job_with_non_finite_numbers_still_renders(base_settings: Settings, client_factory) -> None:
+    # jobs accepted before NaN was refused have it in their parameters; their view must not be a 500
+    import sqlite3
+
+    with client_factory(base_settings) as c:
+        job = c.post("/style-transfer", files=files(2), data=TINY).json()
+        with sqlite3.connect(base_settings.data_dir / "style-jobs" / "jobs.db") as db:
+            db.execute("UPDATE jobs SET params = ? WHERE id = ?",
+                       ('{"steps": 3, "size": 32, "style_blend": [NaN, Infinity]}', job["id"]))
+        r = c.get(job["links"]["self"])
+        assert r.status_code == 200 and r.json()["parameters"]["style_blend"] == [None, None]
+        assert c.get("/style-transfer").json()["jobs"][0]["parameters"]["style_blend"] == [None, None]
+
+
+def test_a_result_removed_meanwhile_is_404(tmp_path: Path) -> None:
+    from app.errors import NotFound
+    from app.services.style import read_job_file
+
+    (tmp_path / "result.png").write_bytes(b"png")
+    assert read_job_file(tmp_path / "result.png") == b"png"
+    with pytest.raises(NotFound, match="has been removed"):
+        read_job_file(tmp_path / "preview.png")

@@ -39,6 +39,7 @@ from models.train.faces import (
     pair_distances,
 )
 from tests.conftest import SHARED_DATA
+from tests.crafted import pixel_budget
 
 LFW_IMAGE = SHARED_DATA / "lfw" / "images" / "George_W_Bush" / "George_W_Bush_0001.jpg"
 
@@ -118,6 +119,88 @@ def test_crop_beyond_the_right_and_bottom_edges_is_grey_too() -> None:
     assert (out[:14, :14] == (200, 10, 10)).all()
 
 
+def reference_crop_face(img: Image.Image, box: FaceBox, spec: CropSpec, *, context: float = 1.0) -> Image.Image:
+    """crop_face as the shipped embedder was trained with it: the whole image grown with grey to cover the square."""
+    img = img.convert("RGB")
+    left, top, right, bottom = square_box(box, spec.margin, context)
+    w, h = img.size
+    pad_l, pad_t = max(0, math.ceil(-left)), max(0, math.ceil(-top))
+    pad_r, pad_b = max(0, math.ceil(right - w)), max(0, math.ceil(bottom - h))
+    if pad_l or pad_t or pad_r or pad_b:
+        canvas = Image.new("RGB", (w + pad_l + pad_r, h + pad_t + pad_b), (127, 127, 127))
+        canvas.paste(img, (pad_l, pad_t))
+        img = canvas
+        left, right, top, bottom = left + pad_l, right + pad_l, top + pad_t, bottom + pad_t
+    return img.resize((spec.size, spec.size), Image.Resampling.BILINEAR, box=(left, top, right, bottom))
+
+
+def test_crop_of_normal_boxes_matches_the_training_crop() -> None:
+    """Detector boxes anywhere in photos (inside, over an edge, with margin and context) and detector=none on
+    near-square crops: within one grey level of the crop the model was trained with."""
+    rnd = np.random.default_rng(8)
+    worst = 0
+    for i in range(300):
+        w, h = (int(v) for v in rnd.integers(8, 300, 2))
+        if i % 3 == 0:  # detector=none on a cropped face: aspect up to 2:1
+            h = int(np.clip(h, w // 2 + 1, 2 * w))
+            box, margin = FaceBox(0, 0, w, h, 1.0), 0.0
+        else:
+            bw, bh = int(rnd.integers(1, w + 1)), int(rnd.integers(1, h + 1))
+            box = FaceBox(int(rnd.integers(0, w - bw + 1)), int(rnd.integers(0, h - bh + 1)), bw, bh, 1.0)
+            margin = float(rnd.choice([0.0, 0.1, 0.2, 0.5, 1.0]))
+        spec, context = CropSpec(size=int(rnd.choice([16, 64, 112])), margin=margin), float(rnd.choice([1.0, CONTEXT]))
+        img = noise_image(w, h, seed=i)
+        got = np.asarray(crop_face(img, box, spec, context=context), dtype=np.int16)
+        want = np.asarray(reference_crop_face(img, box, spec, context=context), dtype=np.int16)
+        worst = max(worst, int(np.abs(got - want).max()))
+    assert worst <= 1
+
+
+def test_crop_over_the_top_left_edge_is_the_training_crop_bit_for_bit() -> None:
+    img = noise_image(90, 70, seed=4)
+    for box in (FaceBox(0, 0, 30, 30, 1.0), FaceBox(2, 5, 60, 40, 1.0), FaceBox(0, 0, 90, 70, 1.0)):
+        spec = CropSpec(size=32, margin=0.3)
+        got = np.asarray(crop_face(img, box, spec, context=CONTEXT))
+        assert (got == np.asarray(reference_crop_face(img, box, spec, context=CONTEXT))).all()
+
+
+@pytest.mark.parametrize("size", [(20000, 3), (3, 20000), (200_000, 1), (1, 200_000), (20000, 1000)])
+def test_crop_of_a_whole_strip_allocates_no_square_canvas(size: tuple[int, int]) -> None:
+    """detector=none on a strip: the square around it is side x side (1.2 GB at 20000 x 20000) but only the output
+    and the strip's share of it are ever made."""
+    img = Image.new("RGB", size, (250, 20, 20))
+    spec = CropSpec(size=16, margin=0.0)
+    with pixel_budget(64 * 16 * 16) as made:
+        out = crop_face(img, WholeImageDetector().detect(img)[0], spec)
+    assert out.size == (16, 16) and out.mode == "RGB" and made
+    arr = np.asarray(out, dtype=np.int16)
+    short = min(size) / max(size) * 16  # the strip's thickness in output pixels
+    red = (np.abs(arr - (250, 20, 20)).max(axis=-1) <= 2)
+    grey = (arr == 127).all(axis=-1)
+    assert (red | grey).all()
+    assert red.sum() == pytest.approx(16 * round(short), abs=16)
+
+
+def test_crop_of_a_strip_matches_the_training_crop_away_from_the_seams() -> None:
+    # 2000 x 200 with detector=none: a 2000 x 2000 square, the strip a 10-row band in a 100-pixel crop
+    img = smooth_image(2000, 200)
+    box, spec = FaceBox(0, 0, 2000, 200, 1.0), CropSpec(size=100, margin=0.0)
+    with pixel_budget(2000 * 200) as made:
+        got = np.asarray(crop_face(img, box, spec), dtype=np.int16)
+    assert max(w * h for w, h in made) <= 100 * 100  # never the 2000 x 2000 grey canvas
+    want = np.asarray(reference_crop_face(img, box, spec), dtype=np.int16)
+    assert (got[:44] == 127).all() and (got[56:] == 127).all()
+    assert np.abs(got[46:54] - want[46:54]).max() <= 3  # inside the band
+    assert np.abs(got - want).mean() < 1.0
+
+
+def test_crop_of_a_box_far_outside_the_image_is_grey() -> None:
+    img = Image.new("RGB", (10, 10), (0, 200, 0))
+    out = np.asarray(crop_face(img, FaceBox(0, 0, 10, 10, 1.0), CropSpec(size=16, margin=1.0), context=200.0))
+    # a 6000-pixel square around a 10-pixel image: the image is under a thirtieth of an output pixel
+    assert out.shape == (16, 16, 3) and (np.abs(out.astype(int) - 127) <= 1).all()
+
+
 @pytest.mark.parametrize("kw", [{"size": 7}, {"margin": -0.01}, {"margin": 1.01}])
 def test_crop_spec_rejects_bad_values(kw: dict) -> None:
     with pytest.raises(ValueError):
@@ -151,6 +234,19 @@ def test_haar_finds_nothing_in_a_blank_image() -> None:
     assert det.detect(Image.new("RGB", (120, 100), (128, 128, 128))) == []
     # longer than max_side: the downscaling path, still nothing
     assert HaarDetector(HaarParams(max_side=64)).detect(Image.new("L", (200, 80), 0)) == []
+
+
+@pytest.mark.parametrize("size", [(20000, 1), (1, 20000), (1, 1), (2, 1), (23, 500), (500, 23), (20000, 30),
+                                  (30, 20000), (5000, 40)])
+def test_haar_on_thin_and_tiny_images_finds_nothing_and_never_fails(size: tuple[int, int]) -> None:
+    # 20000 x 1 used to scale to 1024 x 0 for detection: cv2.resize raised and the endpoint answered 500
+    assert HaarDetector().detect(Image.new("RGB", size, (128, 128, 128))) == []
+
+
+def test_haar_with_a_small_min_size_on_a_strip_scaled_to_one_row() -> None:
+    det = HaarDetector(HaarParams(min_size=8, max_side=64))
+    assert det.detect(Image.new("L", (20000, 10), 90)) == []  # 64 x 1 after scaling: no window fits
+    assert det.detect(Image.new("L", (64, 8), 90)) == []
 
 
 @pytest.mark.shared_data

@@ -8,15 +8,22 @@ import torch
 import torchvision
 from PIL import Image
 
+import models.style as style_module
 from models.style import (
     DEFAULT_LAYERS,
     ProgressInfo,
     StyleCancelled,
     StyleParams,
+    StylePlan,
     VGGFeatures,
+    _level_sizes,
+    _split_steps,
     content_loss,
+    fit_size,
     gram,
     layer_index,
+    min_side,
+    plan_stylize,
     random_vgg_features,
     rgb_to_yiq,
     style_loss,
@@ -315,3 +322,115 @@ def test_stylize_validation(features: VGGFeatures) -> None:
 def test_gram_channels_last_matches() -> None:
     f = torch.rand(2, 8, 5, 7)
     assert torch.allclose(gram(f.contiguous(memory_format=torch.channels_last)), gram(f), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- plan_stylize
+
+
+def test_min_side_is_two_to_the_poolings_and_tight(features: VGGFeatures) -> None:
+    style_layers = list(StyleParams().style_layers)
+    assert min_side(["conv5_1"]) == 16 and min_side(style_layers) == 16
+    assert min_side(["conv4_2"]) == 8 and min_side(["conv2_1"]) == 2 and min_side(["pool5"]) == 32
+    assert min_side(["conv1_1"]) == 2 and min_side([]) == 2  # never one pixel (tv loss, std)
+    # the bound is exactly what the network needs: one pixel less and a pooling fails
+    for layers, side in ((style_layers, 16), (["conv4_2"], 8)):
+        features(torch.rand(1, 3, side, 40), layers)
+        with pytest.raises(RuntimeError):
+            features(torch.rand(1, 3, side - 1, 40), layers)
+
+
+@pytest.mark.parametrize(("kwargs", "content", "styles", "message"), [
+    ({"size": 64}, (400, 20), [(40, 40)], "content image .400x20 px. is 64x3 px at size 64.*at least 16 px"),
+    ({"size": 64}, (40, 40), [(300, 10)], r"style\[0\] .300x10 px. is scaled to 64x2 px"),
+    ({"size": 64, "style_blend": [1.0, 2.0]}, (40, 40), [(40, 40), (500, 20)], r"style\[1\]"),
+    # the size alone allows 2 levels (32 >> 1 = 16), the aspect ratio does not: 32x24 -> 16x12
+    ({"size": 32, "multires": 2}, (48, 36), [(40, 40)], "is 16x12 px at multires level 1 of 2"),
+    ({"size": 48, "multires": 2}, (64, 64), [(200, 40)], r"style\[0\] .200x40 px. is scaled to 24x5 px at multires"),
+    ({"content_weight": 0.0, "style_weight": 0.0}, (40, 40), [(40, 40)], "nothing to optimise"),
+    ({"style_blend": [1.0]}, (40, 40), [(40, 40), (40, 40)], "1 weights for 2"),
+    ({"style_blend": [1.0, float("nan")]}, (40, 40), [(40, 40), (40, 40)], "finite"),
+    ({}, (40, 40), [], "at least one style"),
+    ({}, (0, 40), [(40, 40)], "content image width"),
+])
+def test_plan_refuses_what_cannot_run(kwargs: dict[str, object], content: tuple[int, int],
+                                      styles: list[tuple[int, int]], message: str) -> None:
+    with pytest.raises(ValueError, match=message):  # the parameters' own checks are part of the plan
+        plan_stylize(StyleParams(**{"steps": 4, "size": 32, **kwargs}), content, styles)  # type: ignore[arg-type]
+
+
+def test_plan_for_multires_64_by_3_levels_is_accepted_when_square() -> None:
+    plan = plan_stylize(StyleParams(steps=7, size=64, multires=3), (100, 100), [(80, 80)])
+    assert plan.levels == ((16, 16), (32, 32), (64, 64)) and plan.steps == (2, 2, 3) and plan.size == (64, 64)
+    with pytest.raises(ValueError, match="16x15 px"):
+        plan_stylize(StyleParams(steps=7, size=64, multires=3), (64, 60), [(80, 80)])
+
+
+def test_plan_only_checks_what_the_network_sees(features: VGGFeatures) -> None:
+    content, thin = _content((40, 32)), _style(0, (300, 10))
+    # style_weight 0: the styles never reach the network, and the content only needs conv4_2 (8 px)
+    params = StyleParams(steps=2, size=64, style_weight=0.0)
+    assert plan_stylize(params, (64, 8), [thin.size]).min_side == 8
+    out = stylize(_content((64, 8)), [thin], params, features, CPU)
+    assert out.size == (64, 8)
+    with pytest.raises(ValueError, match="at least 8 px"):
+        plan_stylize(params, (64, 7), [thin.size])
+    # a style with blend weight 0 is never fed to the network either
+    blended = StyleParams(steps=2, size=32, style_blend=[1.0, 0.0])
+    plan_stylize(blended, content.size, [(36, 36), thin.size])
+    assert stylize(content, [_style(1), thin], blended, features, CPU).size == (32, 26)
+    with pytest.raises(ValueError, match="stops before"):
+        plan_stylize(StyleParams(steps=1, size=32), (40, 40), [(40, 40)], network_modules=10)
+
+
+def _unchecked_plan(params: StyleParams, content_size: tuple[int, int], style_sizes: list[tuple[int, int]],
+                    *, network_modules: int | None = None) -> StylePlan:
+    """What stylize did before it had a plan: the same sizes, no checks."""
+    final = fit_size(*content_size, params.size)
+    return StylePlan(final, tuple(_level_sizes(final, params.multires)),
+                     tuple(_split_steps(params.steps, params.multires)),
+                     tuple(params.blend_weights(len(style_sizes))), 1)
+
+
+def test_property_plan_accepts_exactly_what_runs(features: VGGFeatures, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Random parameters and image shapes near the limits: whatever plan_stylize accepts runs to the end,
+    and whatever it refuses for its sizes really fails in the network when run without the check."""
+    rng = np.random.default_rng(2024)
+    accepted = refused = 0
+    for case in range(96):
+        multires = int(rng.choice([1, 1, 2, 3]))
+        kw: dict[str, object] = {
+            "steps": int(rng.integers(multires, multires + 2)), "size": int(rng.choice([16, 24, 32, 48, 64])),
+            "multires": multires, "content_weight": float(rng.choice([0.0, 1.0])),
+            "style_weight": float(rng.choice([0.0, 10.0, 1000.0])), "tv_weight": float(rng.choice([0.0, 1.0])),
+            "init": str(rng.choice(["content", "noise"])), "optimizer": str(rng.choice(["lbfgs", "adam"])),
+            "preserve_colors": bool(rng.integers(0, 2)), "seed": case,
+        }
+        n_styles = int(rng.integers(1, 3))
+        if rng.random() < 0.5:
+            kw["style_blend"] = [float(rng.choice([0.0, 0.5, 1.0])) for _ in range(n_styles)]
+
+        def shape() -> tuple[int, int]:
+            long = int(rng.integers(10, 100))
+            short = max(1, round(long * float(rng.choice([1.0, 1.0, 0.9, 0.75, 0.6, 0.45, 0.3, 0.1]))))
+            return (long, short) if rng.random() < 0.5 else (short, long)
+
+        content, styles = shape(), [shape() for _ in range(n_styles)]
+        try:
+            params = StyleParams(**kw)  # type: ignore[arg-type]
+            params.blend_weights(n_styles)
+        except ValueError:
+            continue  # refused by the parameters alone (e.g. both weights 0): nothing to run
+        images = (_content(content), [_style(i, s) for i, s in enumerate(styles)])
+        try:
+            plan = plan_stylize(params, content, styles)
+        except ValueError:
+            refused += 1
+            with monkeypatch.context() as m:
+                m.setattr(style_module, "plan_stylize", _unchecked_plan)
+                with pytest.raises(RuntimeError, match="too small"):
+                    stylize(*images, params, features, CPU)
+            continue
+        accepted += 1
+        out = stylize(*images, params, features, CPU)
+        assert out.size == plan.size, (kw, content, styles)
+    assert accepted >= 12 and refused >= 12, (accepted, refused)  # both sides of the boundary were exercised

@@ -14,22 +14,21 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from app.errors import BadRequest, PayloadTooLarge, ProblemError, UnsupportedMediaType
-from app.runtime.images import SUPPORTED_FORMATS, decode_image, decode_image_async
+from app.errors import BadRequest, InvalidParameters, PayloadTooLarge, ProblemError, UnsupportedMediaType
+from app.runtime.images import (
+    DEFAULT_MAX_ASPECT_RATIO,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_SIDE,
+    SUPPORTED_FORMATS,
+    decode_image,
+    decode_image_async,
+)
+from app.settings import Settings
+from models.preprocess import ImageSpec, resize_crop
+from tests.crafted import encode, pixel_budget, png_chunk
 
 NAME = "upload_file"
-
-
-def encode(img: Image.Image, fmt: str, **params: Any) -> bytes:
-    """Save an image into bytes with PIL."""
-    buf = io.BytesIO()
-    img.save(buf, fmt, **params)
-    return buf.getvalue()
-
-
-def png_chunk(tag: bytes, body: bytes) -> bytes:
-    """One PNG chunk: length, tag, body, CRC over tag + body."""
-    return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
 
 
 def header_only_png(width: int, height: int) -> bytes:
@@ -287,3 +286,133 @@ def test_decode_image_async() -> None:
     assert img.mode == "RGB" and img.size == (5, 7)
     with pytest.raises(PayloadTooLarge):
         asyncio.run(decode_image_async(data, name=NAME, max_pixels=10))
+
+
+# ----------------------------------------------------------------------------------- sides and aspect ratios
+
+
+@pytest.mark.usefixtures("no_pixel_decoding")
+@pytest.mark.parametrize(
+    ("width", "height"), [(2_000_000, 1), (1, 2_000_000), (200_000, 1), (20_001, 1000), (1000, 20_001)],
+    ids=["2000000x1", "1x2000000", "200000x1", "wide-20001", "tall-20001"],
+)
+def test_a_side_over_the_limit_is_413_from_the_header(width: int, height: int) -> None:
+    # a few hundred bytes whose pixel count passes the pixel cap: only the side check stands in the way
+    err = decode_error(header_only_png(width, height))
+    assert isinstance(err, PayloadTooLarge) and err.status == 413
+    assert f"{width}x{height}" in err.detail and "20000 pixels per side" in err.detail
+    assert err.extra["max_side"] == 20_000 and (err.extra["width"], err.extra["height"]) == (width, height)
+
+
+@pytest.mark.usefixtures("no_pixel_decoding")
+@pytest.mark.parametrize(("width", "height"), [(2000, 1), (1, 2000), (421, 20), (20, 421), (20000, 999)])
+def test_an_aspect_ratio_over_the_limit_is_422_from_the_header(width: int, height: int) -> None:
+    err = decode_error(header_only_png(width, height))
+    assert isinstance(err, InvalidParameters) and err.status == 422
+    assert "aspect ratio" in err.detail and "at most 20:1" in err.detail
+    assert err.extra["aspect_ratio"] == pytest.approx(max(width, height) / min(width, height), rel=1e-3)
+    assert err.extra["max_aspect_ratio"] == 20.0
+
+
+@pytest.mark.parametrize(("width", "height"), [(400, 20), (20, 400), (640, 64), (64, 640), (1, 1), (20, 1)])
+def test_panoramas_up_to_the_limit_decode(width: int, height: int) -> None:
+    img = decode_image(encode(Image.new("RGB", (width, height), (5, 6, 7)), "PNG"), name=NAME)
+    assert img.size == (width, height) and px(img) == (5, 6, 7)
+
+
+def test_side_and_aspect_limits_are_the_callers() -> None:
+    data = encode(Image.new("RGB", (300, 30)), "PNG")
+    assert isinstance(decode_error(data, max_side=299), PayloadTooLarge)
+    assert decode_image(data, max_side=300).size == (300, 30)
+    assert isinstance(decode_error(data, max_aspect_ratio=9.99), InvalidParameters)
+    assert decode_image(data, max_aspect_ratio=10).size == (300, 30)
+    # huge limits turn the checks off; the pixel cap still holds
+    strip = encode(Image.new("L", (5000, 1)), "PNG")
+    assert decode_image(strip, max_side=10**9, max_aspect_ratio=1e9).size == (5000, 1)
+
+
+def test_default_limits_are_the_settings_defaults() -> None:
+    s = Settings()
+    assert (s.max_image_bytes, s.max_image_pixels) == (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS)
+    assert (s.max_image_side, s.max_aspect_ratio) == (DEFAULT_MAX_SIDE, DEFAULT_MAX_ASPECT_RATIO)
+    assert (s.max_image_side, s.max_aspect_ratio) == (20_000, 20.0)
+
+
+def test_exif_rotated_strip_is_judged_by_its_size() -> None:
+    # the header's size is what is checked; a rotation only swaps the sides
+    src = Image.new("RGB", (25, 600))  # 24:1, stored tall, displayed wide
+    exif = src.getexif()
+    exif[0x0112] = 6
+    err = decode_error(encode(src, "JPEG", exif=exif))
+    assert isinstance(err, InvalidParameters) and "25x600" in err.detail
+
+
+def test_high_bit_depth_conversion_in_row_blocks_matches_the_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    import app.runtime.images as images
+
+    arr = np.random.default_rng(5).integers(-70000, 70000, (37, 29), dtype=np.int32)
+    whole = np.asarray(decode_image(encode(Image.fromarray(arr), "TIFF")))
+    monkeypatch.setattr(images, "_CHUNK_SAMPLES", 64)  # blocks of 2 rows
+    assert (np.asarray(decode_image(encode(Image.fromarray(arr), "TIFF"))) == whole).all()
+    f = np.random.default_rng(6).normal(128, 90, (13, 11)).astype(np.float32)
+    f[0, 0] = np.nan
+    blocks = np.asarray(decode_image(encode(Image.fromarray(f), "TIFF")))[:, :, 0]
+    assert (blocks == np.clip(np.rint(np.nan_to_num(f, nan=0.0)), 0, 255).astype(np.uint8)).all()
+
+
+# ----------------------------------------------------------------------------- preprocessing of odd shapes
+
+
+def reference_resize_crop(img: Image.Image, spec: ImageSpec) -> Image.Image:
+    """resize_crop as the shipped models were trained with it: the full resize, then the centre crop."""
+    img = img.convert("RGB")
+    w, h = img.size
+    if min(w, h) != spec.resize:
+        nw, nh = (spec.resize, int(spec.resize * h / w)) if w <= h else (int(spec.resize * w / h), spec.resize)
+        img = img.resize((nw, nh), {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+                                    "bicubic": Image.Resampling.BICUBIC}[spec.interpolation])
+        w, h = nw, nh
+    left, top = round((w - spec.crop) / 2.0), round((h - spec.crop) / 2.0)
+    return img.crop((left, top, left + spec.crop, top + spec.crop)) if (w, h) != (spec.crop, spec.crop) else img
+
+
+def spec_of(resize: int, crop: int, interpolation: str = "bilinear") -> ImageSpec:
+    return ImageSpec(resize=resize, crop=crop, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation=interpolation)
+
+
+def noise_rgb(w: int, h: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
+@pytest.mark.parametrize(("resize", "crop"), [(256, 224), (232, 224), (32, 32), (36, 32), (64, 64), (16, 16)])
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (300, 300), (20, 15), (33, 97), (1000, 100), (100, 1000),
+                                  (300, 30), (32, 32), (1, 1), (5, 1)])
+def test_resize_crop_of_normal_shapes_is_the_training_transform(
+        size: tuple[int, int], resize: int, crop: int, interpolation: str) -> None:
+    img, spec = noise_rgb(*size, seed=size[0] * 7 + size[1]), spec_of(resize, crop, interpolation)
+    got = np.asarray(resize_crop(img, spec), dtype=np.int16)
+    want = np.asarray(reference_resize_crop(img, spec), dtype=np.int16)
+    assert got.shape == want.shape == (crop, crop, 3)
+    assert (got == want).all()  # bit for bit: the shipped models see what they were trained on
+
+
+@pytest.mark.parametrize("size", [(5000, 2), (2, 5000), (2_000_000, 1), (1, 2_000_000), (20000, 3)])
+@pytest.mark.parametrize(("resize", "crop"), [(32, 32), (256, 224)])
+def test_resize_crop_of_a_strip_allocates_nothing_large(size: tuple[int, int], resize: int, crop: int) -> None:
+    img = Image.new("RGB", size, (250, 20, 20))
+    with pixel_budget(max(crop * crop, size[0] * size[1])) as made:
+        out = resize_crop(img, spec_of(resize, crop))
+    assert out.size == (crop, crop)
+    assert max(w * h for w, h in made) <= crop * crop  # the crop only, never the 80000 x 32 detour
+    assert (np.asarray(out) == (250, 20, 20)).all()
+
+
+def test_resize_crop_of_a_strip_samples_where_the_full_resize_would() -> None:
+    # smooth content, so the order of PIL's two passes (the only difference) moves values by a level or two
+    y, x = np.mgrid[0:4, 0:3000].astype(np.float64)
+    arr = np.stack([x / 3000 * 255, 127 + 100 * np.sin(x / 40.0), 60 + y * 30], axis=-1).round().astype(np.uint8)
+    img, spec = Image.fromarray(arr), spec_of(32, 32)
+    got = np.asarray(resize_crop(img, spec), dtype=np.int16)
+    want = np.asarray(reference_resize_crop(img, spec), dtype=np.int16)
+    assert np.abs(got - want).max() <= 2
