@@ -18,7 +18,9 @@ class Problem(BaseModel):
 
 
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": Problem, "content": {"application/problem+json": {}}, "description": desc}
+    code: {"model": Problem, "content": {"application/problem+json": {}}, "description": desc,
+           **({"headers": {"Retry-After": {"description": "seconds to wait before retrying (when overloaded or "
+                                           "loading)", "schema": {"type": "string"}}}} if code == 503 else {})}
     for code, desc in {
         400: "Malformed request or corrupt image", 401: "Missing or invalid API key",
         403: "The API key's principal lacks the scope this route needs",

@@ -59,7 +59,8 @@ async def _read(f: UploadFile, limit: int) -> tuple[str, bytes]:
     return f.filename or "upload", await f.read(limit + 1)
 
 
-@router.post("/style-transfer", status_code=202, response_model=StyleJob, responses=PROBLEM_RESPONSES,
+@router.post("/style-transfer", status_code=202, response_model=StyleJob, responses={**PROBLEM_RESPONSES, 202: {
+    "description": "queued", "headers": {"Location": {"description": "the job's URL", "schema": {"type": "string"}}}}},
              summary="Submit a style-transfer job")
 async def submit(
     jobs: StyleJobsDep,
@@ -121,7 +122,8 @@ async def get_job(job_id: str, jobs: StyleJobsDep, caller: Caller) -> StyleJob:
 
 
 @router.get("/style-transfer/{job_id}/result", responses={**JOB_RESPONSES, **NOT_YET, 200: {
-    "content": {"image/png": {}, "image/jpeg": {}}, "description": "the stylised image"}}, summary="The result")
+    "content": {"image/png": {}, "image/jpeg": {}}, "description": "the stylised image"}}, summary="The result",
+    response_class=Response)
 async def get_result(job_id: str, jobs: StyleJobsDep, caller: Caller,
                      format: Annotated[Literal["png", "jpeg"], Query(description="image format")] = "png",
                      ) -> Response:
@@ -142,7 +144,8 @@ async def get_result(job_id: str, jobs: StyleJobsDep, caller: Caller,
 
 
 @router.get("/style-transfer/{job_id}/preview", responses={**JOB_RESPONSES, **NOT_YET, 200: {
-    "content": {"image/png": {}}, "description": "the latest intermediate image"}}, summary="Latest preview")
+    "content": {"image/png": {}}, "description": "the latest intermediate image"}}, summary="Latest preview",
+    response_class=Response)
 async def get_preview(job_id: str, jobs: StyleJobsDep, caller: Caller) -> Response:
     """The latest intermediate image while running (the result once succeeded)."""
     path = jobs.preview(job_id, owner=caller.owner_filter)
