@@ -78,8 +78,11 @@ async def verify(
     return await service.verify_subject(await _read(service, image, "image"), subject, detector, threshold)
 
 
-@router.post("/enroll", status_code=201, summary="Enrol faces of a subject", responses={**RESPONSES, 201: {
-    "description": "enrolled", "headers": {"Location": {"description": "the subject's URL", "schema": {"type": "string"}}}}})
+LOCATION = {"Location": {"description": "the subject's URL", "schema": {"type": "string"}}}
+
+
+@router.post("/enroll", status_code=201, summary="Enrol faces of a subject",
+             responses={**RESPONSES, 201: {"description": "enrolled", "headers": LOCATION}})
 async def enroll(
     service: Faces,
     response: Response,
