@@ -418,3 +418,26 @@ def test_a_damaged_style_feature_network_fails_style_only(base_settings: Setting
     (base_settings.weights_dir / name).unlink()  # absent (not damaged) is the documented offline fallback
     with client_factory(base_settings) as c:
         assert _apps(c)[0] == 200
+
+
+def test_jobs_belong_to_the_key_that_made_them(keyed: Settings, client_factory) -> None:
+    """End to end through the gate: alice's job is a 404 for bob (get, result, preview, delete, list), an admin
+    sees and controls it, and a read-only principal cannot submit."""
+    files = [("content", ("c.png", image_bytes(size=(64, 48)), "image/png")),
+             ("style", ("s.png", image_bytes((10, 200, 10), size=(64, 64)), "image/png"))]
+    with client_factory(keyed) as c:
+        r = c.post("/style-transfer", files=files, data={"steps": "1", "size": "64"}, headers=h("alice"))
+        assert r.status_code == 202, r.text
+        job = r.json()
+        assert job["owner"] == "alice"
+        url = f"/style-transfer/{job['id']}"
+        assert c.get(url, headers=h("alice")).status_code == 200
+        for method, suffix in (("GET", ""), ("GET", "/result"), ("GET", "/preview"), ("DELETE", "")):
+            assert_problem(c.request(method, url + suffix, headers=h("bob")), 404)
+        assert c.get("/style-transfer", headers=h("bob")).json()["total"] == 0
+        assert c.get("/style-transfer", headers=h("alice")).json()["total"] == 1
+        assert c.get("/style-transfer", headers=h("root")).json()["total"] == 1
+        assert c.get(url, headers=h("root")).json()["owner"] == "alice"
+        assert_problem(c.post("/style-transfer", files=files, data={"size": "64"}, headers=h("reader")), 403)
+        assert c.delete(url, headers=h("root")).status_code == 200  # the admin cancels alice's queued job
+        assert c.get(url, headers=h("alice")).json()["status"] == "canceled"
