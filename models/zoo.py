@@ -2,11 +2,23 @@
 
 Pure PyTorch: builds modules and describes torchvision's published weights; never loads files
 from the network by itself.
+
+torchvision classifiers with published weights are built by torchvision's own builder,
+`torchvision.models.get_model(name, weights=W)`, because builders apply some arguments only when they
+are given weights (inception_v3 and googlenet: transform_input=True, aux_logits; vit_h_14: image_size
+518; every one: num_classes from the weights' categories; vgg, inception, googlenet: init_weights).
+Building with weights=None and loading afterwards silently gets those wrong. Only where the builder
+fetches the state dict (`WeightsEnum.get_state_dict`, a download into the torch hub cache) is the
+caller's verified local file read instead (see build_torchvision).
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import re
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,8 +98,112 @@ def fix_torchvision_state_dict(name: str, state: dict[str, torch.Tensor]) -> dic
     return fixed
 
 
+# returns a fresh state dict on each call, as torch.load does: builders may rename its keys in place
+# (densenet), and its `_metadata` (layer versions, which mnasnet needs) must be kept
+StateDictSource = Callable[[], dict[str, torch.Tensor]]
+
+
+@dataclass
+class _LocalStateDict:
+    """The state dict torchvision's builder gets, in place of a download, while build_torchvision runs."""
+
+    weights: Any  # the torchvision WeightsEnum member being built
+    load: StateDictSource
+    calls: int = 0
+
+
+# per thread and per asyncio task: another thread building (or downloading) meanwhile is unaffected
+_LOCAL_STATE_DICT: contextvars.ContextVar[_LocalStateDict | None] = contextvars.ContextVar(
+    "models.zoo.local_state_dict", default=None)
+_HOOK_LOCK = threading.Lock()
+
+
+def _local_state_dict_hook() -> Callable[..., Any]:
+    """Route torchvision's `WeightsEnum.get_state_dict` to the caller's local file inside build_torchvision.
+
+    Installed once (idempotent, under a lock). Outside a build_torchvision call, that is in every other
+    thread and task, it calls torchvision's own method unchanged."""
+    from torchvision.models._api import WeightsEnum
+
+    with _HOOK_LOCK:
+        current = WeightsEnum.__dict__.get("get_state_dict")
+        if current is None:
+            raise RuntimeError("this torchvision has no WeightsEnum.get_state_dict: cannot give its builders "
+                               "a local weights file")
+        if getattr(current, "_models_zoo_local", False):
+            return current
+        original = current
+
+        @functools.wraps(original)
+        def get_state_dict(self: Any, *args: Any, **kwargs: Any) -> Any:
+            local = _LOCAL_STATE_DICT.get()
+            if local is None:
+                return original(self, *args, **kwargs)
+            if self is not local.weights:
+                raise RuntimeError(f"torchvision asked for the state dict of {self!r} while {local.weights!r} "
+                                   "was being built")
+            local.calls += 1
+            return local.load()
+
+        get_state_dict._models_zoo_local = True  # type: ignore[attr-defined]
+        WeightsEnum.get_state_dict = get_state_dict  # type: ignore[method-assign]
+        return get_state_dict
+
+
+def _checkpoint_shape_kwargs(name: str, weights: Any) -> dict[str, Any]:
+    """Builder arguments (weights=None) giving a module whose state dict has the keys and shapes of the
+    published file of `weights`, which torchvision's builder loads (strictly) before its own adjustments."""
+    kwargs: dict[str, Any] = {"num_classes": len(weights.meta["categories"])}
+    if name in ("googlenet", "inception_v3"):
+        # the files carry the auxiliary heads (the builder drops googlenet's after loading);
+        # init_weights given explicitly: both classes warn when it is left unset
+        kwargs.update(aux_logits=True, init_weights=True)
+    elif name.startswith("vit_"):
+        kwargs["image_size"] = int(weights.meta["min_size"][0])
+    elif name.startswith("maxvit_"):
+        kwargs["input_size"] = tuple(weights.meta["min_size"])
+    return kwargs
+
+
+def build_torchvision(name: str, weights: str, state_dict: StateDictSource | None, *,
+                      num_classes: int | None = None) -> nn.Module:
+    """`torchvision.models.get_model(name, weights=weights)`, exactly, with the state dict from
+    `state_dict()` (the caller's verified local file) instead of a download.
+
+    With `state_dict` None the module is the same (same builder arguments, same adjustments after
+    loading) with random weights. `num_classes`, when given, must equal the weights' category count.
+    torchvision's downloader is not reached from here: its builders get their state dict through
+    `WeightsEnum.get_state_dict`, routed to `state_dict` for this call only (and this thread or task only);
+    tests/runtime/test_torchvision_parity.py checks that for every classifier torchvision lists."""
+    import torchvision
+
+    w = torchvision.models.get_weight(weights)
+    if w not in list(torchvision.models.get_model_weights(name)):
+        raise ValueError(f"{weights} are not weights of torchvision's {name}")
+    categories = len(w.meta["categories"])
+    if num_classes is not None and num_classes != categories:
+        raise ValueError(f"{weights} has {categories} categories, not {num_classes}")
+    if state_dict is None:  # random weights, shaped like the published file
+        state_dict = torchvision.models.get_model(name, weights=None, **_checkpoint_shape_kwargs(name, w)).state_dict
+    hook = _local_state_dict_hook()
+    if type(w).get_state_dict is not hook:  # a subclass overriding it would download: refuse instead
+        raise RuntimeError(f"{type(w).__name__} loads its state dict by itself: cannot give it a local file")
+    local = _LocalStateDict(w, state_dict)
+    token = _LOCAL_STATE_DICT.set(local)
+    try:
+        model: nn.Module = torchvision.models.get_model(name, weights=w)
+    finally:
+        _LOCAL_STATE_DICT.reset(token)
+    if local.calls != 1:
+        raise RuntimeError(f"torchvision's {name} builder read its state dict {local.calls} times, expected once")
+    return model
+
+
 def build_classifier(family: str, arch: dict[str, Any], num_classes: int) -> nn.Module:
-    """An untrained classifier of the given family ("cifar-resnet", "cifar-resnet-ensemble" or "torchvision")."""
+    """An untrained classifier of the given family ("cifar-resnet", "cifar-resnet-ensemble" or "torchvision").
+
+    A torchvision arch naming its weights ({"name": ..., "weights": "<Enum>.<member>"}) is built as
+    torchvision builds it with those weights (build_torchvision), random weights included."""
     if family == "cifar-resnet":
         return cifar_resnet(int(arch.get("depth", 20)), num_classes, str(arch.get("shortcut", "A")))
     if family == "cifar-resnet-ensemble":
@@ -95,6 +211,8 @@ def build_classifier(family: str, arch: dict[str, Any], num_classes: int) -> nn.
 
         return cifar_resnet_ensemble(arch, num_classes)
     if family == "torchvision":
+        if arch.get("weights"):
+            return build_torchvision(str(arch["name"]), str(arch["weights"]), None, num_classes=num_classes)
         import torchvision
 
         return torchvision.models.get_model(str(arch["name"]), weights=None, num_classes=num_classes)

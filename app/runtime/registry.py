@@ -11,6 +11,7 @@ Weights resolution (the same for every model, DESIGN.md):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -27,7 +28,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from torch import nn
 
 from models.preprocess import ImageSpec
-from models.zoo import build_classifier, fix_torchvision_state_dict, torchvision_classifiers, torchvision_weights
+from models.zoo import (
+    build_classifier,
+    build_torchvision,
+    fix_torchvision_state_dict,
+    torchvision_classifiers,
+    torchvision_weights,
+)
 
 from .device import inference_context, prepare_model, to_device_batch
 
@@ -238,7 +245,8 @@ def spec_from_torchvision(name: str) -> ModelSpec:
     tw = torchvision_weights(name)
     metrics = {k: v for k, v in tw.meta.get("_metrics", {}).get("ImageNet-1K", {}).items()}
     return ModelSpec(
-        name=name, task="image-classification", family="torchvision", arch={"name": name}, labels=tw.labels,
+        name=name, task="image-classification", family="torchvision", arch={"name": name, "weights": tw.enum},
+        labels=tw.labels,
         preprocessing=tw.preprocessing,
         weights=WeightsRef(tw.file_name, hash_prefix=tw.hash_prefix, url=tw.url),
         source=f"torchvision {tw.enum}", metrics=metrics,
@@ -412,8 +420,34 @@ _LOADERS: dict[str, type[LoadedModel]] = {
     c.task: c for c in (LoadedClassifier, LoadedTextClassifier, LoadedFaceEmbedder)}
 
 
-def build_model(spec: ModelSpec) -> nn.Module:
-    """An untrained module for a spec (family and arch from the manifest or torchvision)."""
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a (verified) weights file: tensors only, never arbitrary pickled objects."""
+    state: dict[str, torch.Tensor] = torch.load(path, map_location="cpu", weights_only=True)
+    return state
+
+
+def build_model(spec: ModelSpec, weights_path: Path | None = None) -> nn.Module:
+    """The module for a spec (family and arch from the manifest or torchvision) with the weights of
+    `weights_path` (a verified file), or random weights without one.
+
+    A torchvision arch naming its weights is built exactly as `torchvision.models.get_model(name,
+    weights=...)` builds it, the file read from here instead of downloaded: builders set some arguments
+    only with weights (inception_v3 and googlenet: transform_input=True) and fix old checkpoint keys."""
+    if spec.family == "torchvision" and spec.arch.get("weights"):
+        source = None if weights_path is None else functools.partial(read_state_dict, weights_path)
+        return build_torchvision(str(spec.arch["name"]), str(spec.arch["weights"]), source,
+                                 num_classes=len(spec.labels))
+    model = _build_untrained(spec)
+    if weights_path is not None:
+        sd = read_state_dict(weights_path)
+        if spec.family == "torchvision":
+            sd = fix_torchvision_state_dict(str(spec.arch["name"]), sd)
+        model.load_state_dict(sd)
+    return model
+
+
+def _build_untrained(spec: ModelSpec) -> nn.Module:
+    """A module with random weights (family and arch from the manifest)."""
     if spec.task == "text-classification":
         from models.text import build_text_model
         from models.text.encoding import CharSpec
@@ -504,12 +538,7 @@ class ModelRegistry:
                     spec, OnnxModule(resolved.path, self.device), self.device,  # type: ignore[arg-type]
                     weights_tag="trained", weights_source=resolved.source)
             else:
-                model = build_model(spec)
-                if resolved is not None:
-                    sd = torch.load(resolved.path, map_location="cpu", weights_only=True)
-                    if spec.family == "torchvision":
-                        sd = fix_torchvision_state_dict(name, sd)
-                    model.load_state_dict(sd)
+                model = build_model(spec, resolved.path if resolved is not None else None)
                 model = prepare_model(model, self.device, compile_model=self.compile_model)
                 loaded = _LOADERS[task](
                     spec, model, self.device,

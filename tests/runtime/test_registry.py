@@ -59,6 +59,39 @@ def test_missing_torchvision_weights_offline(tmp_path: Path) -> None:
     assert "resnet18-f37072fd.pth" in (st.reason or "") and "fetch-weights" in (st.reason or "")
 
 
+def test_torchvision_spec_names_the_weights_it_is_built_for() -> None:
+    """The registry builds torchvision models through get_model(name, weights=<these>), not weights=None."""
+    spec = spec_from_torchvision("inception_v3")
+    assert spec.arch == {"name": "inception_v3", "weights": "Inception_V3_Weights.IMAGENET1K_V1"}
+    assert spec.source == "torchvision Inception_V3_Weights.IMAGENET1K_V1"
+
+
+def _torchvision_manifest_entry(weights_dir: Path, labels: list[str]) -> None:
+    """A manifest entry serving squeezenet1_1 from a project file, built as torchvision builds it with weights."""
+    import torchvision
+
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    path = weights_dir / "squeeze.pt"
+    torch.save(torchvision.models.squeezenet1_1().state_dict(), path)
+    entry = {"name": "squeeze", "task": "image-classification", "family": "torchvision",
+             "arch": {"name": "squeezenet1_1", "weights": "SqueezeNet1_1_Weights.IMAGENET1K_V1"},
+             "file": path.name, "sha256": sha256_of(path), "labels": labels,
+             "preprocessing": {"resize": 256, "crop": 224, "mean": [0.485, 0.456, 0.406],
+                               "std": [0.229, 0.224, 0.225]}}
+    (weights_dir / "manifest.json").write_text(json.dumps({"models": [entry]}))
+
+
+def test_manifest_torchvision_entry_with_weights_is_built_by_torchvision(tmp_path: Path) -> None:
+    wd = tmp_path / "w"
+    _torchvision_manifest_entry(wd, [f"c{i}" for i in range(1000)])
+    st = make_registry(wd, tmp_path / "hub").load_classifier("squeeze", warmup=False)
+    assert st.status == "ready" and st.loaded is not None and st.loaded.weights_tag == "trained"
+    _torchvision_manifest_entry(wd, ["a", "b", "c"])  # torchvision's builder makes 1000 outputs: refused
+    st = make_registry(wd, tmp_path / "hub").load_classifier("squeeze", warmup=False)
+    assert st.status == "failed" and "1000 categories, not 3" in (st.reason or "")
+
+
 def test_untrained_allowed_builds_random_model(tmp_path: Path) -> None:
     st = make_registry(tmp_path / "w", tmp_path / "hub", untrained=True).load_classifier("resnet18")
     assert st.status == "ready" and st.loaded is not None
