@@ -7,8 +7,8 @@
     python -m app.cli train text --train CSV --out runs/y
     python -m app.cli train faces --data LFW_DIR --pairs PAIRS --out runs/z
     python -m app.cli train ensemble --name N --members A B --out runs/e   (combine trained CIFAR ResNets)
-    python -m app.cli evaluate cifar10-resnet56 --data DIR
-    python -m app.cli evaluate-text agnews-vdcnn9 --csv FILE
+    python -m app.cli evaluate cifar10-resnet56 --data DIR            (--holdout: the images it was validated on)
+    python -m app.cli evaluate-text agnews-vdcnn9 --csv FILE          (or --holdout instead of --csv)
     python -m app.cli keygen alice --scopes read,write --file keys.json   (a new API key for a principal)
 """
 
@@ -150,17 +150,43 @@ def _decode_file(path: Path, s: Settings) -> Any:
                         max_side=s.max_image_side, max_aspect_ratio=s.max_aspect_ratio, name=path.name)
 
 
-def evaluate_classifier(name: str, data: Path, *, batch_size: int = 64, limit_per_class: int = 0,
+def _training_path(path: Path, s: Settings) -> Path:
+    """A path from a manifest entry's training info: as written (relative to the directory the trainer ran in,
+    normally the project root), else relative to the weights directory's parent (the project root)."""
+    if path.is_absolute() or path.exists():
+        return path
+    alt = s.weights_dir.parent / path
+    return alt if alt.exists() else path
+
+
+def _accuracy_counts(target: Any, pred: Any) -> dict[str, Any]:
+    """Accuracy with its numerator and denominator (so a reader can check a rounding)."""
+    return {"accuracy": float((pred == target).mean()) if len(target) else 0.0, "correct": int((pred == target).sum()),
+            "total": len(target)}
+
+
+def _points(measured: float, card: float) -> float:
+    """measured - card in percentage points, rounded to 0.01 (never "-0.0")."""
+    return round(100 * (measured - card), 2) + 0.0
+
+
+def evaluate_classifier(name: str, data: Path | None, *, batch_size: int = 64, limit_per_class: int = 0,
+                        holdout: bool = False, one_view: bool = False,
                         settings: Settings | None = None) -> dict[str, Any]:
     """Accuracy, per-class accuracy and throughput of a registered classifier on an ImageFolder tree,
-    through the service's own decoding and preprocessing."""
+    through the service's own decoding and preprocessing ("accuracy" is as served: with the flip averaging
+    the manifest asks for). holdout: only the images the model was validated on, rebuilt with the trainer's
+    split from the folder, validation size and seed in its manifest entry (`data` may point at the same
+    folder elsewhere; default: the recorded one), reported next to the card's numbers; one_view adds the
+    accuracy without flip averaging (one more forward pass). limit_per_class: the first N images (of the
+    hold-out, with holdout) of every class."""
     import numpy as np
 
     from app.runtime.device import select_device
     from app.runtime.registry import LoadedClassifier, ModelRegistry, hub_checkpoint_dir
     from models.preprocess import image_to_tensor
     from models.train.common import confusion_matrix
-    from models.train.images import scan_image_folder
+    from models.train.images import holdout_files, holdout_from_training, scan_image_folder
 
     s = settings or Settings()
     registry = ModelRegistry(s.weights_dir, hub_checkpoint_dir(s.torch_home), select_device(s.device),
@@ -170,7 +196,17 @@ def evaluate_classifier(name: str, data: Path, *, batch_size: int = 64, limit_pe
         raise SystemExit(f"{name}: {st.status}: {st.reason}")
     loaded = st.loaded
     assert isinstance(loaded, LoadedClassifier)
-    classes, files, labels = scan_image_folder(data)
+    split: dict[str, Any] | None = None
+    if holdout:
+        h = holdout_from_training(loaded.spec.info.get("training") or {}, name)
+        root = data if data is not None else _training_path(h.data, s)
+        classes, files, labels = holdout_files(h, root)
+        split = {"data": str(root), "val_images": h.val_size, "train_images": h.train_size, "seed": h.seed,
+                 "split": "models.train.images.split_files: the trainer's stratified split"}
+    elif data is None:
+        raise SystemExit("give --data (an ImageFolder directory) or --holdout")
+    else:
+        classes, files, labels = scan_image_folder(data)
     if limit_per_class:
         keep = np.concatenate([np.flatnonzero(labels == c)[:limit_per_class] for c in range(len(classes))])
         files, labels = [files[i] for i in keep], labels[keep]
@@ -179,35 +215,82 @@ def evaluate_classifier(name: str, data: Path, *, batch_size: int = 64, limit_pe
     if missing:
         raise SystemExit(f"folder classes {missing} are not labels of {name}")
     target = np.asarray([model_labels.index(classes[y]) for y in labels])
+    one_view = one_view and holdout and loaded.hflip_tta
     preds: list[int] = []
+    preds_one: list[int] = []
     t0 = time.perf_counter()
     for i in range(0, len(files), batch_size):
         batch = []
         for f in files[i : i + batch_size]:
             batch.append(image_to_tensor(_decode_file(f, s), loaded.preprocessing))
         preds.extend(int(p.argmax()) for p in loaded.forward(batch))
+        if one_view:
+            loaded.hflip_tta = False  # the same forward without the mirror image: the card's one-view number
+            try:
+                preds_one.extend(int(p.argmax()) for p in loaded.forward(batch))
+            finally:
+                loaded.hflip_tta = True
     seconds = time.perf_counter() - t0
     pred = np.asarray(preds)
     cm = confusion_matrix(target, pred, len(model_labels))
     per_class = {c: float(cm[model_labels.index(c), model_labels.index(c)] / max(1, cm[model_labels.index(c)].sum()))
                  for c in classes}
-    return {"model": name, "images": len(files), "accuracy": float((pred == target).mean()),
-            "per_class_accuracy": per_class, "seconds": round(seconds, 2),
-            "images_per_second": round(len(files) / seconds, 1), "device": str(loaded.device),
-            "weights": loaded.weights_tag}
+    report: dict[str, Any] = {
+        "model": name, "images": len(files), "accuracy": float((pred == target).mean()),
+        "per_class_accuracy": per_class, "seconds": round(seconds, 2),
+        "images_per_second": round(len(files) / seconds, 1), "device": str(loaded.device),
+        "weights": loaded.weights_tag}
+    if split is not None:
+        served = "hflip" if loaded.hflip_tta else "one view"
+        measured = {("val_accuracy_hflip_tta" if loaded.hflip_tta else "val_accuracy"): _accuracy_counts(target, pred)}
+        if one_view:
+            measured["val_accuracy"] = _accuracy_counts(target, np.asarray(preds_one))
+        card = {k: loaded.spec.metrics[k] for k in measured if k in loaded.spec.metrics}
+        report |= {"model_sha256": loaded.spec.weights.sha256, "holdout": split, "served_with": served,
+                   "sample": f"first {limit_per_class} hold-out images of every class" if limit_per_class else None,
+                   "measured": measured, "confusion_matrix": cm.tolist(), "card_metrics": card,
+                   "difference_from_card_points": {k: _points(measured[k]["accuracy"], v) for k, v in card.items()}}
+    return report
 
 
-def evaluate_text_model(name: str, csv_path: Path, *, text_columns: str = "2,3", label_column: str = "1",
+def _text_scores(target: Any, pred: Any, labels: list[str]) -> dict[str, Any]:
+    """Accuracy, macro F1, per-class precision/recall/F1 and the confusion matrix of text predictions."""
+    import numpy as np
+
+    from models.train.common import confusion_matrix
+    from models.train.text import per_class_metrics
+
+    cm = confusion_matrix(target, pred, len(labels))
+    per_class = per_class_metrics(cm, labels)
+    return {"texts": len(target), **_accuracy_counts(target, pred),
+            "macro_f1": float(np.mean([m["f1"] for m in per_class.values()])), "per_class": per_class,
+            "confusion_matrix": cm.tolist()}
+
+
+def evaluate_text_model(name: str, csv_path: Path | None, *, text_columns: str = "2,3", label_column: str = "1",
                         header: bool = False, label_base: int | None = 1, limit: int = 0, batch_size: int = 64,
+                        holdout: bool = False, data_dir: Path | None = None,
                         settings: Settings | None = None) -> dict[str, Any]:
     """Accuracy, per-class precision/recall/F1 and texts/s of a registered text model on a CSV file,
-    through the service's own encoding and forward (labels: class names or label_base-based numbers)."""
+    through the service's own encoding and forward (labels: class names or label_base-based numbers).
+
+    holdout: instead of a CSV file, exactly the validation rows the model was validated with, rebuilt by the
+    trainer's split code from the files, sizes, seed and de-duplication rule of its manifest entry (data_dir:
+    where those files are now, found by name). A model trained before the near-duplicate rule
+    (no training.dedup) is scored on its old hold-out minus the rows that have a near-duplicate in its
+    training side ("accuracy"), and on the old hold-out as validated ("holdout_as_validated")."""
     import numpy as np
 
     from app.runtime.device import select_device
     from app.runtime.registry import LoadedTextClassifier, ModelRegistry, hub_checkpoint_dir
-    from models.train.common import confusion_matrix
-    from models.train.text import map_labels, per_class_metrics, read_csv
+    from models.train.text import (
+        DEDUP_RULE,
+        holdout_from_training,
+        holdout_split,
+        map_labels,
+        near_duplicate_mask,
+        read_csv,
+    )
 
     s = settings or Settings()
     registry = ModelRegistry(s.weights_dir, hub_checkpoint_dir(s.torch_home), select_device(s.device),
@@ -217,36 +300,81 @@ def evaluate_text_model(name: str, csv_path: Path, *, text_columns: str = "2,3",
         raise SystemExit(f"{name}: {st.status}: {st.reason}")
     loaded = st.loaded
     assert isinstance(loaded, LoadedTextClassifier)
-    raw, texts = read_csv(csv_path, label_column=label_column, text_columns=text_columns.split(","), header=header,
-                          unescape=True, encoding="utf-8", limit=limit)
     labels = loaded.spec.labels
-    target = map_labels(raw, labels, label_base, csv_path)
+    keep: Any = None  # with an old-split hold-out: the rows without a near-duplicate in training
+    split_info: dict[str, Any] | None = None
+    if holdout:
+        h = holdout_from_training(loaded.spec.info.get("training") or {}, name)
+        h.files = [data_dir / p.name if data_dir is not None else _training_path(p, s) for p in h.files]
+        split = holdout_split(h, labels)
+        texts, target = split.val_texts, split.y_val
+        near = near_duplicate_mask(split.val_keys, split.train_keys)
+        split_info = {"files": [str(p) for p in h.files], "val_size": h.val_size, "seed": h.seed,
+                      "val_from": str(h.files[0]) if h.val_from_first else "all", "train_rows": len(split.train_texts),
+                      "val_rows": len(texts), "dedup": DEDUP_RULE if h.dedup else None,
+                      "val_rows_with_near_duplicate_in_training": int(near.sum()),
+                      "split": "models.train.text.holdout_split: the trainer's split_rows"}
+        if not h.dedup:
+            keep = ~near
+        if limit:
+            texts, target = texts[:limit], target[:limit]
+            keep = keep[:limit] if keep is not None else None
+    elif csv_path is None:
+        raise SystemExit("give --csv (a CSV file) or --holdout")
+    else:
+        raw, texts = read_csv(csv_path, label_column=label_column, text_columns=text_columns.split(","),
+                              header=header, unescape=True, encoding="utf-8", limit=limit)
+        target = map_labels(raw, labels, label_base, csv_path)
     preds: list[int] = []
     t0 = time.perf_counter()
     for i in range(0, len(texts), batch_size):
         preds.extend(int(p.argmax()) for p in loaded.forward(texts[i : i + batch_size]))
     seconds = time.perf_counter() - t0
     pred = np.asarray(preds)
-    cm = confusion_matrix(target, pred, len(labels))
-    return {"model": name, "texts": len(texts), "accuracy": float((pred == target).mean()),
-            "per_class": per_class_metrics(cm, labels), "confusion_matrix": cm.tolist(),
-            "seconds": round(seconds, 2), "texts_per_second": round(len(texts) / seconds, 1),
-            "batch_size": batch_size, "device": str(loaded.device), "weights": loaded.weights_tag}
+    scored = _text_scores(target, pred, labels) if keep is None else _text_scores(target[keep], pred[keep], labels)
+    report: dict[str, Any] = {
+        "model": name, **scored, "seconds": round(seconds, 2), "texts_per_second": round(len(texts) / seconds, 1),
+        "batch_size": batch_size, "device": str(loaded.device), "weights": loaded.weights_tag}
+    if split_info is not None:
+        card = {k: loaded.spec.metrics[k] for k in ("val_accuracy", "val_macro_f1", "val_rows")
+                if k in loaded.spec.metrics}
+        report |= {"model_sha256": loaded.spec.weights.sha256, "holdout": split_info,
+                   "sample": f"first {limit} hold-out rows" if limit else None, "card_metrics": card}
+        measured = {"holdout": scored["accuracy"]}
+        if keep is not None:
+            old = _text_scores(target, pred, labels)
+            report["holdout"]["scored"] = (
+                "the model's hold-out as validated (old split: exact-text de-duplication only) minus its rows "
+                f"that have a near-duplicate in training ({DEDUP_RULE!r} rule); as validated: holdout_as_validated")
+            report["holdout_as_validated"] = old
+            measured = {"holdout_as_validated": old["accuracy"], "deduplicated_holdout": scored["accuracy"]}
+        else:
+            report["holdout"]["scored"] = "the model's hold-out, which has no near-duplicate in training"
+        if "val_accuracy" in card:
+            report["difference_from_card_points"] = {k: _points(v, card["val_accuracy"]) for k, v in measured.items()}
+    return report
 
 
 def cmd_evaluate_text(args: argparse.Namespace) -> int:
-    """Print the evaluation of a text model on a CSV file as JSON."""
-    report = evaluate_text_model(args.model, Path(args.csv), text_columns=args.text_columns,
+    """Print the evaluation of a text model on a CSV file (or on its hold-out) as JSON."""
+    if args.holdout == (args.csv is not None):
+        print("evaluate-text: give either --csv FILE or --holdout", file=sys.stderr)
+        return 2
+    report = evaluate_text_model(args.model, Path(args.csv) if args.csv else None, text_columns=args.text_columns,
                                  label_column=args.label_column, header=args.header, label_base=args.label_base,
-                                 limit=args.limit, batch_size=args.batch_size)
+                                 limit=args.limit, batch_size=args.batch_size, holdout=args.holdout,
+                                 data_dir=Path(args.data_dir) if args.data_dir else None)
     print(json.dumps(report, indent=2))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Print the evaluation of a classifier on an ImageFolder directory as JSON."""
-    report = evaluate_classifier(args.model, Path(args.data), batch_size=args.batch_size,
-                                 limit_per_class=args.limit_per_class)
+    """Print the evaluation of a classifier on an ImageFolder directory (or on its hold-out) as JSON."""
+    if args.data is None and not args.holdout:
+        print("evaluate: give --data DIR, --holdout, or both (the hold-out of DIR)", file=sys.stderr)
+        return 2
+    report = evaluate_classifier(args.model, Path(args.data) if args.data else None, batch_size=args.batch_size,
+                                 limit_per_class=args.limit_per_class, holdout=args.holdout, one_view=args.holdout)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -342,19 +470,30 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     t = sub.add_parser("train", help="train a model (options after the target go to the trainer)")
     t.add_argument("what", choices=["images", "text", "faces", "ensemble"])
-    e = sub.add_parser("evaluate", help="evaluate a classifier on an ImageFolder directory")
+    e = sub.add_parser("evaluate", help="evaluate a classifier on an ImageFolder directory or on its hold-out")
     e.add_argument("model")
-    e.add_argument("--data", required=True)
+    e.add_argument("--data", default=None, help="ImageFolder directory (with --holdout: the model's training folder, "
+                                                "default: the one its manifest entry records)")
+    e.add_argument("--holdout", action="store_true",
+                   help="only the images the model was validated on (the trainer's split, with the validation size "
+                        "and seed of its manifest entry): reproduces its model card's numbers")
     e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--limit-per-class", type=int, default=0)
-    et = sub.add_parser("evaluate-text", help="evaluate a text model on a CSV file (AG News layout by default)")
+    e.add_argument("--limit-per-class", type=int, default=0, help="the first N images (of the hold-out) per class")
+    et = sub.add_parser("evaluate-text", help="evaluate a text model on a CSV file (AG News layout by default) or on "
+                                              "its hold-out")
     et.add_argument("model")
-    et.add_argument("--csv", required=True)
+    et.add_argument("--csv", default=None)
+    et.add_argument("--holdout", action="store_true",
+                    help="instead of --csv: the rows the model was validated on, rebuilt by the trainer's split from "
+                         "the files, sizes, seed and de-duplication rule of its manifest entry (the CSV options below "
+                         "are then those of the manifest entry, AG News' layout when it records none)")
+    et.add_argument("--data-dir", default=None,
+                    help="with --holdout: the folder that now holds the model's training files (found by name)")
     et.add_argument("--text-columns", default="2,3", help="1-based positions (or names with --header)")
     et.add_argument("--label-column", default="1")
     et.add_argument("--header", action="store_true")
     et.add_argument("--label-base", type=int, default=1, help="number of the first class in numeric labels")
-    et.add_argument("--limit", type=int, default=0, help="at most N rows")
+    et.add_argument("--limit", type=int, default=0, help="at most N rows (of the hold-out)")
     et.add_argument("--batch-size", type=int, default=64)
     ef = sub.add_parser("evaluate-faces", help="verification metrics and threshold of a face model on a pair list")
     ef.add_argument("model")

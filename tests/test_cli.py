@@ -87,3 +87,124 @@ def test_evaluate_faces_reports_metrics_and_a_threshold(tmp_path: Path) -> None:
     assert evaluate_face_model("tiny-face", pairs, data, holdout_max_images=4, settings=s)["pairs"] == 8
     with pytest.raises(SystemExit, match="no pairs"):  # everyone has 3 images: nobody is held out
         evaluate_face_model("tiny-face", pairs, data, holdout_max_images=3, settings=s)
+
+
+def test_evaluate_holdout_reproduces_the_trainers_validation(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """--holdout rebuilds the trainer's split from the manifest entry and scores exactly its validation images."""
+    from models.train import images as train_images
+
+    data = make_folder(tmp_path / "data", per_class=10)
+    wd = tmp_path / "w"
+    report = train_images.main(["--data", str(data), "--out", str(tmp_path / "run"), "--name", "tiny-rgb",
+                                "--depth", "8", "--epochs", "2", "--batch-size", "8", "--val-size", "9",
+                                "--cache", str(tmp_path / "cache"), "--threads", "1", "--seed", "1",
+                                "--install", str(wd)])
+    s = Settings(weights_dir=wd, torch_home=tmp_path / "th", device="cpu")
+    out = cli.evaluate_classifier("tiny-rgb", None, holdout=True, one_view=True, settings=s)  # folder from manifest
+    assert out["images"] == 9 and out["holdout"]["seed"] == 1 and out["served_with"] == "one view"
+    assert out["measured"]["val_accuracy"]["correct"] == round(9 * report["val_accuracy"])
+    assert out["card_metrics"] == {"val_accuracy": round(report["val_accuracy"], 4)}
+    assert out["difference_from_card_points"]["val_accuracy"] == pytest.approx(0.0, abs=0.01)
+    assert out["confusion_matrix"] == report["confusion_matrix"]
+    assert cli.evaluate_classifier("tiny-rgb", data, holdout=True, limit_per_class=1, settings=s)["images"] == 3
+    # without --holdout the whole folder is scored
+    assert cli.evaluate_classifier("tiny-rgb", data, settings=s)["images"] == 30
+
+    # the command line: JSON on stdout; neither --data nor --holdout is refused
+    import json
+
+    assert cli.main(["evaluate", "tiny-rgb"]) == 2
+    for key, value in (("WEIGHTS_DIR", wd), ("TORCH_HOME", tmp_path / "th"), ("DEVICE", "cpu")):
+        monkeypatch.setenv(f"CNN_{key}", str(value))
+    capsys.readouterr()
+    assert cli.main(["evaluate", "tiny-rgb", "--holdout"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["images"] == 9 and printed["measured"] == out["measured"]
+
+
+def test_evaluate_holdout_refuses_models_without_split_information(tmp_path: Path) -> None:
+    wd = tmp_path / "w"
+    write_tiny_classifier(wd)  # its manifest entry has no training info
+    write_tiny_text_model(wd)
+    s = Settings(weights_dir=wd, torch_home=tmp_path / "th", device="cpu")
+    with pytest.raises(SystemExit, match="hold-out cannot be rebuilt"):
+        cli.evaluate_classifier("tiny-cifar", tmp_path, holdout=True, settings=s)
+    with pytest.raises(SystemExit, match="hold-out cannot be rebuilt"):
+        cli.evaluate_text_model("tiny-text", None, holdout=True, settings=s)
+    assert cli.main(["evaluate-text", "tiny-text"]) == 2  # neither --csv nor --holdout
+
+
+def _news_csvs(root: Path) -> tuple[Path, Path, Path]:
+    """A gold file and an extra title-less file that repeats the stories of half the gold rows under another
+    title and an agency tag (AG News' near-duplicates)."""
+    import csv as csv_module
+    import random
+
+    rng = random.Random(0)
+    filler = ["the", "a", "new", "report", "said", "week"]
+    words = {1: "football match goal", 2: "stocks market shares", 3: "election vote senate"}
+    gold_rows, extra_rows = [], []
+    for c, kw in words.items():
+        for i in range(20):
+            story = " ".join(rng.choice([*kw.split(), *filler]) for _ in range(14))
+            story = f"{story} number {c}{i}"
+            gold_rows.append([str(c), f"Title {c}-{i}", story])
+            if i % 2 == 0:
+                extra_rows.append([str(c), "", f"Other title {c}-{i} (Reuters) Reuters - {story}"])
+    root.mkdir(parents=True, exist_ok=True)
+    paths = (root / "gold.csv", root / "extra.csv", root / "classes.txt")
+    for path, rows in zip(paths[:2], (gold_rows, extra_rows), strict=True):
+        with open(path, "w", newline="") as fh:
+            csv_module.writer(fh, quoting=csv_module.QUOTE_ALL).writerows(rows)
+    paths[2].write_text("Sports\nBusiness\nPolitics\n")
+    return paths
+
+
+def test_evaluate_text_holdout_rebuilds_the_split_and_reports_old_models_both_ways(tmp_path: Path) -> None:
+    import json
+
+    from models.train import text as train_text
+
+    gold, extra, classes = _news_csvs(tmp_path / "news")
+    wd = tmp_path / "w"
+    report = train_text.main(["--train", str(gold), "--train", str(extra), "--classes", str(classes),
+                              "--out", str(tmp_path / "run"), "--name", "tiny-news", "--length", "64",
+                              "--hidden", "8", "--epochs", "1", "--batch-size", "16", "--val-size", "12",
+                              "--threads", "1", "--device", "cpu", "--install", str(wd)])
+    # new runs: near-duplicates of training rows left validation for training
+    assert report["val_near_duplicates_moved"] > 0 and report["val_rows"] == 12 - report["val_near_duplicates_moved"]
+    s = Settings(weights_dir=wd, torch_home=tmp_path / "th", device="cpu")
+    out = cli.evaluate_text_model("tiny-news", None, holdout=True, settings=s)
+    assert out["texts"] == report["val_rows"] and out["correct"] == round(report["val_rows"] * report["val_accuracy"])
+    assert out["holdout"]["dedup"] == train_text.DEDUP_RULE and "holdout_as_validated" not in out
+    assert out["holdout"]["val_rows_with_near_duplicate_in_training"] == 0
+    assert out["confusion_matrix"] == report["confusion_matrix"]
+    # files found by name in another folder
+    moved = tmp_path / "elsewhere"
+    (tmp_path / "news").rename(moved)
+    assert cli.evaluate_text_model("tiny-news", None, holdout=True, data_dir=moved, settings=s)["texts"] == out["texts"]
+    with pytest.raises(SystemExit, match="no such file"):
+        cli.evaluate_text_model("tiny-news", None, holdout=True, settings=s)
+
+    # a model trained before the rule (no training.dedup): its old hold-out, and that hold-out minus the rows
+    # with a near-duplicate in training, which is what "accuracy" reports
+    manifest = json.loads((wd / "manifest.json").read_text())
+    entry = manifest["models"][0]
+    args = train_text.parse_args(["--train", str(moved / "gold.csv"), "--train", str(moved / "extra.csv"),
+                                  "--classes", str(moved / "classes.txt"), "--out", str(tmp_path / "x")])
+    old_split = train_text.split_rows(train_text.load_rows(args)[1], "12", True, 0, dedup=False)
+    for key in ("dedup", "val_size", "csv", "val_near_duplicates_moved"):
+        del entry["training"][key]
+    entry["training"] |= {"val_rows": len(old_split.val_texts), "train_rows": len(old_split.train_texts)}
+    (wd / "manifest.json").write_text(json.dumps(manifest))
+    old = cli.evaluate_text_model("tiny-news", None, holdout=True, data_dir=moved, settings=s)
+    near = old["holdout"]["val_rows_with_near_duplicate_in_training"]
+    assert old["holdout"]["dedup"] is None and old["holdout_as_validated"]["texts"] == 12
+    assert near == report["val_near_duplicates_moved"] and old["texts"] == 12 - near
+    assert set(old["difference_from_card_points"]) == {"holdout_as_validated", "deduplicated_holdout"}
+    # a manifest whose row counts do not match the files is refused (not the model's data)
+    entry["training"]["val_rows"] = 11
+    (wd / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit, match="not its hold-out"):
+        cli.evaluate_text_model("tiny-news", None, holdout=True, data_dir=moved, settings=s)

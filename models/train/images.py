@@ -20,6 +20,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,17 +85,64 @@ def load_images(files: list[Path], size: int, cache: Path | None) -> np.ndarray:
 Split = tuple[torch.Tensor, torch.Tensor]
 
 
-def load_split(data: Path, size: int, val_size: int, seed: int, cache: Path | None,
-               limit_per_class: int = 0) -> tuple[list[str], Split, Split]:
-    """Class names and the stratified (train, validation) split of an ImageFolder as uint8 NCHW images and
-    labels: the same split for the same folder, size, val_size and seed (the trainer's hold-out)."""
+def split_files(data: Path, val_size: int, seed: int, limit_per_class: int = 0
+                ) -> tuple[list[str], list[Path], np.ndarray, np.ndarray, np.ndarray]:
+    """Classes, files, labels and the (train, validation) indices of the trainer's stratified split of an
+    ImageFolder: the same split for the same folder, val_size and seed (the input size plays no part)."""
     classes, files, labels = scan_image_folder(data)
     if limit_per_class:
         keep = np.concatenate([np.flatnonzero(labels == c)[:limit_per_class] for c in range(len(classes))])
         files = [files[i] for i in keep]
         labels = labels[keep]
-    images = load_images(files, size, cache)
     train_idx, val_idx = stratified_split(labels, val_size, seed)
+    return classes, files, labels, train_idx, val_idx
+
+
+@dataclass(frozen=True)
+class ImageHoldout:
+    """Where a trained classifier's hold-out comes from, read from its manifest entry's training info."""
+
+    data: Path
+    val_size: int
+    seed: int
+    train_size: int
+
+
+def holdout_from_training(training: dict[str, Any], name: str) -> ImageHoldout:
+    """The hold-out parameters a model was validated with (folder, validation size, split seed), refusing
+    when the manifest entry does not record them: without them no split can be proved to be its hold-out."""
+    seed: Any = (training.get("recipe") or {}).get("seed")
+    data: Any = training.get("data")
+    val_size: Any = training.get("val_images")
+    train_size: Any = training.get("train_images")
+    missing = [k for k, v in (("data", data), ("val_images", val_size), ("train_images", train_size),
+                              ("recipe.seed", seed)) if v is None]
+    if missing:
+        raise SystemExit(f"{name}: its manifest entry's training info lacks {', '.join(missing)}, so its hold-out "
+                         "cannot be rebuilt")
+    return ImageHoldout(Path(str(data)), int(val_size), int(seed), int(train_size))
+
+
+def holdout_files(holdout: ImageHoldout, data: Path | None = None) -> tuple[list[str], list[Path], np.ndarray]:
+    """Classes, files and labels of exactly the images a model was validated on (`data` overrides the folder
+    recorded in the manifest, e.g. the same images elsewhere). Refuses a folder whose image count differs from
+    the model's training + validation count: the split would not be the model's hold-out."""
+    root = data if data is not None else holdout.data
+    if not root.is_dir():
+        raise SystemExit(f"{root}: no such folder (the model's training folder; give it with --data)")
+    classes, files, labels, train_idx, val_idx = split_files(root, holdout.val_size, holdout.seed)
+    if (len(train_idx), len(val_idx)) != (holdout.train_size, holdout.val_size):
+        raise SystemExit(f"{root} holds {len(files)} images, but the model trained on {holdout.train_size} and was "
+                         f"validated on {holdout.val_size}: not its training folder, so not its hold-out")
+    return classes, [files[i] for i in val_idx], labels[val_idx]
+
+
+def load_split(data: Path, size: int, val_size: int, seed: int, cache: Path | None,
+               limit_per_class: int = 0) -> tuple[list[str], Split, Split]:
+    """Class names and the stratified (train, validation) split of an ImageFolder as uint8 NCHW images and
+    labels: the same split for the same folder, size, val_size and seed (the trainer's hold-out)."""
+    classes, files, labels, train_idx, val_idx = split_files(data, val_size, seed, limit_per_class)
+    images = load_images(files, size, cache)
 
     def part(idx: np.ndarray) -> Split:
         return torch.from_numpy(images[idx]).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels[idx])

@@ -12,7 +12,11 @@ and --text-columns (1-based positions, or names with --header); a label is a cla
 
 The validation split is stratified and, by default, drawn only from the first --train file (the
 gold file); rows of later files only ever go to training, and training rows whose text equals a
-validation text are dropped so the validation accuracy stays honest. Every row is encoded once
+validation text are dropped so the validation accuracy stays honest. Near-duplicates go further: a
+validation row whose normalised description (see `dedup_key`) matches a training row's (the same story
+under another title or with another agency dateline) is moved to the training side, so no validation
+row has a near-duplicate in training (manifest: training.dedup = "description-normalised"; models
+trained before had the old, exact-text split, which `holdout_split` still rebuilds). Every row is encoded once
 into an index tensor kept in memory (on the GPU when training there). Every epoch writes a
 resumable checkpoint and a line of metrics; rerunning the same command resumes. When training
 ends the command writes a report (validation accuracy, per-class precision/recall/F1, confusion
@@ -23,13 +27,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import html
 import json
 import math
 import platform
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +63,72 @@ DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 0.05}
 ENCODE_CHUNK = 4096
 
 
+# The validation split's de-duplication rule, recorded in the manifest (training.dedup) of models trained with it.
+DEDUP_RULE = "description-normalised"
+# Near-duplicates that are not the same normalised description: one ends the other with at least this many words.
+MIN_TAIL_WORDS = 10
+# A leading dateline and/or byline ending in the agency in parentheses ("NEW YORK (Reuters) -", "By MATT SLAGLE
+# DALLAS (AP) --"), or a bare source of at most three words ("AP -", "Reuters -", "PC World -").
+_SOURCE_PREFIX = re.compile(r"^\s*(?:[^()\n]{0,60}?\([^()\n]{1,40}\)|[A-Za-z][\w.&']*(?: [A-Za-z][\w.&']*){0,2})"
+                            r"\s*-{1,2}(?:\s+|$)")
+_LOST_AMPERSAND = re.compile(r"(?<![&\w])#(\d{2,5});")  # AG News' "&#39;" that lost its "&": " #39;s"
+_NOT_WORD = re.compile(r"[\W_]+")
+
+
 @dataclass
 class TextRows:
-    """Texts and integer labels read from one CSV file."""
+    """Texts and integer labels read from one CSV file; `keys` are the rows' de-duplication keys (see
+    `read_csv_with_keys`; `dedup_key` of the whole text when not given)."""
 
     path: Path
     texts: list[str]
     labels: np.ndarray
+    keys: list[str] | None = field(default=None)
+
+    def dedup_keys(self) -> list[str]:
+        """The rows' de-duplication keys."""
+        return self.keys if self.keys is not None else [dedup_key(t) for t in self.texts]
+
+
+def dedup_key(description: str) -> str:
+    """A description normalised so that copies of one story from different feeds compare equal: HTML
+    entities decoded (also AG News' " #39;" whose "&" was lost), a leading agency dateline or source
+    ("NEW YORK (Reuters) -", "AP -") removed, lower-cased, every run of punctuation, backslashes and white
+    space turned into one space."""
+    s = _LOST_AMPERSAND.sub(lambda m: chr(int(m.group(1))) if int(m.group(1)) < 0x110000 else m.group(0),
+                            description)
+    s = _SOURCE_PREFIX.sub("", html.unescape(s), count=1)
+    return " ".join(_NOT_WORD.sub(" ", s.lower()).split())
+
+
+def _tails(key: str, min_words: int) -> list[str]:
+    """The proper word-suffixes of a key that still have at least min_words words."""
+    starts = [i + 1 for i, ch in enumerate(key) if ch == " "]
+    n_words = len(starts) + 1
+    return [key[s:] for j, s in enumerate(starts) if n_words - j - 1 >= min_words]
+
+
+def near_duplicate_mask(keys: list[str], others: list[str], min_words: int = MIN_TAIL_WORDS) -> np.ndarray:
+    """For every key, whether some key in `others` is a near-duplicate of it: the same (non-empty) key, or one
+    key ends the other with at least min_words words (a title glued in front of the same description, as in
+    AG News' title-less rows that hold "title description")."""
+    full: dict[str, list[int]] = {}
+    tails: dict[str, list[int]] = {}
+    for i, k in enumerate(keys):
+        if k:
+            full.setdefault(k, []).append(i)
+            for t in _tails(k, min_words):
+                tails.setdefault(t, []).append(i)
+    hit = np.zeros(len(keys), dtype=bool)
+    for o in others:
+        if not o:
+            continue
+        for i in tails.get(o, ()):
+            hit[i] = True
+        for t in (o, *_tails(o, min_words)):
+            for i in full.get(t, ()):
+                hit[i] = True
+    return hit
 
 
 def read_classes(path: Path) -> list[str]:
@@ -94,9 +158,19 @@ def _column_index(spec: str, header: list[str] | None, path: Path) -> int:
 def read_csv(path: Path, *, label_column: str, text_columns: list[str], header: bool, unescape: bool,
              encoding: str, limit: int = 0) -> tuple[list[str], list[str]]:
     """Raw label strings and joined texts of a CSV file (errors name the file and line)."""
+    labels, texts, _ = read_csv_with_keys(path, label_column=label_column, text_columns=text_columns, header=header,
+                                          unescape=unescape, encoding=encoding, limit=limit)
+    return labels, texts
+
+
+def read_csv_with_keys(path: Path, *, label_column: str, text_columns: list[str], header: bool, unescape: bool,
+                       encoding: str, limit: int = 0) -> tuple[list[str], list[str], list[str]]:
+    """Raw label strings, joined texts and de-duplication keys (`dedup_key` of the last text column, the
+    description in AG News' layout, or of the whole text where that column is empty) of a CSV file."""
     csv.field_size_limit(2**31 - 1)
     labels: list[str] = []
     texts: list[str] = []
+    keys: list[str] = []
     with open(path, encoding=encoding, newline="") as fh:
         reader = csv.reader(fh)
         head = next(reader, None) if header else None
@@ -110,12 +184,14 @@ def read_csv(path: Path, *, label_column: str, text_columns: list[str], header: 
                 raise SystemExit(f"{path}:{reader.line_num}: expected at least {need} columns, got {len(row)}")
             text = " ".join(part for part in (row[i].strip() for i in tis) if part)
             texts.append(unescape_newlines(text) if unescape else text)
+            desc = row[tis[-1]].strip() or text  # a row without a description: its whole text
+            keys.append(dedup_key(unescape_newlines(desc) if unescape else desc))
             labels.append(row[li].strip())
             if limit and len(texts) >= limit:
                 break
     if not texts:
         raise SystemExit(f"{path}: no rows")
-    return labels, texts
+    return labels, texts, keys
 
 
 def map_labels(raw: list[str], classes: list[str], label_base: int | None, path: Path) -> np.ndarray:
@@ -136,9 +212,10 @@ def map_labels(raw: list[str], classes: list[str], label_base: int | None, path:
 def load_rows(args: argparse.Namespace) -> tuple[list[str], list[TextRows]]:
     """Class names and the rows of every --train file, labels mapped to indices."""
     text_columns = [c.strip() for c in args.text_columns.split(",") if c.strip()]
-    raw = [read_csv(p, label_column=args.label_column, text_columns=text_columns, header=args.header,
-                    unescape=args.unescape_newlines, encoding=args.encoding, limit=args.limit_per_file)
-           for p in args.train]
+    read = [read_csv_with_keys(p, label_column=args.label_column, text_columns=text_columns, header=args.header,
+                               unescape=args.unescape_newlines, encoding=args.encoding, limit=args.limit_per_file)
+            for p in args.train]
+    raw = [(labels, texts) for labels, texts, _ in read]
     base: int | None = args.label_base
     if args.classes is not None:
         classes = read_classes(args.classes)
@@ -149,8 +226,8 @@ def load_rows(args: argparse.Namespace) -> tuple[list[str], list[TextRows]]:
         base = None
         if len(classes) < 2:
             raise SystemExit(f"need at least two classes, found {classes}")
-    rows = [TextRows(p, texts, map_labels(labels, classes, base, p))
-            for p, (labels, texts) in zip(args.train, raw, strict=True)]
+    rows = [TextRows(p, texts, map_labels(labels, classes, base, p), keys)
+            for p, (labels, texts, keys) in zip(args.train, read, strict=True)]
     return classes, rows
 
 
@@ -166,18 +243,40 @@ def parse_val_size(value: str, n: int) -> int:
     return k
 
 
-def split_rows(rows: list[TextRows], val_size: str, val_from_first: bool,
-               seed: int) -> tuple[list[str], np.ndarray, list[str], np.ndarray, int]:
-    """(train texts, train labels, val texts, val labels, training rows dropped as duplicates of val)."""
+@dataclass
+class TextSplit:
+    """The trainer's (train, validation) split of the rows, with what its de-duplication did."""
+
+    train_texts: list[str]
+    y_train: np.ndarray
+    val_texts: list[str]
+    y_val: np.ndarray
+    train_keys: list[str]
+    val_keys: list[str]
+    dropped: int  # training rows dropped as exact copies of a validation text
+    moved: int  # validation rows moved to training as near-duplicates of a training row (dedup only)
+
+
+def split_rows(rows: list[TextRows], val_size: str, val_from_first: bool, seed: int,
+               dedup: bool = True) -> TextSplit:
+    """The stratified split: validation rows from the first file (or all files), training copies of a
+    validation text dropped and, with dedup (new runs), validation rows that have a near-duplicate in
+    training (`near_duplicate_mask` of `dedup_key`) moved to training until none is left. dedup=False is
+    the split of models trained before (their manifest has no training.dedup)."""
     pool = rows[:1] if val_from_first else rows
     texts = [t for r in pool for t in r.texts]
+    keys = [k for r in pool for k in r.dedup_keys()]
     labels = np.concatenate([r.labels for r in pool])
     tr, va = stratified_split(labels, parse_val_size(val_size, len(labels)), seed)
     val_texts = [texts[i] for i in va]
+    val_keys = [keys[i] for i in va]
+    y_val = labels[va]
     train_texts = [texts[i] for i in tr]
+    train_keys = [keys[i] for i in tr]
     train_labels = [labels[tr]]
     for r in (rows[1:] if val_from_first else []):
         train_texts += r.texts
+        train_keys += r.dedup_keys()
         train_labels.append(r.labels)
     y_train = np.concatenate(train_labels)
     # a text seen in training must not be graded in validation (files can overlap, rows can repeat)
@@ -185,7 +284,95 @@ def split_rows(rows: list[TextRows], val_size: str, val_from_first: bool,
     keep = np.array([t not in seen for t in train_texts], dtype=bool)
     dropped = int((~keep).sum())
     train_texts = [t for t, k in zip(train_texts, keep, strict=True) if k]
-    return train_texts, y_train[keep], val_texts, labels[va], dropped
+    train_keys = [t for t, k in zip(train_keys, keep, strict=True) if k]
+    y_train = y_train[keep]
+    moved = 0
+    new_keys = train_keys
+    while dedup and new_keys:
+        # a moved row can be the near-duplicate of another validation row: repeat against the rows just moved
+        near = near_duplicate_mask(val_keys, new_keys)
+        if not near.any():
+            break
+        idx = np.flatnonzero(near)
+        new_keys = [val_keys[i] for i in idx]
+        train_texts += [val_texts[i] for i in idx]
+        train_keys += new_keys
+        y_train = np.concatenate([y_train, y_val[idx]])
+        stay = ~near
+        val_texts = [t for t, k in zip(val_texts, stay, strict=True) if k]
+        val_keys = [t for t, k in zip(val_keys, stay, strict=True) if k]
+        y_val = y_val[stay]
+        moved += len(idx)
+    return TextSplit(train_texts, y_train, val_texts, y_val, train_keys, val_keys, dropped, moved)
+
+
+# The CSV layout of models whose manifest entry does not record one: the trainer's defaults (AG News).
+DEFAULT_CSV = {"label_column": "1", "text_columns": "2,3", "header": False, "label_base": 1,
+               "unescape_newlines": True, "encoding": "utf-8-sig", "limit_per_file": 0}
+
+
+@dataclass
+class TextHoldout:
+    """Where a trained text model's hold-out comes from, read from its manifest entry's training info."""
+
+    files: list[Path]
+    rows: list[int]
+    train_rows: int
+    val_rows: int
+    val_size: str
+    val_from_first: bool
+    seed: int
+    dedup: bool
+    csv: dict[str, Any]
+
+
+def holdout_from_training(training: dict[str, Any], name: str) -> TextHoldout:
+    """The split parameters a text model was validated with, refusing when the manifest entry lacks them."""
+    seed: Any = (training.get("recipe") or {}).get("seed")
+    data, rows = training.get("data"), training.get("rows")
+    val_rows: Any = training.get("val_rows")
+    train_rows: Any = training.get("train_rows")
+    val_from = training.get("val_from")
+    missing = [k for k, v in (("data", data), ("rows", rows), ("train_rows", train_rows), ("val_rows", val_rows),
+                              ("val_from", val_from), ("recipe.seed", seed)) if v is None]
+    if missing or not isinstance(data, list) or not isinstance(rows, dict):
+        raise SystemExit(f"{name}: its manifest entry's training info lacks {', '.join(missing) or 'a file list'}, "
+                         "so its hold-out cannot be rebuilt")
+    dedup = training.get("dedup")
+    if dedup not in (None, DEDUP_RULE):
+        raise SystemExit(f"{name}: unknown de-duplication rule {dedup!r} (this version knows {DEDUP_RULE!r})")
+    if dedup is not None and training.get("val_size") is None:
+        raise SystemExit(f"{name}: its manifest entry's training info lacks val_size, so its hold-out cannot be "
+                         "rebuilt")
+    # before dedup every requested validation row stayed in validation: the count is the requested size
+    val_size = str(training.get("val_size") or val_rows)
+    return TextHoldout(files=[Path(str(p)) for p in data], rows=[int(rows.get(str(p), -1)) for p in data],
+                       train_rows=int(train_rows), val_rows=int(val_rows), val_size=val_size,
+                       val_from_first=val_from != "all", seed=int(seed), dedup=dedup is not None,
+                       csv=DEFAULT_CSV | dict(training.get("csv") or {}))
+
+
+def holdout_split(holdout: TextHoldout, classes: list[str]) -> TextSplit:
+    """Exactly the split a text model was trained and validated with, from its training files (refusing files
+    whose row counts, or a split whose sizes, differ from what its manifest entry records)."""
+    c = holdout.csv
+    text_columns = [x.strip() for x in str(c["text_columns"]).split(",") if x.strip()]
+    rows: list[TextRows] = []
+    for path, expected in zip(holdout.files, holdout.rows, strict=True):
+        if not path.is_file():
+            raise SystemExit(f"{path}: no such file (a training file of the model)")
+        raw, texts, keys = read_csv_with_keys(path, label_column=str(c["label_column"]), text_columns=text_columns,
+                                              header=bool(c["header"]), unescape=bool(c["unescape_newlines"]),
+                                              encoding=str(c["encoding"]), limit=int(c["limit_per_file"]))
+        if len(texts) != expected:
+            raise SystemExit(f"{path} has {len(texts)} rows, the model trained with {expected}: not its data")
+        base = c["label_base"]
+        rows.append(TextRows(path, texts, map_labels(raw, classes, None if base is None else int(base), path), keys))
+    split = split_rows(rows, holdout.val_size, holdout.val_from_first, holdout.seed, dedup=holdout.dedup)
+    if (len(split.val_texts), len(split.train_texts)) != (holdout.val_rows, holdout.train_rows):
+        raise SystemExit(f"rebuilt split has {len(split.train_texts)} train / {len(split.val_texts)} validation rows, "
+                         f"the model's had {holdout.train_rows} / {holdout.val_rows}: not its hold-out")
+    return split
 
 
 def encode_all(spec: CharSpec, texts: list[str]) -> torch.Tensor:
@@ -323,8 +510,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
 
     classes, rows = load_rows(args)
-    train_texts, y_train_np, val_texts, y_val_np, dropped = split_rows(rows, args.val_size, args.val_from_first,
-                                                                       args.seed)
+    split = split_rows(rows, args.val_size, args.val_from_first, args.seed, dedup=True)
+    train_texts, y_train_np, val_texts, y_val_np = split.train_texts, split.y_train, split.val_texts, split.y_val
+    dropped, moved = split.dropped, split.moved
     spec = CharSpec(alphabet=ALPHABETS[args.alphabet], length=args.length, lowercase=args.lowercase,
                     unknown=args.unknown)
     arch = arch_from_args(args, len(classes), spec.vocab_size)
@@ -349,7 +537,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # what must not change between a run and its resumption
     fingerprint = {"family": args.family, "arch": arch, "encoding": spec.to_dict(), "classes": classes,
                    "train": [str(p.resolve()) for p in args.train], "val_size": args.val_size, "seed": args.seed,
-                   "val_from_first": args.val_from_first, "optimizer": args.optimizer}
+                   "val_from_first": args.val_from_first, "optimizer": args.optimizer, "dedup": DEDUP_RULE}
     start_epoch, history, train_seconds = 0, [], 0.0
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists():
@@ -364,7 +552,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"resumed from {ckpt_path} at epoch {start_epoch}", file=sys.stderr)
 
     print(f"{args.name}: {len(classes)} classes, {len(x_train)} train / {len(x_val)} val rows "
-          f"({dropped} training duplicates of validation texts dropped), {args.family} "
+          f"({dropped} training duplicates of validation texts dropped, {moved} near-duplicates of training rows "
+          f"moved from validation to training), {args.family} "
           f"({count_parameters(model):,} params), L={spec.length}, vocab {spec.vocab_size}, on {device}"
           f"{' bf16' if amp else ''}", file=sys.stderr)
     for epoch in range(start_epoch, args.epochs):
@@ -413,13 +602,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "fingerprint": fingerprint, "args": _jsonable(args)}, ckpt_path)
 
     return finish(args, model, classes, spec, arch, rows, x_val, y_val, history, train_seconds, t_start, device,
-                  amp, n_train=len(x_train), dropped=dropped)
+                  amp, n_train=len(x_train), dropped=dropped, moved=moved)
 
 
 def finish(args: argparse.Namespace, model: torch.nn.Module, classes: list[str], spec: CharSpec,
            arch: dict[str, Any], rows: list[TextRows], x_val: torch.Tensor, y_val: torch.Tensor,
            history: list[dict[str, Any]], train_seconds: float, t_start: float, device: torch.device, amp: bool,
-           n_train: int, dropped: int) -> dict[str, Any]:
+           n_train: int, dropped: int, moved: int = 0) -> dict[str, Any]:
     """Write the weights, the report (JSON, Markdown, confusion PNG) and the manifest entry."""
     out: Path = args.out
     name: str = args.name
@@ -438,7 +627,7 @@ def finish(args: argparse.Namespace, model: torch.nn.Module, classes: list[str],
         "train_seconds": round(train_seconds, 1), "wall_seconds_this_run": round(time.time() - t_start, 1),
         "hardware": hardware_description(device), "torch": torch.__version__, "python": platform.python_version(),
         "parameters": count_parameters(model), "val_rows": len(y), "train_rows": n_train,
-        "train_duplicates_dropped": dropped, "history": history,
+        "train_duplicates_dropped": dropped, "val_near_duplicates_moved": moved, "history": history,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     md = [f"# {name} training report", "",
@@ -446,7 +635,8 @@ def finish(args: argparse.Namespace, model: torch.nn.Module, classes: list[str],
           f"{rows[0].path.name if args.val_from_first else 'all files'}",
           f"- model: {args.family} {json.dumps(arch)} ({report['parameters']:,} parameters), "
           f"L={spec.length}, vocabulary {spec.vocab_size}",
-          f"- training rows: {n_train} ({dropped} duplicates of validation texts dropped)",
+          f"- training rows: {n_train} ({dropped} duplicates of validation texts dropped; {moved} validation rows "
+          f"moved to training as near-duplicates of training rows, rule {DEDUP_RULE!r})",
           f"- epochs: {len(history)}, training time: {train_seconds / 60:.1f} min on {report['hardware']}", "",
           "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     md += [f"| {c} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {m['support']} |"
@@ -460,7 +650,11 @@ def finish(args: argparse.Namespace, model: torch.nn.Module, classes: list[str],
         "training": {
             "data": [str(r.path) for r in rows], "rows": {str(r.path): len(r.texts) for r in rows},
             "train_rows": n_train, "val_rows": len(y), "val_from": str(rows[0].path) if args.val_from_first else "all",
-            "train_duplicates_dropped": dropped,
+            "train_duplicates_dropped": dropped, "val_size": args.val_size, "dedup": DEDUP_RULE,
+            "val_near_duplicates_moved": moved,
+            "csv": {"label_column": args.label_column, "text_columns": args.text_columns, "header": args.header,
+                    "label_base": args.label_base, "unescape_newlines": args.unescape_newlines,
+                    "encoding": args.encoding, "limit_per_file": args.limit_per_file},
             "recipe": {"epochs": args.epochs, "batch_size": args.batch_size, "optimizer": args.optimizer,
                        "peak_lr": args.lr, "momentum": args.momentum if args.optimizer == "sgd" else None,
                        "weight_decay": args.weight_decay,

@@ -7,10 +7,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from app.runtime.registry import ModelRegistry, load_manifest
+from models.preprocess import ImageSpec
 from models.train import images as train_images
 
 
@@ -55,6 +57,36 @@ def test_training_command_writes_loadable_checkpoint_and_manifest(tmp_path: Path
     sd_b = torch.load(io.BytesIO(before), weights_only=True)
     assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
     assert json.loads((out / "manifest_entry.json").read_text())["name"] == "tiny-rgb"
+
+    # the manifest entry records what rebuilds the hold-out: exactly the images the run validated on
+    holdout = train_images.holdout_from_training(entry.training, "tiny-rgb")
+    assert (holdout.data, holdout.val_size, holdout.train_size, holdout.seed) == (data, 6, 18, 0)
+    classes, files, labels = train_images.holdout_files(holdout)
+    _, (_, _), (val_u8, y_val) = train_images.load_split(data, 32, 6, 0, None)
+    assert classes == entry.labels and labels.tolist() == y_val.tolist() and len(files) == 6
+    spec = ImageSpec.from_dict(entry.preprocessing.model_dump())
+    decoded = np.stack([train_images.to_uint8_array(Image.open(f), spec) for f in files])
+    assert np.array_equal(decoded, val_u8.permute(0, 2, 3, 1).numpy())
+
+
+def test_holdout_split_is_stratified_disjoint_and_checked(tmp_path: Path) -> None:
+    data = make_folder(tmp_path / "data", per_class=10)
+    classes, files, labels, train_idx, val_idx = train_images.split_files(data, 6, seed=3)
+    assert classes == ["alpha", "beta", "gamma"] and len(files) == 30
+    assert not set(train_idx) & set(val_idx) and len(train_idx) + len(val_idx) == 30
+    assert np.bincount(labels[val_idx]).tolist() == [2, 2, 2]
+    # the same folder, size and seed give the same split; another seed another one
+    assert train_images.split_files(data, 6, seed=3)[4].tolist() == val_idx.tolist()
+    assert train_images.split_files(data, 6, seed=4)[4].tolist() != val_idx.tolist()
+    training = {"data": str(data), "train_images": 24, "val_images": 6, "recipe": {"seed": 3}}
+    _, val_files, val_labels = train_images.holdout_files(train_images.holdout_from_training(training, "m"))
+    assert val_files == [files[i] for i in val_idx] and val_labels.tolist() == labels[val_idx].tolist()
+    # refused: a manifest entry without the split seed, and a folder that is not the model's training folder
+    with pytest.raises(SystemExit, match=r"recipe\.seed"):
+        train_images.holdout_from_training({"data": str(data), "train_images": 24, "val_images": 6}, "m")
+    (data / "alpha" / "extra.png").write_bytes((data / "alpha" / "0.png").read_bytes())
+    with pytest.raises(SystemExit, match="not its training folder"):
+        train_images.holdout_files(train_images.holdout_from_training(training, "m"))
 
 
 def test_augment_keeps_shape_and_flips() -> None:

@@ -73,6 +73,12 @@ def test_training_learns_and_writes_a_loadable_model(tmp_path: Path, data: tuple
     assert entry.task == "text-classification" and entry.family == "vdcnn" and entry.labels == CLASSES
     assert entry.metrics["val_rows"] == 30 and set(entry.metrics["per_class_f1"]) == set(CLASSES)
     assert entry.training["rows"] == {str(gold): 90, str(extra): 18}
+    # new runs use the near-duplicate split and record it, so evaluate-text --holdout rebuilds exactly this split
+    assert entry.training["dedup"] == train_text.DEDUP_RULE and entry.training["val_size"] == "30"
+    holdout = train_text.holdout_from_training(entry.training, "tiny-news")
+    assert holdout.dedup and holdout.csv["text_columns"] == "2,3"
+    split = train_text.holdout_split(holdout, CLASSES)
+    assert len(split.val_texts) == 30 and np.bincount(split.y_val).tolist() == [10, 10, 10]
     spec = CharSpec.from_dict(raw["encoding"])
     assert spec.length == 64 and spec.unknown == "index" and spec.vocab_size == entry.arch["vocab_size"]
     assert load_manifest(weights)["tiny-news"].sha256 == entry.sha256 and (weights / entry.file).is_file()
@@ -149,10 +155,79 @@ def test_split_takes_validation_from_the_gold_file_and_drops_leaks(tmp_path: Pat
     gold = train_text.TextRows(tmp_path / "g.csv", [f"text {i}" for i in range(20)], np.array([0, 1] * 10))
     extra = train_text.TextRows(tmp_path / "e.csv", [f"text {i}" for i in range(20)] + ["new"],
                                 np.array([0, 1] * 10 + [0]))
-    tr_x, tr_y, va_x, va_y, dropped = train_text.split_rows([gold, extra], "4", True, seed=0)
-    assert len(va_x) == 4 and sorted(va_y.tolist()) == [0, 0, 1, 1]
-    assert not set(va_x) & set(tr_x)  # extra copies of validation texts were dropped
-    assert dropped == 4 and len(tr_x) == len(tr_y) == 16 + 17
+    for dedup in (False, True):
+        split = train_text.split_rows([gold, extra], "4", True, seed=0, dedup=dedup)
+        assert len(split.val_texts) == 4 and sorted(split.y_val.tolist()) == [0, 0, 1, 1]
+        assert not set(split.val_texts) & set(split.train_texts)  # extra copies of validation texts were dropped
+        assert split.dropped == 4 and split.moved == 0
+        assert len(split.train_texts) == len(split.y_train) == len(split.train_keys) == 16 + 17
+
+
+STORY = ("Investigators are closely scrutinizing the role of major international banks in the collapse of the "
+         "Italian dairy group, a newspaper said on Tuesday.")
+
+
+def test_dedup_key_ignores_agency_datelines_entities_and_punctuation() -> None:
+    key = train_text.dedup_key(STORY)
+    assert key == train_text.dedup_key(f" NEW YORK (Reuters) - {STORY.upper()}")
+    assert key == train_text.dedup_key(f"Reuters - {STORY.replace(' the ', ' the  ').replace(',', ' ,')}")
+    assert key == train_text.dedup_key(f"By JOHN SMITH    MILAN (AP) -- {STORY}")
+    assert key == train_text.dedup_key(STORY.replace("the role", "the\\role"))  # AG News' backslash line break
+    assert train_text.dedup_key("Brazil #39;s rate &lt;BR&gt;") == train_text.dedup_key("Brazil's rate <BR>")
+    assert train_text.dedup_key("Oil prices fell.") != key and train_text.dedup_key("AP -") == ""
+    # words are kept: a different story is a different key
+    assert train_text.dedup_key(STORY.replace("Tuesday", "Monday")) != key
+
+
+def test_near_duplicates_are_equal_keys_or_long_tails() -> None:
+    key = train_text.dedup_key(STORY)
+    titled = train_text.dedup_key(f"Banks' Role Eyed in Parmalat Scandal {STORY}")  # a title-less "title story" row
+    short = "a newspaper said on tuesday"
+    mask = train_text.near_duplicate_mask([key, titled, short, "", "unrelated words"], [titled, "", short + " too"])
+    assert mask.tolist() == [True, True, False, False, False]  # a short tail (5 words) is not enough
+    assert train_text.near_duplicate_mask([titled], [key]).tolist() == [True]  # either side may hold the title
+    assert train_text.near_duplicate_mask([short], [short]).tolist() == [True]  # equal keys match at any length
+
+
+def test_dedup_split_moves_near_duplicates_out_of_validation(tmp_path: Path) -> None:
+    """Validation rows whose story (normalised description) is in training move to training; the old split
+    (models trained before the rule) keeps them, which is what the evaluation of those models must undo."""
+    n = 40
+    stories = [f"story {i} " + " ".join(f"w{i}x{j}" for j in range(12)) for i in range(n)]
+    gold = train_text.TextRows(tmp_path / "g.csv", [f"Title {i} {d}" for i, d in enumerate(stories)],
+                               np.array([0, 1] * (n // 2)), [train_text.dedup_key(d) for d in stories])
+    # the extra file repeats every story as a title-less "other title + description" row with an agency tag
+    texts = [f"Other title {i} (Reuters) Reuters - {d}" for i, d in enumerate(stories)]
+    extra = train_text.TextRows(tmp_path / "e.csv", texts, np.array([0, 1] * (n // 2)),
+                                [train_text.dedup_key(t) for t in texts])
+    old = train_text.split_rows([gold, extra], "10", True, seed=0, dedup=False)
+    assert len(old.val_texts) == 10 and train_text.near_duplicate_mask(old.val_keys, old.train_keys).all()
+    new = train_text.split_rows([gold, extra], "10", True, seed=0, dedup=True)
+    assert new.moved == 10 and new.val_texts == [] and len(new.train_texts) == 2 * n
+    assert sorted(new.train_texts) == sorted(old.train_texts + old.val_texts)  # moved, not lost
+    # only the stories repeated in training move; the others stay in validation
+    partial = train_text.TextRows(tmp_path / "p.csv", texts[: n // 2], np.array([0, 1] * (n // 4)),
+                                  [train_text.dedup_key(t) for t in texts[: n // 2]])
+    split = train_text.split_rows([gold, partial], "10", True, seed=0, dedup=True)
+    repeated = {train_text.dedup_key(d) for d in stories[: n // 2]}
+    assert split.moved == sum(k in repeated for k in old.val_keys) and 0 < split.moved < 10
+    assert not train_text.near_duplicate_mask(split.val_keys, split.train_keys).any()
+    assert len(split.val_texts) + split.moved == 10 and len(split.y_val) == len(split.val_texts)
+
+
+def test_dedup_split_repeats_until_no_near_duplicate_is_left(tmp_path: Path) -> None:
+    """A moved row can be the near-duplicate of another validation row that has none in training (a chain
+    of tails): that one moves too."""
+    story = " ".join(f"w{j}" for j in range(12))
+    v1, v2, t = story, f"other title {story}", f"a title {story}"  # v1 ~ t and v1 ~ v2, but not v2 ~ t
+    assert train_text.near_duplicate_mask([v2], [t]).tolist() == [False]
+    gold_texts = [v1, v2, "filler zero", "filler one"]
+    gold = train_text.TextRows(tmp_path / "g.csv", gold_texts, np.array([0, 1, 0, 1]))
+    extra = train_text.TextRows(tmp_path / "e.csv", [t], np.array([0]))
+    seed = next(sd for sd in range(50)  # a seed whose validation rows are v1 and v2
+                if train_text.split_rows([gold, extra], "2", True, sd, dedup=False).val_texts == [v1, v2])
+    split = train_text.split_rows([gold, extra], "2", True, seed, dedup=True)
+    assert split.moved == 2 and split.val_texts == [] and set(split.train_texts) >= {v1, v2, t}
 
 
 def test_bad_name_is_refused_before_training(tmp_path: Path) -> None:
