@@ -7,7 +7,7 @@ Everything here happens from the request line and headers alone, before a byte o
 - authentication: API keys belong to named principals with scopes; keys are kept and compared as
   sha256 hashes;
 - admission: a bounded number of requests in flight per application; a full application answers
-  503 at once, with `Retry-After` computed from the measured drain rate;
+  503 at once, with `Retry-After` computed from the measured drain rate (when the next slot frees);
 - deadline: a per-request time budget (header or setting) that the batcher honours, so work whose
   caller has given up is dropped rather than computed.
 """
@@ -231,11 +231,12 @@ class Lane:
         return len(self._done) / span
 
     def expected_wait(self, now: float | None = None) -> float:
-        """Seconds until what is in flight now has drained: in flight / drain rate (else the mean latency)."""
+        """Seconds until a slot frees: one over the measured drain rate (slots free one at a time at that rate;
+        measured against a retrying client, bench/abuse.py), else the mean latency spread over the slots."""
         rate = self.drain_rate(now)
         if rate is not None:
-            return self.in_flight / rate
-        return self._latency or 1.0
+            return 1.0 / rate
+        return (self._latency or 1.0) / max(1, self.in_flight)
 
 
 class Admission:

@@ -3,21 +3,29 @@
 Every image case says which status an image endpoint must answer for it: 200 when it is a valid image the
 service must serve (whatever its mode, animation or odd shape), else the 4xx problem it must get: 400 corrupt
 or empty, 413 too large (bytes, pixels or side, refused from the header), 415 not an image or an unsupported
-format, 422 an aspect ratio no model can use. Used by tests/api/test_crafted_inputs.py, in process and
-against a real server.
+format, 422 an aspect ratio no model can use.
+
+Also here: every endpoint that takes files (ENDPOINTS), the runner that sends the whole corpus to them and judges
+each answer (run_corpus -> Outcome), and a process's resident memory from /proc (memory_kb). Used by
+tests/api/test_crafted_inputs.py (in process and against a real server) and bench/abuse.py (a real server with the
+shipped models).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
+import json
 import random
 import struct
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import httpx
 from PIL import Image
 
 OK = 200  # a valid image: the endpoint must serve it (2xx)
@@ -277,3 +285,139 @@ def pixel_budget(limit: int) -> Iterator[list[tuple[int, int]]]:
         yield sizes
     finally:
         Image.new, Image.Image.resize, Image.Image.crop = new, resize, crop  # type: ignore[method-assign]
+
+
+# ----------------------------------------------------------------------------------------------- endpoints and runner
+
+PROBLEM_KEYS = {"type", "title", "status", "detail"}
+VALID = encode(noise((48, 40), seed=11), "PNG")  # the valid image sent alongside, and in the malformed requests
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One way of sending an upload: the route, the field the crafted file goes in, and what else the form needs."""
+
+    name: str
+    path: str
+    upload_field: str
+    data: dict[str, str] = field(default_factory=dict)
+    others: tuple[tuple[str, str], ...] = ()  # (field, file name) of valid images sent alongside
+    ok: int = 200
+
+    def files(self, name: str, payload: bytes) -> list[tuple[str, tuple[str, bytes, str]]]:
+        return [(self.upload_field, (name, payload, "application/octet-stream"))] + [
+            (f, (n, VALID, "image/png")) for f, n in self.others]
+
+
+NONE = {"detector": "none"}
+STYLE = {"steps": "1", "size": "512"}  # jobs only queue (no workers): the size costs nothing
+ENDPOINTS = [
+    Endpoint("classify", "/classify", "image"),
+    Endpoint("embed-haar", "/faces/embed", "image", {"detector": "haar"}),
+    Endpoint("embed-none", "/faces/embed", "image", NONE),
+    Endpoint("verify-image_a", "/faces/verify", "image_a", NONE, (("image_b", "b.png"),)),
+    Endpoint("verify-image_b", "/faces/verify", "image_b", NONE, (("image_a", "a.png"),)),
+    Endpoint("enroll", "/faces/enroll", "image", {"subject": "crafted", "detector": "none"}, ok=201),
+    Endpoint("identify", "/faces/identify", "image", NONE),
+    Endpoint("style-content", "/style-transfer", "content", STYLE, (("style", "s.png"),), ok=202),
+    Endpoint("style-style", "/style-transfer", "style", STYLE, (("content", "c.png"),), ok=202),
+]
+
+
+@functools.cache
+def corpus(max_image_bytes: int) -> tuple[ImageCase, ...]:
+    """image_corpus for a server whose per-image limit is max_image_bytes (built once per limit)."""
+    return tuple(image_corpus(max_image_bytes=max_image_bytes))
+
+
+def requests(max_images: int) -> list[RequestCase]:
+    """request_corpus for a server that takes at most max_images images per request."""
+    return request_corpus(VALID, max_images=max_images)
+
+
+def problem_errors(status: int, headers: Any, body: bytes, where: str) -> list[str]:
+    """What is wrong with a response that must be a fitting problem-details 4xx (empty list: nothing)."""
+    errors = []
+    if status >= 500:
+        errors.append(f"{where}: {status} {body[:300]!r}")
+        return errors
+    if not headers.get("content-type", "").startswith("application/problem+json"):
+        errors.append(f"{where}: {status} with content-type {headers.get('content-type')!r}")
+        return errors
+    doc = json.loads(body)
+    if not set(doc) >= PROBLEM_KEYS or doc["status"] != status:
+        errors.append(f"{where}: not a problem document: {doc}")
+    if "Traceback" in body.decode("utf-8", "replace"):
+        errors.append(f"{where}: a traceback in the response")
+    return errors
+
+
+@dataclass
+class Outcome:
+    """What the corpus produced: failures to assert on, and 4xx answers to valid style images (reported)."""
+
+    failures: list[str] = field(default_factory=list)
+    style_refusals: list[str] = field(default_factory=list)
+    statuses: dict[int, int] = field(default_factory=dict)
+    requests: int = 0
+    by_endpoint: dict[str, dict[int, int]] = field(default_factory=dict)  # endpoint name -> status -> count
+    seconds: dict[str, float] = field(default_factory=dict)  # endpoint name -> wall time of its cases
+
+
+def run_corpus(client: httpx.Client, *, max_image_bytes: int, max_images: int,
+               endpoints: Sequence[Endpoint] = ENDPOINTS, clock: Callable[[], float] | None = None) -> Outcome:
+    """Send every crafted image to every endpoint, then every malformed request, and judge each answer.
+
+    max_image_bytes and max_images are the server's CNN_MAX_IMAGE_BYTES and CNN_MAX_IMAGES_PER_REQUEST: the cases
+    at those limits are built from them. `clock` (e.g. time.perf_counter) times each endpoint's cases."""
+    out = Outcome()
+    for ep in endpoints:
+        started = clock() if clock else 0.0
+        for case in corpus(max_image_bytes):
+            r = client.post(ep.path, data=ep.data, files=ep.files(case.name, case.data))
+            _judge(out, ep, case.name, case.expect, r.status_code, r.headers, r.content)
+        for rc in requests(max_images):
+            files = [(ep.upload_field if f == IMAGE else f, v) for f, v in rc.files]
+            files += [(f, (n, VALID, "image/png")) for f, n in ep.others]
+            r = client.post(ep.path, data={**ep.data, **dict(rc.fields)}, files=files)
+            _judge(out, ep, rc.name, rc.expect, r.status_code, r.headers, r.content)
+        if clock:
+            out.seconds[ep.name] = clock() - started
+    return out
+
+
+def report(out: Outcome) -> None:
+    """Print what is tolerated rather than failed, so it stays visible (pytest -s, or -rA)."""
+    if out.style_refusals:
+        print("\nvalid images the style service refused:\n  " + "\n  ".join(out.style_refusals))
+
+
+def _judge(out: Outcome, ep: Endpoint, name: str, expect: int, status: int, headers: Any, body: bytes) -> None:
+    out.requests += 1
+    out.statuses[status] = out.statuses.get(status, 0) + 1
+    per = out.by_endpoint.setdefault(ep.name, {})
+    per[status] = per.get(status, 0) + 1
+    where = f"{ep.name} <- {name}"
+    if expect == OK:
+        if status == ep.ok:
+            return
+        if ep.name.startswith("style") and status == 422:
+            # the style service may refuse an image too small or thin for its algorithm: reported, not failed
+            out.style_refusals.append(f"{where}: {body[:200]!r}")
+            out.failures += problem_errors(status, headers, body, where)
+            return
+        out.failures.append(f"{where}: expected {ep.ok}, got {status} {body[:300]!r}")
+        return
+    out.failures += problem_errors(status, headers, body, where)
+    if status != expect:
+        out.failures.append(f"{where}: expected {expect}, got {status} {body[:300]!r}")
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of a process, in kB (Linux /proc)."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0])
+    return out

@@ -283,14 +283,16 @@ class StyleWorker:
         self._threads: list[threading.Thread] = []
 
     def recover(self) -> None:
-        """At start-up: requeue jobs left running by dead workers of this host, and stale ones anywhere;
-        then apply the bounds on finished jobs (they may have changed since the last run)."""
+        """At start-up and every housekeeping round: requeue jobs left running by dead workers of this host (at
+        once) and stale ones anywhere; then apply the bounds on finished jobs (they may have changed)."""
         host = socket.gethostname()
         jobs, _ = self.store.list_jobs(limit=10_000, status="running")
         for job in jobs:
             parts = (job.worker or "").split(":")
-            if len(parts) == 3 and parts[0] == host and parts[1].isdigit() and not _pid_alive(int(parts[1])):
-                self.store.requeue_worker(job.worker or "")
+            dead = len(parts) == 3 and parts[0] == host and parts[1].isdigit() and not _pid_alive(int(parts[1]))
+            if dead and self.store.requeue_worker(job.worker or ""):
+                log.warning("style job %s was left running by worker %s, whose process is gone: requeued",
+                                job.id, job.worker)
         for job_id, status in self.store.recover_stale():
             log.warning("style job %s was left running by a stopped worker: now %s", job_id, status)
         self.housekeeping()
@@ -325,8 +327,7 @@ class StyleWorker:
             try:
                 now = time.monotonic()
                 if now - last_housekeeping > 30:
-                    self.store.recover_stale()
-                    self.housekeeping()
+                    self.recover()  # also a worker of this host that died while this one runs
                     last_housekeeping = now
                 job = self.store.claim(self.id, (KIND,))
                 if job is None:

@@ -151,20 +151,21 @@ def test_jobs_survive_restarts_in_every_state(base_settings: Settings, worker_se
         queued = c.post("/style-transfer", files=files(), data=TINY).json()
         canceled = c.post("/style-transfer", files=files(), data=TINY).json()
         c.delete(canceled["links"]["self"])
-    # 2. a job "running" on a worker of this host whose process is gone (the server was killed),
-    #    and a job queued directly in the store
+    # 2. records as a crash leaves them, written through the store: the oldest queued job marked "running" by a
+    #    worker id of this host whose pid does not exist, and a job queued directly in the store (a real worker
+    #    killed with SIGKILL mid-job: tests/api/test_style_crash.py)
     store = JobStore(base_settings.data_dir / "style-jobs")
-    crashed = store.create("style", {**{k: int(v) for k, v in TINY.items()}}, {
+    stored = store.create("style", {**{k: int(v) for k, v in TINY.items()}}, {
         "content": image_bytes(size=(30, 20)), "style_0": image_bytes((9, 9, 9))}, max_queued=10, info={"styles": 1})
     import socket
 
     was_running = store.claim(f"{socket.gethostname()}:999999:deadbeef")  # the oldest queued job
     assert was_running is not None and was_running.id == queued["id"]
     store.close()
-    # 3. restart with a worker: the queued and the crashed job both run; the canceled one stays canceled
+    # 3. restart with a worker: the interrupted job is requeued, both run; the canceled one stays canceled
     with client_factory(worker_settings) as c:
         a = wait_status(c, queued["links"]["self"], {"succeeded", "failed"})
-        b = wait_status(c, f"/style-transfer/{crashed.id}", {"succeeded", "failed"})
+        b = wait_status(c, f"/style-transfer/{stored.id}", {"succeeded", "failed"})
         assert a["status"] == b["status"] == "succeeded"
         assert a["attempts"] == 2 and b["attempts"] == 1  # the interrupted run counts as an attempt
         assert c.get(canceled["links"]["self"]).json()["status"] == "canceled"
