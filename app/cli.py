@@ -379,24 +379,82 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate_face_model(name: str, pairs_file: Path, data: Path, *, holdout_max_images: int = 0, limit: int = 0,
-                        batch_size: int = 64, roc: Path | None = None,
-                        settings: Settings | None = None) -> dict[str, Any]:
-    """Verification metrics of a registered face model on an LFW-style pair list, through the service's own
-    detector (largest face), crop and embedder: 10-fold accuracy, ROC AUC, TAR at FAR 1e-2 and 1e-3, and the
-    threshold that fits this model (what a third-party ONNX model's manifest entry needs)."""
-    import numpy as np
-    import torch
-
-    from app.runtime.device import select_device
-    from app.runtime.registry import LoadedFaceEmbedder, ModelRegistry, hub_checkpoint_dir
+def _face_embeddings(loaded: Any, files: list[Path], s: Settings, batch_size: int,
+                     misses: str) -> tuple[dict[Path, Any], set[Path]]:
+    """Each image's embedding through the served path: decoded and checked as an upload, the Haar cascade with the
+    server's parameters, the largest face, the model's crop. An image without a face gets None (misses='error':
+    /faces/verify answers 422) or the embedding of the training pipeline's centred box (misses='fallback')."""
     from models.faces.crop import CropSpec, crop_face, largest
     from models.faces.detect import HaarDetector, HaarParams
-    from models.faces.evaluation import evaluate_pairs, plot_roc
-    from models.faces.lfw import holdout_split, identity_images, read_pairs
     from models.preprocess import image_to_tensor
     from models.train.faces import fallback_box
 
+    detector = HaarDetector(HaarParams(scale_factor=s.face_haar_scale_factor, min_neighbors=s.face_haar_min_neighbors,
+                                       min_size=s.face_haar_min_size, max_side=s.face_haar_max_side))
+    spec = CropSpec(size=loaded.crop_size, margin=loaded.crop_margin)
+    embeddings: dict[Path, Any] = {}
+    missed: set[Path] = set()
+    for i in range(0, len(files), batch_size):
+        batch, names = [], []
+        for f in files[i : i + batch_size]:
+            img = _decode_file(f, s)
+            box = largest(detector.detect(img))
+            if box is None:
+                missed.add(f)
+                if misses == "error":
+                    embeddings[f] = None
+                    continue
+                box = fallback_box(img.width, img.height)
+            batch.append(image_to_tensor(crop_face(img, box, spec), loaded.preprocessing))
+            names.append(f)
+        if batch:
+            for f, e in zip(names, loaded.forward(batch), strict=True):
+                embeddings[f] = e
+    return embeddings, missed
+
+
+def _limit_pairs(pairs: list[Any], limit: int) -> list[Any]:
+    """At most `limit` pairs: the first half same-person, the rest different-person pairs (0: all)."""
+    if not limit:
+        return pairs
+    same = [p for p in pairs if p.same][: limit // 2]
+    return same + [p for p in pairs if not p.same][: limit - len(same)]
+
+
+def evaluate_face_model(name: str, pairs_file: Path, data: Path, *, holdout_max_images: int = 0, limit: int = 0,
+                        batch_size: int = 64, roc: Path | None = None, settings: Settings | None = None,
+                        split: str = "all", misses: str | None = None,
+                        criterion: str = "balanced") -> dict[str, Any]:
+    """Verification metrics of a registered face model on an LFW-style pair list, through the service's own
+    detector (largest face), crop and embedder.
+
+    split='all' (the default) scores every pair and fits the threshold on them: 10-fold accuracy, ROC AUC, TAR at
+    FAR 1e-2 and 1e-3 and the best threshold (what a third-party ONNX model's manifest entry needs), an image
+    without a face taking the centred fallback box unless misses='error'. split='calibration' or 'test' divides the
+    pairs' identities into two halves (models.faces.lfw.split_by_identity; pairs across the halves are dropped),
+    fits the threshold on the calibration half and scores the chosen half with it, as served: a pair with an image
+    without a face gets no decision (the API's 422) and counts as an error (misses='error', the default there).
+    The served-path threshold maximises `criterion`: 'balanced' accuracy (the mean of the true accept and true
+    reject rates: a half's mix of same and different pairs is an artefact of the split) or plain 'accuracy'."""
+    import numpy as np
+
+    from app.runtime.device import select_device
+    from app.runtime.registry import LoadedFaceEmbedder, ModelRegistry, hub_checkpoint_dir
+    from models.faces.evaluation import (
+        CRITERIA,
+        evaluate_pairs,
+        plot_roc,
+        served_accuracy,
+        served_report,
+        served_threshold,
+    )
+    from models.faces.lfw import HALVES, holdout_split, identity_images, read_pairs, split_by_identity
+
+    if split not in ("all", *HALVES):
+        raise SystemExit(f"split must be all, calibration or test, not {split!r}")
+    misses = misses or ("fallback" if split == "all" else "error")
+    if misses not in ("error", "fallback"):
+        raise SystemExit(f"misses must be error or fallback, not {misses!r}")
     s = settings or Settings()
     registry = ModelRegistry(s.weights_dir, hub_checkpoint_dir(s.torch_home), select_device(s.device),
                              allow_download=False, allow_untrained=False)
@@ -407,46 +465,82 @@ def evaluate_face_model(name: str, pairs_file: Path, data: Path, *, holdout_max_
     pairs = read_pairs(pairs_file, data)
     if holdout_max_images:
         _, pairs = holdout_split(identity_images(data), pairs, holdout_max_images)
-    if limit:
-        same = [p for p in pairs if p.same][: limit // 2]
-        pairs = same + [p for p in pairs if not p.same][: limit - len(same)]
-    if not pairs:
-        raise SystemExit(f"{pairs_file}: no pairs to evaluate")
-    files = sorted({f for p in pairs for f in (p.a, p.b)})
-    detector = HaarDetector(HaarParams(scale_factor=s.face_haar_scale_factor, min_neighbors=s.face_haar_min_neighbors,
-                                       min_size=s.face_haar_min_size, max_side=s.face_haar_max_side))
-    spec = CropSpec(size=loaded.crop_size, margin=loaded.crop_margin)
-    embeddings: dict[Path, torch.Tensor] = {}
-    no_face = 0
+    halves = split_by_identity(pairs) if split != "all" else None
+    evaluated = _limit_pairs(halves.pairs[split] if halves else pairs, limit)
+    calibration = _limit_pairs(halves.pairs["calibration"], limit) if halves else evaluated
+    if not evaluated or not calibration:
+        raise SystemExit(f"{pairs_file}: no pairs to evaluate" + (f" in the {split} half" if halves else ""))
+    files = sorted({f for p in evaluated + calibration for f in (p.a, p.b)})
     t0 = time.perf_counter()
-    for i in range(0, len(files), batch_size):
-        batch = []
-        for f in files[i : i + batch_size]:
-            img = _decode_file(f, s)
-            box = largest(detector.detect(img))
-            if box is None:
-                no_face += 1
-                box = fallback_box(img.width, img.height)
-            batch.append(image_to_tensor(crop_face(img, box, spec), loaded.preprocessing))
-        for f, e in zip(files[i : i + batch_size], loaded.forward(batch), strict=True):
-            embeddings[f] = e
+    emb, missed = _face_embeddings(loaded, files, s, batch_size, misses)
     seconds = time.perf_counter() - t0
-    dist = np.array([float((embeddings[p.a] - embeddings[p.b]).pow(2).sum()) for p in pairs])
-    same_arr = np.array([p.same for p in pairs])
-    report = evaluate_pairs(dist, same_arr)
-    if roc is not None:
-        plot_roc(dist, same_arr, roc, f"{name}: {len(pairs)} pairs of {pairs_file.name}")
-    return {"model": name, "model_sha256": loaded.sha256, "pairs_file": str(pairs_file), **report.to_dict(),
-            "manifest_threshold": loaded.threshold, "images": len(files), "images_without_face": no_face,
-            "seconds": round(seconds, 2), "images_per_second": round(len(files) / seconds, 1),
-            "detector": "haar (largest face; centred fallback box when none)"}
+
+    def distances(ps: list[Any]) -> tuple[Any, Any]:
+        d = [float((emb[p.a] - emb[p.b]).pow(2).sum()) if emb[p.a] is not None and emb[p.b] is not None
+             else float("nan") for p in ps]
+        return np.array(d), np.array([p.same for p in ps])
+
+    def image_stats(ps: list[Any]) -> dict[str, Any]:
+        imgs = {f for p in ps for f in (p.a, p.b)}
+        n = len(imgs & missed)
+        return {"images": len(imgs), "images_without_face": n, "image_miss_rate": n / len(imgs)}
+
+    dist, same_arr = distances(evaluated)
+    base: dict[str, Any] = {"model": name, "model_sha256": loaded.sha256, "pairs_file": str(pairs_file),
+                            "holdout_max_images": holdout_max_images, "split": split, "misses": misses}
+    if split == "all" and misses == "fallback":
+        report = evaluate_pairs(dist, same_arr)
+        if roc is not None:
+            plot_roc(dist, same_arr, roc, f"{name}: {len(evaluated)} pairs of {pairs_file.name}")
+        return {**base, **report.to_dict(), "manifest_threshold": loaded.threshold, "images": len(files),
+                "images_without_face": len(missed), "seconds": round(seconds, 2),
+                "images_per_second": round(len(files) / seconds, 1),
+                "detector": "haar (largest face; centred fallback box when none)"}
+    d_cal, s_cal = distances(calibration)
+    try:
+        tau, cal_score = served_threshold(d_cal, s_cal, criterion)
+        fits = {c: served_threshold(d_cal, s_cal, c) for c in CRITERIA}
+    except ValueError as exc:
+        raise SystemExit(f"{name}: {exc}") from exc
+    ok = ~np.isnan(dist)
+    if roc is not None and ok.any():
+        plot_roc(dist[ok], same_arr[ok], roc, f"{name}: {int(ok.sum())} pairs ({split}) of {pairs_file.name}")
+    cal = served_accuracy(d_cal, s_cal, tau)
+    return {**base,
+            "served_path": {"decode": "as an upload (the server's size and pixel limits)", "detector": "haar",
+                            "haar": {"scale_factor": s.face_haar_scale_factor,
+                                     "min_neighbors": s.face_haar_min_neighbors, "min_size": s.face_haar_min_size,
+                                     "max_side": s.face_haar_max_side},
+                            "face": "largest", "crop": {"size": loaded.crop_size, "margin": loaded.crop_margin},
+                            "flip_average": loaded.flip_average,
+                            "no_face": ("no decision (/faces/verify answers 422 'no face found'): the pair counts as "
+                                        "an error in accuracy_misses_as_errors" if misses == "error" else
+                                        "the centred fallback box (not what the service does)")},
+            "identity_split": halves.summary() if halves else None,
+            "threshold": tau, "threshold_criterion": criterion,
+            "threshold_from": "the calibration half" if halves else "these pairs (in-sample)",
+            "calibration": {"pairs": len(calibration), "same_pairs": int(s_cal.sum()), **image_stats(calibration),
+                            "pairs_found": cal["pairs_found"], "criterion_score": cal_score,
+                            "accuracy_misses_as_errors": cal["accuracy_misses_as_errors"],
+                            "balanced_accuracy_misses_as_errors": cal["balanced_accuracy_misses_as_errors"],
+                            "accuracy_among_found": cal["accuracy_among_found"],
+                            "fitted": {c: {"threshold": t, "score": v} for c, (t, v) in fits.items()}},
+            **image_stats(evaluated),
+            **served_report(dist, same_arr, tau),
+            "manifest_threshold": loaded.threshold,
+            "at_manifest_threshold": served_accuracy(dist, same_arr, loaded.threshold),
+            "at_other_calibration_thresholds": {c: served_accuracy(dist, same_arr, t) for c, (t, _) in fits.items()
+                                                if c != criterion},
+            "card_metrics": loaded.spec.metrics,
+            "seconds": round(seconds, 2), "images_per_second": round(len(files) / seconds, 1)}
 
 
 def cmd_evaluate_faces(args: argparse.Namespace) -> int:
     """Print the verification report of a face model on a pair list."""
     result = evaluate_face_model(args.model, Path(args.pairs), Path(args.data),
                                  holdout_max_images=args.holdout_max_images, limit=args.limit,
-                                 batch_size=args.batch_size, roc=Path(args.roc) if args.roc else None)
+                                 batch_size=args.batch_size, roc=Path(args.roc) if args.roc else None,
+                                 split=args.split, misses=args.misses, criterion=args.criterion)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -495,16 +589,29 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("--label-base", type=int, default=1, help="number of the first class in numeric labels")
     et.add_argument("--limit", type=int, default=0, help="at most N rows (of the hold-out)")
     et.add_argument("--batch-size", type=int, default=64)
-    ef = sub.add_parser("evaluate-faces", help="verification metrics and threshold of a face model on a pair list")
+    ef = sub.add_parser("evaluate-faces", help="verification metrics and threshold of a face model on a pair list "
+                                               "(--split test: on held-out identities, as served)")
     ef.add_argument("model")
     ef.add_argument("--pairs", required=True, help="LFW-style pairs file (e.g. pairsDevTrain.txt)")
     ef.add_argument("--data", required=True, help="LFW-style image root (one folder per person)")
     ef.add_argument("--holdout-max-images", type=int, default=0,
                     help="keep only the pairs whose people have fewer images than this (the ones the shipped "
                          "model was not trained on: 5)")
-    ef.add_argument("--limit", type=int, default=0, help="at most N pairs (half same, half different)")
+    ef.add_argument("--limit", type=int, default=0,
+                    help="at most N pairs (half same, half different; of each half with --split calibration/test)")
     ef.add_argument("--batch-size", type=int, default=64)
     ef.add_argument("--roc", default=None, help="write the ROC curve PNG here")
+    ef.add_argument("--split", choices=["all", "calibration", "test"], default="all",
+                    help="all: every pair, threshold fitted on them; calibration / test: the pairs of one half of the "
+                         "identities (a salted hash of the name; pairs across the halves are dropped), scored at the "
+                         "threshold fitted on the calibration half, pairs with a missed face counted as errors")
+    ef.add_argument("--misses", choices=["error", "fallback"], default=None,
+                    help="an image where the detector finds no face: error (no decision, as /faces/verify's 422; "
+                         "the default with --split calibration/test) or the centred fallback box (the default with "
+                         "--split all, as the training pipeline)")
+    ef.add_argument("--criterion", choices=["balanced", "accuracy"], default="balanced",
+                    help="what the served-path threshold maximises on the calibration pairs (misses as errors): "
+                         "balanced accuracy (mean of true accept and true reject rates) or accuracy")
     return p
 
 

@@ -208,3 +208,85 @@ def test_evaluate_text_holdout_rebuilds_the_split_and_reports_old_models_both_wa
     (wd / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(SystemExit, match="not its hold-out"):
         cli.evaluate_text_model("tiny-news", None, holdout=True, data_dir=moved, settings=s)
+
+
+def test_evaluate_faces_split_calibrates_on_one_half_and_scores_the_other(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """--split test: the threshold comes from the calibration half, the pairs scored are the test half's, and an
+    image without a face is a miss (the tiny tree's noise images have none)."""
+    import json
+
+    from app.cli import evaluate_face_model
+    from tests.conftest import write_tiny_face_model
+    from tests.models.test_train_faces import make_tree
+
+    data, pairs = make_tree(tmp_path / "lfw")  # Person_00-02 are in the test half, Person_03-05 in calibration
+    write_tiny_face_model(tmp_path / "w")
+    s = Settings(weights_dir=tmp_path / "w", torch_home=tmp_path / "th", device="cpu")
+    with pytest.raises(SystemExit, match="no pair has both faces found"):  # as served: nothing to calibrate on
+        evaluate_face_model("tiny-face", pairs, data, split="test", settings=s)
+    out = evaluate_face_model("tiny-face", pairs, data, split="test", misses="fallback", settings=s)
+    split = out["identity_split"]
+    assert split["halves"]["test"]["pairs"] == 5 and split["halves"]["calibration"]["pairs"] == 2
+    assert split["dropped_crossing"] == {**split["dropped_crossing"], "pairs": 1, "same": 0}
+    assert out["pairs"] == 5 and out["same_pairs"] == 3 and out["calibration"]["pairs"] == 2
+    assert out["threshold_from"] == "the calibration half" and out["threshold_criterion"] == "balanced"
+    assert out["at_threshold"]["threshold"] == out["threshold"] and out["manifest_threshold"] == 1.0
+    assert out["calibration"]["fitted"]["balanced"]["threshold"] == out["threshold"]
+    cal = evaluate_face_model("tiny-face", pairs, data, split="calibration", misses="fallback", settings=s)
+    assert cal["pairs"] == 2 and cal["threshold"] == out["threshold"]  # the same fit, scored on its own half
+    # the command line
+    for key, value in (("WEIGHTS_DIR", tmp_path / "w"), ("TORCH_HOME", tmp_path / "th"), ("DEVICE", "cpu")):
+        monkeypatch.setenv(f"CNN_{key}", str(value))
+    capsys.readouterr()
+    assert cli.main(["evaluate-faces", "tiny-face", "--pairs", str(pairs), "--data", str(data), "--split", "test",
+                     "--misses", "fallback", "--criterion", "accuracy"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["split"] == "test" and printed["threshold_criterion"] == "accuracy" and printed["pairs"] == 5
+
+
+@pytest.mark.shared_data
+def test_evaluate_faces_served_path_on_real_pairs_agrees_with_verify(tmp_path: Path) -> None:
+    """A small test-half evaluation of the shipped model runs, and its per-image path is /faces/verify's: the same
+    distances, and a photo without a face is a 422 there and a miss here."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.runtime.registry import ModelRegistry
+    from models.faces.lfw import read_pairs
+    from tests.conftest import ROOT, SHARED_DATA, wait_ready
+
+    model = "lfw-face-resnet"
+    if not (ROOT / "weights" / f"{model}.pt").exists():
+        pytest.skip("shipped face model not built")
+    lfw = SHARED_DATA / "lfw"
+    s = Settings(weights_dir=ROOT / "weights", torch_home=tmp_path / "th", classifiers=[], text_models=[],
+                 face_models=[model], data_dir=tmp_path / "data", style_enabled=False, device="cpu")
+    out = cli.evaluate_face_model(model, lfw / "pairsDevTrain.txt", lfw / "images", holdout_max_images=5,
+                                  split="test", limit=6, settings=s)
+    assert out["pairs"] == 6 and out["same_pairs"] == 3 and out["calibration"]["pairs"] == 6
+    assert out["misses"] == "error" and 0.0 < out["threshold"] < 4.0
+    assert out["served_path"]["face"] == "largest" and out["served_path"]["crop"]["margin"] == 0.1
+
+    # three test-half pairs, one of them (Darren_Clarke 1-2) with a photo the Haar cascade misses
+    few = tmp_path / "pairs.txt"
+    few.write_text("3\nDarren_Clarke\t1\t2\nKobe_Bryant\t1\t3\nAlan_Trammell\t1\tKatie_Harman\t1\n")
+    pairs = read_pairs(few, lfw / "images")
+    registry = ModelRegistry(s.weights_dir, tmp_path / "th", __import__("torch").device("cpu"),
+                             allow_download=False, allow_untrained=False)
+    loaded = registry.load(model, "face-embedding").loaded
+    files = sorted({f for p in pairs for f in (p.a, p.b)})
+    emb, missed = cli._face_embeddings(loaded, files, s, 8, "error")
+    assert missed and all(emb[f] is None for f in missed)
+    with TestClient(create_app(s)) as c:
+        wait_ready(c)
+        for p in pairs:
+            r = c.post("/faces/verify", files=[("image_a", (p.a.name, p.a.read_bytes(), "image/jpeg")),
+                                               ("image_b", (p.b.name, p.b.read_bytes(), "image/jpeg"))])
+            if p.a in missed or p.b in missed:
+                assert r.status_code == 422 and "no face found" in r.json()["detail"]
+            else:
+                assert r.status_code == 200, r.text
+                d = float((emb[p.a] - emb[p.b]).pow(2).sum())
+                assert r.json()["distance"] == pytest.approx(d, abs=1e-4)
+                assert r.json()["threshold"] == pytest.approx(loaded.threshold)

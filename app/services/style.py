@@ -389,9 +389,10 @@ class _Progress:
     def __call__(self, info: Any) -> bool:
         now = time.monotonic()
         final = info.step >= info.total
-        # a database write per step is fine at CPU speeds; on a GPU, steps take milliseconds
+        # progress is written at most every 0.2 s (on a GPU, steps take milliseconds); a cancel request is read
+        # every step (a read without the write lock), so a running job stops within one step of it
         if now - self.last_beat < 0.2 and not final:
-            return not self.worker._stop.is_set()
+            return self.worker.store.still_wanted(self.job_id, self.worker.id) and not self.worker._stop.is_set()
         self.last_beat = now
         ok = self.worker.store.heartbeat(self.job_id, self.worker.id, step=info.step, total=info.total,
                                          loss=float(info.loss))

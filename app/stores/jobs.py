@@ -322,6 +322,13 @@ class JobStore:
                        "info = ? WHERE id = ?", (time.time(), step, total, progress, loss, json.dumps(merged), job_id))
         return True
 
+    def still_wanted(self, job_id: str, worker: str) -> bool:
+        """A read-only check (no write lock): the job is still this worker's and nobody asked to cancel it."""
+        row = self._conn().execute("SELECT status, worker, cancel_requested FROM jobs WHERE id = ?",
+                                   (job_id,)).fetchone()
+        return row is not None and row["status"] == "running" and row["worker"] == worker \
+            and not row["cancel_requested"]
+
     def finish(self, job_id: str, worker: str, status: str, *, error: str | None = None,
                info: dict[str, Any] | None = None) -> bool:
         """Move a running job of this worker to a final state (False if it is no longer this worker's)."""

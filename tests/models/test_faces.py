@@ -689,3 +689,145 @@ def test_onnx_export_round_trip(tmp_path: Path) -> None:
     x = torch.randn(5, 3, 16, 16)  # a batch size other than the export's: the batch axis is dynamic
     r = onnx_parity(model, path, x)
     assert r["inputs"] == 5 and r["min_cosine"] > 0.999 and r["mean_cosine"] > 0.999
+
+
+# ------------------------------------------------------------------ calibration / test halves, the served path
+
+
+def test_identity_half_is_deterministic_salted_and_about_even() -> None:
+    from models.faces.lfw import HALVES, identity_half
+
+    names = [f"Person_{i:04d}" for i in range(2000)]
+    halves = [identity_half(n) for n in names]
+    assert halves == [identity_half(n) for n in names] and set(halves) == set(HALVES)
+    assert 0.45 < halves.count("test") / len(names) < 0.55
+    other = [identity_half(n, salt="another") for n in names]
+    assert other != halves  # the salt names the split
+    # pinned: the shipped report's split must never move under a refactor
+    assert [identity_half(f"Person_{i:02d}") for i in range(6)] == ["test"] * 3 + ["calibration"] * 3
+
+
+def _pairs_over(names: list[str]) -> list[Pair]:
+    root = Path("r")
+    same = [Pair(image_path(root, n, 1), image_path(root, n, 2), True, (n,)) for n in names]
+    diff = [Pair(image_path(root, a, 1), image_path(root, b, 1), False, (a, b))
+            for i, a in enumerate(names) for b in names[i + 1:]]
+    return same + diff
+
+
+def test_split_by_identity_is_disjoint_and_drops_pairs_across_the_halves() -> None:
+    from models.faces.lfw import identity_half, split_by_identity
+
+    names = [f"Person_{i:02d}" for i in range(12)]
+    pairs = _pairs_over(names)
+    sp = split_by_identity(pairs)
+    cal, test = set(sp.identities["calibration"]), set(sp.identities["test"])
+    assert cal and test and not cal & test and cal | test == set(names)
+    for half, people in (("calibration", cal), ("test", test)):
+        assert sp.pairs[half] == [p for p in pairs if set(p.people) <= people]  # all of them, in order
+        assert all(identity_half(q) == half for p in sp.pairs[half] for q in p.people)
+    # dropped: exactly the different-person pairs with one person in each half; never a same-person pair
+    assert sp.crossing == [p for p in pairs if len({identity_half(q) for q in p.people}) == 2]
+    assert sp.crossing and not any(p.same for p in sp.crossing)
+    assert len(sp.pairs["calibration"]) + len(sp.pairs["test"]) + len(sp.crossing) == len(pairs)
+    # calibration never sees a test identity
+    assert not {q for p in sp.pairs["calibration"] for q in p.people} & test
+    summary = sp.summary()
+    assert summary["dropped_crossing"]["pairs"] == len(sp.crossing) and summary["dropped_crossing"]["same"] == 0
+    assert summary["halves"]["test"]["same"] == len(test) and summary["identities"]["calibration"] == len(cal)
+    assert summary["membership_sha256"] == split_by_identity(list(reversed(pairs))).membership_sha256()
+    assert summary["membership_sha256"] != split_by_identity(pairs, salt="another").membership_sha256()
+    # a person's half does not depend on the other people of the list
+    sub = split_by_identity(_pairs_over(names[:5]))
+    assert set(sub.identities["test"]) == test & set(names[:5])
+
+
+def test_served_accuracy_counts_a_missed_face_as_an_error() -> None:
+    from models.faces.evaluation import served_accuracy
+
+    nan = float("nan")
+    dist = np.array([0.5, 1.5, nan, 2.5, 0.8, nan])
+    same = np.array([True, True, True, False, False, False])
+    r = served_accuracy(dist, same, 1.0)
+    # found: 0.5 same accept (right), 1.5 same reject (wrong), 2.5 diff reject (right), 0.8 diff accept (wrong)
+    assert r["pairs"] == 6 and r["pairs_found"] == 4 and r["missed_same"] == 1 and r["missed_different"] == 1
+    assert r["accuracy_misses_as_errors"] == pytest.approx(2 / 6)
+    assert r["accuracy_among_found"] == pytest.approx(2 / 4)
+    assert r["accuracy_misses_as_rejects"] == pytest.approx(3 / 6)  # the missed different pair "rejected"
+    assert r["tar"] == pytest.approx(1 / 3) and r["far"] == pytest.approx(1 / 3)  # a miss is never an accept
+    assert r["tar_among_found"] == pytest.approx(1 / 2) and r["far_among_found"] == pytest.approx(1 / 2)
+    assert r["balanced_accuracy_misses_as_errors"] == pytest.approx((1 / 3 + 1 / 3) / 2)
+    assert r["true_accepts"] == 1 and r["false_accepts"] == 1 and r["false_rejects_found"] == 1
+
+
+def test_served_threshold_ignores_misses_and_balances_a_skewed_mix() -> None:
+    from models.faces.evaluation import served_accuracy, served_threshold
+
+    nan = float("nan")
+    # 8 same pairs, 5 different (one of each missed): plain accuracy accepts the overlap, balanced does not
+    dist = np.array([0.2, 0.3, 0.4, 1.0, 1.1, 1.15, 1.2, nan, 0.7, 0.8, 0.9, 1.6, nan])
+    same = np.array([True] * 8 + [False] * 5)
+    tau_acc, acc = served_threshold(dist, same, "accuracy")
+    tau_bal, bal = served_threshold(dist, same, "balanced")
+    assert tau_acc == pytest.approx(1.4) and acc == pytest.approx(8 / 13)
+    assert tau_bal == pytest.approx(0.55) and bal == pytest.approx((3 / 8 + 4 / 5) / 2)
+    assert served_accuracy(dist, same, tau_bal)["balanced_accuracy_misses_as_errors"] == pytest.approx(bal)
+    with pytest.raises(ValueError, match="no pair has both faces"):
+        served_threshold(np.array([nan, nan]), np.array([True, False]))
+    with pytest.raises(ValueError, match="criterion"):
+        served_threshold(dist, same, "f1")
+
+
+def test_served_report_kfold_and_tar_at_far_with_misses() -> None:
+    from models.faces.evaluation import served_kfold_accuracy, served_report, served_tar_at_far
+
+    rng = np.random.default_rng(0)
+    same = np.array([True] * 50 + [False] * 50)
+    dist = np.where(same, rng.uniform(0.0, 1.0, 100), rng.uniform(1.5, 3.0, 100))  # separable
+    dist[[0, 1, 60]] = np.nan  # two missed same pairs, one missed different pair
+    k = served_kfold_accuracy(dist, same)
+    assert k["folds"] == 10 and k["mean"] == pytest.approx(97 / 100)  # every found pair right, misses wrong
+    t = served_tar_at_far(dist, same, 0.01)
+    assert t["among_found"]["negatives"] == 49 and t["all_pairs"]["negatives"] == 50
+    assert t["among_found"]["tar"] == 1.0 and t["all_pairs"]["tar"] == pytest.approx(48 / 50)
+    assert t["among_found"]["false_accepts"] == 0 and t["all_pairs"]["false_accepts_allowed"] == 0
+    r = served_report(dist, same, 1.25)
+    assert r["pairs_with_a_miss"] == {"same": 2, "different": 1} and r["pair_miss_rate"] == pytest.approx(0.03)
+    assert r["at_threshold"]["accuracy_misses_as_errors"] == pytest.approx(0.97)
+    assert r["kfold_accuracy_among_found"]["mean"] == 1.0 and r["roc_auc_among_found"] == pytest.approx(1.0)
+    assert [x["far_target"] for x in r["tar_at_far"]] == [1e-2, 1e-3]
+    # everything missed: no crash, nothing to fit
+    none = served_report(np.full(4, np.nan), np.array([True, True, False, False]), 1.0)
+    assert none["at_threshold"]["accuracy_misses_as_errors"] == 0.0 and none["kfold_accuracy_misses_as_errors"] is None
+    assert none["in_sample_best"] is None and none["roc_auc_among_found"] is None
+
+
+def test_served_kfold_fold_without_found_training_pairs_rejects_everything() -> None:
+    from models.faces.evaluation import served_kfold_accuracy
+
+    nan = float("nan")
+    dist = np.array([0.1, nan, 2.0, nan])
+    same = np.array([True, True, False, False])
+    k = served_kfold_accuracy(dist, same, folds=2)  # fold 0 = pairs 0 and 2, fold 1 = pairs 1 and 3
+    assert k["thresholds"][1] is not None and k["thresholds"][0] is None
+    assert k["per_fold"] == [pytest.approx(0.5), 0.0]  # fold 0: nothing to fit, all rejected: the different one right
+
+
+@pytest.mark.shared_data
+def test_real_holdout_split_matches_the_shipped_report() -> None:
+    """The identity halves of the shipped model's hold-out are the ones its served-path report was made on."""
+    import json
+
+    from models.faces.lfw import split_by_identity
+
+    root = SHARED_DATA / "lfw" / "images"
+    pairs = read_pairs(SHARED_DATA / "lfw" / "pairsDevTrain.txt", root)
+    _, val = holdout_split(identity_images(root), pairs, 5)
+    sp = split_by_identity(val)
+    report = json.loads((Path(__file__).parents[2] / "weights" / "reports"
+                         / "lfw-face-resnet-served-eval.json").read_text())
+    assert sp.summary() == report["identity_split"]
+    assert len(val) == 1634 and len(sp.crossing) == 487
+    cal_people = {q for p in sp.pairs["calibration"] for q in p.people}
+    test_people = {q for p in sp.pairs["test"] for q in p.people}
+    assert not cal_people & test_people
