@@ -123,7 +123,7 @@ def reference_model(trained: VGGFeatures, pool: str, frozen: bool, content: Tens
     """The full VGG-19 features with loss modules inserted after the chosen ReLUs (tutorial structure)."""
     with torch.device("meta"):  # a classifier we would throw away is not worth 0.5 GB here
         cnn = torchvision.models.vgg19(weights=None).features
-    cnn = cnn.to_empty(device=content.device)
+    cnn = cnn.to_empty(device="cpu")  # initialised on the CPU: a CPU generator cannot fill CUDA tensors
     gen = torch.Generator().manual_seed(1234)
     with torch.no_grad():
         for m in cnn:
@@ -132,6 +132,7 @@ def reference_model(trained: VGGFeatures, pool: str, frozen: bool, content: Tens
                 nn.init.zeros_(m.bias)  # type: ignore[arg-type]
     own = trained.layers.state_dict()
     cnn.load_state_dict({**cnn.state_dict(), **own})
+    cnn = cnn.to(content.device)
     cnn.requires_grad_(not frozen)
 
     wanted = {layer_index(n): n for n in params.style_layers}

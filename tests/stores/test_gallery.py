@@ -684,8 +684,8 @@ def test_gpu_copy_is_refreshed_after_a_removal(monkeypatch: pytest.MonkeyPatch) 
         copies.append(clone)
         return clone
 
-    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object())
-    monkeypatch.setattr(faiss, "index_cpu_to_gpu", fake_copy)
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", fake_copy, raising=False)
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
     rng = np.random.default_rng(0)
     vecs = rng.normal(size=(4, 8)).astype(np.float32)
@@ -711,8 +711,8 @@ def test_gpu_copy_failure_falls_back_to_the_cpu_index(monkeypatch: pytest.Monkey
         raise RuntimeError("no GPU version of this index")
 
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
-    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object())
-    monkeypatch.setattr(faiss, "index_cpu_to_gpu", broken)
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", broken, raising=False)
     vi = VectorIndex(4, use_gpu=True)
     v = np.eye(4, dtype=np.float32)
     vi.add(np.arange(4), v)
