@@ -277,7 +277,9 @@ def test_bf16_autocast_path(features: VGGFeatures) -> None:
                 progress=lambda i, r=record: r.append(i.loss) is None, amp=amp)  # type: ignore[misc]
     fp32, bf16 = losses[None], losses[torch.bfloat16]
     assert bf16[0] == pytest.approx(fp32[0], rel=0.02)
-    assert bf16[-1] < 0.9 * bf16[0]
+    # progress is judged against fp32 on the same machine, not as a fixed fraction: how far 10 L-BFGS steps get
+    # depends on the CPU's kernels (the H200 machine's CPU fell only 6% in bf16)
+    assert bf16[0] - bf16[-1] >= 0.5 * (fp32[0] - fp32[-1]) > 0
     assert bf16[-1] == pytest.approx(fp32[-1], rel=0.2)
 
 
