@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     face_max_faces: int = Field(default=10, ge=1, le=100, description="faces per image considered by embed/identify")
     face_threshold: float | None = Field(default=None, gt=0.0, lt=4.0, description="overrides the model's calibrated "
                                          "threshold (squared L2)")
+    face_identify_fpir: float = Field(default=0.01, gt=0.0, lt=1.0, description="/faces/identify: probability that a "
+                                      "stranger is identified as someone at the current gallery size (FPIR)")
     gallery_index: Literal["flat", "ivf"] = Field(default="flat", description="exact (flat) or approximate (ivf)")
     gallery_ivf_nlist: int = Field(default=1024, ge=1)
     gallery_ivf_nprobe: int = Field(default=16, ge=1)

@@ -106,13 +106,23 @@ async def identify(
     top_k: Annotated[int, Form(ge=1, le=100, description="subjects per face")] = 5,
     max_faces: Annotated[int | None, Form(ge=1, le=100, description="largest faces identified")] = None,
     detector: DetectorField = None,
-    threshold: ThresholdField = None,
+    threshold: Annotated[float | None, Form(gt=0.0, lt=4.0, description="squared-L2 threshold for this request "
+                                            "(default: set from the FPIR for the current gallery size)")] = None,
+    fpir: Annotated[float | None, Form(gt=0.0, lt=1.0, description="target probability that a stranger is "
+                                       "identified as someone, for this request (default: the server's, 0.01); "
+                                       "not with threshold")] = None,
 ) -> dict[str, Any]:
     """For each detected face (largest first): the top-k subjects by best face distance, and `subject` = the
-    nearest one when its distance is within the threshold, else null (a stranger)."""
+    nearest one when its distance is within the threshold, else null (a stranger).
+
+    The threshold is an identification (1:N) threshold, not /faces/verify's 1:1 one: it is set from the model's
+    impostor-distance calibration so that a stranger is identified as some enrolled subject with probability
+    `fpir` at the current gallery size (`gallery_size`: enrolled faces searched), stricter as the gallery grows.
+    The response says which threshold was used and where it came from (`threshold_source`: identification-fpir,
+    request, server, or verification when the model has no calibration, with a `warning`)."""
     one = single_file(image, "image")
     assert one is not None  # the field is required
-    return await service.identify(await _read(service, one, "image"), top_k, max_faces, detector, threshold)
+    return await service.identify(await _read(service, one, "image"), top_k, max_faces, detector, threshold, fpir)
 
 
 SubjectPath = Annotated[str, Path(description="subject id")]

@@ -27,6 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
+from models.faces.identification import ImpostorTable
 from models.preprocess import ImageSpec
 from models.zoo import (
     build_classifier,
@@ -89,6 +90,8 @@ class ManifestEntry(BaseModel):
             if not isinstance(threshold, int | float) or not 0.0 < float(threshold) < 4.0:
                 raise ValueError("a face embedder needs its calibrated 'threshold' (squared L2 on unit vectors, "
                                  "between 0 and 4)")
+            if extra.get("identification") is not None:
+                ImpostorTable.from_manifest(extra["identification"])  # ValueError names what is wrong
         return self
 
 
@@ -341,7 +344,8 @@ class LoadedFaceEmbedder(LoadedModel):
     """A face embedder; inputs are face crops as CHW tensors made by its ImageSpec, outputs unit vectors.
 
     The manifest gives the crop (size, margin), the threshold on squared L2 distances calibrated for
-    this model, and whether embeddings average the face with its mirror image."""
+    this model (1:1 verification), the impostor-distance table that 1:N identification thresholds are
+    calibrated from (`identification`, optional), and whether embeddings average the face with its mirror image."""
 
     task = "face-embedding"
 
@@ -358,9 +362,13 @@ class LoadedFaceEmbedder(LoadedModel):
         self.dim = int(emb.get("dim", spec.arch.get("dim", 0)))
         self.flip_average = bool(emb.get("flip_average", False))
         self.threshold = float(spec.info.get("threshold", 1.0))
+        ident = spec.info.get("identification")
+        # the impostor-distance table that 1:N thresholds are calibrated from (None: identify falls back to tau)
+        self.identification: ImpostorTable | None = ImpostorTable.from_manifest(ident) if ident else None
         self.sha256 = spec.weights.sha256 or spec.weights.hash_prefix or ""
         if weights_tag != "trained":
             self.sha256 = "untrained"
+            self.identification = None  # calibrated on the trained weights, not on random ones
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         with inference_context(self.device):

@@ -93,13 +93,14 @@ class FacesService:
     def __init__(self, pool: ModelPool[LoadedFaceEmbedder], gallery: GalleryStore | None, detectors: DetectorPool, *,
                  default_detector: str, max_faces: int, threshold_override: float | None, max_image_bytes: int,
                  max_image_pixels: int, max_images: int, max_image_side: int = DEFAULT_MAX_SIDE,
-                 max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> None:
+                 max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO, identify_fpir: float = 0.01) -> None:
         self.pool = pool
         self.gallery = gallery
         self.detectors = detectors
         self.default_detector = default_detector
         self.max_faces = max_faces
         self.threshold_override = threshold_override
+        self.identify_fpir = identify_fpir
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
         self.max_image_side = max_image_side
@@ -127,6 +128,49 @@ class FacesService:
         if self.threshold_override is not None:
             return self.threshold_override, "server"
         return loaded.threshold, "model"
+
+    def _identify_threshold(self, loaded: LoadedFaceEmbedder, gallery_size: int, requested: float | None,
+                            fpir: float | None) -> tuple[dict[str, Any], list[str]]:
+        """The 1:N threshold and how it was chosen, with warnings: a request's threshold, else a request's FPIR,
+        else the server's fixed threshold (CNN_FACE_THRESHOLD), else the server's FPIR (CNN_FACE_IDENTIFY_FPIR)
+        through the model's impostor table for this gallery size, else (no table) the 1:1 verification threshold."""
+        if requested is not None and fpir is not None:
+            raise InvalidParameters("send threshold or fpir, not both")
+        if fpir is not None and not 0.0 < fpir < 1.0:
+            raise InvalidParameters("fpir is a probability: 0 < fpir < 1")
+        table = loaded.identification
+        warnings: list[str] = []
+        target: float | None = None
+        clamped: str | None = None
+        if requested is not None or (fpir is None and self.threshold_override is not None):
+            tau, source = self._threshold(loaded, requested)
+        elif table is not None:
+            target = fpir if fpir is not None else self.identify_fpir
+            th = table.threshold_for(target, gallery_size)
+            tau, source, clamped = th.threshold, "identification-fpir", th.clamped
+            if th.clamped == "strictest":
+                warnings.append(f"a gallery of {gallery_size} faces needs a per-comparison FAR of {th.far:.2g} for "
+                                f"FPIR {target:g}, below the smallest the model's calibration supports "
+                                f"({table.far_min:.2g}): the threshold is clamped to the strictest calibrated value "
+                                f"and strangers are identified with a probability of about {th.fpir_expected:.3g}")
+            elif th.clamped == "most-lenient":
+                warnings.append(f"FPIR {target:g} at a gallery of {gallery_size} faces needs a per-comparison FAR of "
+                                f"{th.far:.2g}, above the largest the model's calibration holds ({table.far_max:.2g}): "
+                                "the threshold is clamped to the most lenient calibrated value")
+        elif fpir is not None:
+            raise InvalidParameters(f"model {loaded.spec.name!r} has no identification calibration (an impostor "
+                                    "distance table in its manifest entry), so no threshold can be set from an fpir; "
+                                    "send a threshold instead", extra={"model": loaded.spec.name})
+        else:
+            tau, source = loaded.threshold, "verification"
+            warnings.append(f"model {loaded.spec.name!r} has no identification calibration: the 1:1 verification "
+                            "threshold is used, and with many enrolled subjects strangers may be identified as one "
+                            "of them; send an explicit threshold, or calibrate the model (python -m app.cli "
+                            "calibrate-identification)")
+        expected = table.fpir_at(tau, gallery_size) if table is not None and gallery_size > 0 else None
+        return {"threshold": round(tau, 6), "threshold_source": source, "fpir": target, "gallery_size": gallery_size,
+                "fpir_expected": round(expected, 6) if expected is not None else None,
+                "threshold_clamped": clamped}, warnings
 
     def _find(self, upload: Upload, loaded: LoadedFaceEmbedder, detector: str, max_faces: int) -> ImageFaces:
         """Blocking: decode, detect, keep the largest max_faces faces and make their embedder inputs."""
@@ -254,12 +298,21 @@ class FacesService:
         return {**self._model_info(name, loaded), "subject": subject, "faces": faces}
 
     async def identify(self, upload: Upload, top_k: int, max_faces: int | None, detector: str | None,
-                       threshold: float | None) -> dict[str, Any]:
-        """For every detected face: the top-k subjects and the best one if it is within the threshold."""
+                       threshold: float | None, fpir: float | None = None) -> dict[str, Any]:
+        """For every detected face: the top-k subjects and the best one if it is within the 1:N threshold.
+
+        The gallery size N is the number of enrolled faces searched (not subjects): the search compares the probe
+        with every face, so a subject with k faces gives a stranger k chances. Counting them all keeps the FPIR
+        near the target whatever the correlation of a subject's faces (union bound: FPIR <= N x FAR, at most
+        1.005% for a 1% target); counting subjects would under-count."""
         gallery, name, loaded = self._gallery()
+        # validate the threshold choice before the image work (a 422 should not cost an embedding)
+        self._identify_threshold(loaded, 0, threshold, fpir)
         _, _, found, embs = await self._embed_uploads([upload], name, detector, max_faces or self.max_faces)
         self._require_face(found[0], "image")
-        tau, source = self._threshold(loaded, threshold)
+        n = gallery.index.ntotal  # faces of this model in the index: what the search compares with
+        chosen, warnings = self._identify_threshold(loaded, n, threshold, fpir)
+        tau = float(chosen["threshold"])
         hits = await asyncio.to_thread(gallery.search, np.stack(embs[0]), top_k)
         results = []
         for face, cands in zip(found[0].faces, hits, strict=True):
@@ -271,11 +324,13 @@ class FacesService:
                 "candidates": [{"subject": h.subject, "face_id": h.face_id, "distance": round(h.distance, 6),
                                 "similarity": round(h.similarity, 6), "match": h.distance <= tau} for h in cands],
             })
-        out: dict[str, Any] = {**self._model_info(name, loaded), "threshold": round(tau, 6),
-                               "threshold_source": source, "faces_detected": found[0].detected, "faces": results}
+        out: dict[str, Any] = {**self._model_info(name, loaded), **chosen, "faces_detected": found[0].detected,
+                               "faces": results}
         if gallery.foreign_faces:
-            out["warning"] = (f"{gallery.foreign_faces} gallery faces were made by another model and were not "
-                              "searched; re-enrol those subjects")
+            warnings.append(f"{gallery.foreign_faces} gallery faces were made by another model and were not "
+                            "searched; re-enrol those subjects")
+        if warnings:
+            out["warning"] = "; ".join(warnings)
         return out
 
     # ----- gallery management ---------------------------------------------------------------------------

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.settings import Settings
+from models.faces.identification import ImpostorTable, impostor_distances, quantile_table
 from tests.api.test_classify import assert_problem
 from tests.conftest import image_bytes, write_tiny_face_model
 
@@ -240,3 +242,148 @@ def test_a_repeated_single_image_field_is_refused_not_truncated(fclient: TestCli
                      files=[img("image_a", pattern(1)), img("image_a", pattern(3)), img("image_b", pattern(2))])
     assert_problem(r, 422)
     assert "image_a" in r.json()["detail"]
+
+
+# ----------------------------------------------------------------------------------------- 1:N identification
+# /faces/identify's threshold is set from the model's impostor-distance table for the current gallery size (FPIR),
+# not from the 1:1 verification tau; without a table it falls back to tau and says so.
+
+def _tiny_table(c: TestClient, seeds: range) -> ImpostorTable:
+    """The impostor table of the tiny model on these noise patterns (each one a different 'person'), measured
+    through the API as the calibration command does through the served path."""
+    vecs = []
+    for start in range(seeds.start, seeds.stop, 16):
+        r = c.post("/faces/embed", data=NONE,
+                   files=[img("image", pattern(s)) for s in range(start, min(start + 16, seeds.stop))])
+        assert r.status_code == 200, r.text
+        vecs += [res["faces"][0]["embedding"] for res in r.json()["results"]]
+    return quantile_table(impostor_distances(np.array(vecs), [str(s) for s in seeds]), source="test")
+
+
+def _write_table(weights_dir: Path, table: dict | None, name: str = "tiny-face") -> None:
+    path = weights_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for m in manifest["models"]:
+        if m["name"] == name:
+            m["identification"] = table
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.fixture
+def calibrated(face_settings: Settings, client_factory) -> tuple[Settings, ImpostorTable]:
+    """tiny-face with an identification table made from 200 patterns (19,900 impostor pairs)."""
+    with client_factory(face_settings) as c:
+        table = _tiny_table(c, range(200))
+    _write_table(face_settings.weights_dir, table.to_manifest())
+    return face_settings, table
+
+
+def test_identify_without_a_calibration_uses_the_verification_threshold_and_warns(fclient: TestClient) -> None:
+    enroll(fclient, "alice", 1)
+    enroll(fclient, "bob", 2, 3)
+    body = fclient.post("/faces/identify", data=NONE, files=[img("image", pattern(1))]).json()
+    assert body["threshold_source"] == "verification" and body["threshold"] == 1.0
+    assert body["fpir"] is None and body["fpir_expected"] is None and body["gallery_size"] == 3  # faces, not subjects
+    assert "strangers may be identified" in body["warning"] and body["faces"][0]["subject"] == "alice"
+    # an FPIR cannot be honoured without a table: 422, not a silent fallback
+    r = fclient.post("/faces/identify", data={**NONE, "fpir": "0.01"}, files=[img("image", pattern(1))])
+    assert_problem(r, 422)
+    assert "no identification calibration" in r.json()["detail"]
+    explicit = fclient.post("/faces/identify", data={**NONE, "threshold": "0.5"},
+                            files=[img("image", pattern(1))]).json()
+    assert explicit["threshold_source"] == "request" and explicit["threshold"] == 0.5 and "warning" not in explicit
+
+
+def test_identify_says_unknown_for_strangers_at_the_calibrated_threshold(
+        calibrated: tuple[Settings, ImpostorTable], client_factory) -> None:
+    settings, table = calibrated
+    with client_factory(settings) as c:
+        for s in range(10):
+            enroll(c, f"s{s}", s)
+        own = c.post("/faces/identify", data=NONE, files=[img("image", pattern(3))]).json()
+        expected = table.threshold_for(0.01, 10)
+        assert own["threshold_source"] == "identification-fpir" and own["fpir"] == 0.01
+        assert own["gallery_size"] == 10 and own["threshold"] == pytest.approx(expected.threshold, abs=1e-6)
+        assert own["threshold"] < 1.0 and own["threshold_clamped"] is None and "warning" not in own
+        assert own["fpir_expected"] == pytest.approx(0.01, rel=1e-3)
+        assert own["faces"][0]["subject"] == "s3"  # an enrolled face is still found
+        # 100 strangers (patterns the table never saw): about 1% identified as someone at the calibrated
+        # threshold, while the 1:1 verification threshold (1.0) identifies most of them
+        nearest = []
+        accepted = 0
+        for s in range(1000, 1100):
+            body = c.post("/faces/identify", data=NONE, files=[img("image", pattern(s))]).json()
+            accepted += body["faces"][0]["subject"] is not None
+            nearest.append(body["faces"][0]["distance"])
+            assert body["faces"][0]["subject"] is None or body["faces"][0]["distance"] <= body["threshold"]
+        assert accepted <= 5, f"{accepted} of 100 strangers identified at FPIR 0.01"
+        assert sum(d <= 1.0 for d in nearest) >= 50  # what the verification threshold would have done
+        stranger = c.post("/faces/identify", data=NONE, files=[img("image", pattern(1000))]).json()["faces"][0]
+        assert stranger["subject"] is None and all(not x["match"] for x in stranger["candidates"])
+
+
+def test_identify_threshold_overrides_and_clamping(calibrated: tuple[Settings, ImpostorTable], client_factory) -> None:
+    settings, table = calibrated
+    with client_factory(settings) as c:
+        for s in range(4):
+            enroll(c, f"s{s}", s)
+
+        def ask(**data: str) -> dict:
+            r = c.post("/faces/identify", data={**NONE, **data}, files=[img("image", pattern(500))])
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        default, lenient = ask(), ask(fpir="0.2")
+        assert lenient["threshold_source"] == "identification-fpir" and lenient["fpir"] == 0.2
+        assert lenient["threshold"] == pytest.approx(table.threshold_for(0.2, 4).threshold, abs=1e-6)
+        assert lenient["threshold"] > default["threshold"]
+        fixed = ask(threshold="0.3")
+        assert fixed["threshold_source"] == "request" and fixed["threshold"] == 0.3 and fixed["fpir"] is None
+        assert fixed["fpir_expected"] == pytest.approx(table.fpir_at(0.3, 4), rel=1e-4)
+        # an FPIR the table cannot resolve at this gallery size: the strictest calibrated value, said so
+        strict = ask(fpir="1e-6")
+        assert strict["threshold_clamped"] == "strictest" and "clamped" in strict["warning"]
+        assert strict["threshold"] == pytest.approx(table.quantiles[-1][1], abs=1e-6)
+        assert strict["fpir_expected"] > 1e-6
+        for bad in ({"fpir": "0"}, {"fpir": "1"}, {"fpir": "nan"}, {"fpir": "x"}, {"threshold": "0.3", "fpir": "0.1"}):
+            assert_problem(c.post("/faces/identify", data={**NONE, **bad}, files=[img("image", pattern(500))]), 422)
+        # /faces/verify keeps the model's 1:1 threshold
+        v = c.post("/faces/verify", data=NONE, files=[img("image_a", pattern(1)), img("image_b", pattern(2))]).json()
+        assert v["threshold"] == 1.0 and v["threshold_source"] == "model"
+    # a server-wide fixed threshold (CNN_FACE_THRESHOLD) applies to identify too, unless a request asks otherwise
+    with client_factory(settings.model_copy(update={"face_threshold": 0.25})) as c:
+        body = c.post("/faces/identify", data=NONE, files=[img("image", pattern(500))]).json()
+        assert body["threshold_source"] == "server" and body["threshold"] == 0.25 and body["gallery_size"] == 4
+        by_fpir = c.post("/faces/identify", data={**NONE, "fpir": "0.05"}, files=[img("image", pattern(500))]).json()
+        assert by_fpir["threshold_source"] == "identification-fpir"
+
+
+def test_the_server_fpir_setting(calibrated: tuple[Settings, ImpostorTable], client_factory) -> None:
+    settings, table = calibrated
+    with client_factory(settings.model_copy(update={"face_identify_fpir": 0.1})) as c:
+        enroll(c, "s0", 0)
+        body = c.post("/faces/identify", data=NONE, files=[img("image", pattern(500))]).json()
+        assert body["fpir"] == 0.1 and body["threshold"] == pytest.approx(table.threshold_for(0.1, 1).threshold,
+                                                                            abs=1e-6)
+
+
+def test_the_manifest_identification_entry_is_validated(face_settings: Settings, tmp_path: Path) -> None:
+    from app.runtime.registry import LoadedFaceEmbedder, ModelRegistry, load_manifest
+
+    good = {"impostor_quantiles": [[0.1, 1.5], [0.01, 1.1], [0.001, 0.8]], "impostor_pairs": 10_000,
+            "source": "x.json", "identities": 5}
+    _write_table(face_settings.weights_dir, good)
+    entry = load_manifest(face_settings.weights_dir)["tiny-face"]
+    assert entry.model_extra is not None and entry.model_extra["identification"] == good
+    registry = ModelRegistry(face_settings.weights_dir, tmp_path / "hub", torch.device("cpu"), allow_download=False,
+                             allow_untrained=False)
+    loaded = registry.load("tiny-face", "face-embedding").loaded
+    assert isinstance(loaded, LoadedFaceEmbedder) and loaded.identification is not None
+    assert loaded.identification.pairs == 10_000 and loaded.identification.far_min == 0.001
+    for bad, needle in [({**good, "impostor_quantiles": [[0.1, 1.5], [0.2, 1.1]]}, "decrease"),
+                        ({**good, "impostor_pairs": 10}, "below one pair"),
+                        ({"impostor_quantiles": "x", "impostor_pairs": 1}, "impostor_quantiles"),
+                        ("a table", "object")]:
+        _write_table(face_settings.weights_dir, bad)  # type: ignore[arg-type]
+        with pytest.raises(RuntimeError, match=needle):
+            load_manifest(face_settings.weights_dir)
