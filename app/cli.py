@@ -9,6 +9,8 @@
     python -m app.cli train ensemble --name N --members A B --out runs/e   (combine trained CIFAR ResNets)
     python -m app.cli evaluate cifar10-resnet56 --data DIR            (--holdout: the images it was validated on)
     python -m app.cli evaluate-text agnews-vdcnn9 --csv FILE          (or --holdout instead of --csv)
+    python -m app.cli baseline-text agnews-vdcnn9 --out FILE.json     (TF-IDF + logistic regression, same split)
+    python -m app.cli calibrate-identification lfw-face-resnet --pairs PAIRS --data LFW_DIR   (1:N thresholds)
     python -m app.cli keygen alice --scopes read,write --file keys.json   (a new API key for a principal)
 """
 
@@ -368,6 +370,60 @@ def cmd_evaluate_text(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_baseline_text(args: argparse.Namespace) -> int:
+    """Train and score the TF-IDF + logistic-regression baseline on exactly a text model's split (scikit-learn,
+    a dev extra, is imported lazily by models.train.text_baseline); with --compare, the model itself on the
+    same hold-out next to it. JSON to --out (or stdout)."""
+    from app.runtime.registry import load_manifest
+    from models.train.text import holdout_from_training
+    from models.train.text_baseline import BaselineConfig, require_sklearn, run_baseline
+
+    require_sklearn()
+    s = Settings()
+    entry = load_manifest(s.weights_dir).get(args.model)
+    if entry is None or entry.task != "text-classification":
+        print(f"baseline-text: {args.model!r} is not a text model in {s.weights_dir}", file=sys.stderr)
+        return 2
+    h = holdout_from_training(entry.training or {}, args.model)
+    data_dir = Path(args.data_dir) if args.data_dir else None
+    h.files = [data_dir / p.name if data_dir is not None else _training_path(p, s) for p in h.files]
+    report: dict[str, Any] = {"model": args.model, "model_sha256": entry.sha256}
+    report |= run_baseline(h, entry.labels, config=BaselineConfig(C=args.C, seed=args.seed),
+                           batch_sizes=(1, args.batch_size))
+    if args.compare:
+        import torch
+
+        runs = {b: evaluate_text_model(args.model, None, holdout=True, batch_size=b, data_dir=data_dir, settings=s)
+                for b in (1, args.batch_size)}
+        cnn = runs[args.batch_size]
+
+        def brief(scored: dict[str, Any]) -> dict[str, Any]:
+            return {k: scored[k] for k in ("texts", "accuracy", "correct", "macro_f1")} | {
+                "per_class_accuracy": {c: m["recall"] for c, m in scored["per_class"].items()}}
+
+        report["cnn"] = {"weights": cnn["weights"], "device": cnn["device"], "torch_threads": torch.get_num_threads(),
+                         "card_metrics": cnn.get("card_metrics"),
+                         "prediction_speed": {str(b): {"texts": r["holdout"]["val_rows"], "seconds": r["seconds"],
+                                                       "texts_per_second": r["texts_per_second"]}
+                                              for b, r in runs.items()},
+                         "deduplicated_holdout": brief(cnn)}
+        if "holdout_as_validated" in cnn:
+            report["cnn"]["holdout_as_validated"] = brief(cnn["holdout_as_validated"])
+    compared = [*report["variants"].items(), *([(args.model, report["cnn"])] if args.compare else [])]
+    report["side_by_side"] = {
+        name: {k: r[k]["accuracy"] for k in ("holdout_as_validated", "deduplicated_holdout") if k in r}
+        | {"texts_per_second": {b: v["texts_per_second"] for b, v in r["prediction_speed"].items()}}
+        | ({"fit_seconds": r["fit_seconds"]} if "fit_seconds" in r else {})
+        for name, r in compared}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps(report["side_by_side"], indent=2))
+    else:
+        print(json.dumps(report, indent=2))
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Print the evaluation of a classifier on an ImageFolder directory (or on its hold-out) as JSON."""
     if args.data is None and not args.holdout:
@@ -545,6 +601,131 @@ def cmd_evaluate_faces(args: argparse.Namespace) -> int:
     return 0
 
 
+def calibrate_identification(name: str, pairs_file: Path, data: Path, *, holdout_max_images: int = 5,
+                             batch_size: int = 64, draws: int = 200, seed: int = 0,
+                             gallery_sizes: tuple[int, ...] = (1, 10, 30, 100, 300, 600),
+                             fpirs: tuple[float, ...] = (0.01, 0.05, 0.1), settings: Settings | None = None,
+                             source: str | None = None) -> dict[str, Any]:
+    """The 1:N calibration of a face model: every photo of the calibration half of the held-out identities
+    (models.faces.lfw.split_by_identity; never the test half, never a trained identity) embedded once through the
+    served path (decoded as an upload, Haar with the server's parameters, the largest face, the served crop; a photo
+    without a face is left out, as the API would refuse it), every pair of photos of different people as an impostor
+    comparison, and their distance quantiles (models.faces.identification.quantile_table): the manifest's
+    `identification` entry. The independence rule it serves (FAR = 1 - (1 - FPIR)^(1/N)) is then checked on
+    simulated galleries of calibration people (one photo each, searched with every photo of the others), and out of
+    sample: thresholds from the table of one random half of the calibration people, FPIR measured on galleries of
+    the other half."""
+    import numpy as np
+
+    from app.runtime.device import select_device
+    from app.runtime.registry import LoadedFaceEmbedder, ModelRegistry, hub_checkpoint_dir
+    from models.faces.identification import (
+        distance_matrix,
+        gallery_check,
+        impostor_distances,
+        quantile_table,
+        simulate_galleries,
+    )
+    from models.faces.lfw import holdout_split, identity_images, read_pairs, split_by_identity
+
+    s = settings or Settings()
+    registry = ModelRegistry(s.weights_dir, hub_checkpoint_dir(s.torch_home), select_device(s.device),
+                             allow_download=False, allow_untrained=False)
+    st = registry.load(name, "face-embedding")
+    if not isinstance(st.loaded, LoadedFaceEmbedder):
+        raise SystemExit(f"{name}: {st.status}: {st.reason}")
+    loaded = st.loaded
+    images = identity_images(data)
+    _, held_pairs = holdout_split(images, read_pairs(pairs_file, data), holdout_max_images)
+    halves = split_by_identity(held_pairs)
+    people = halves.identities["calibration"]
+    files = [f for p in people for f in images.get(p, [])]
+    if not files:
+        raise SystemExit(f"{pairs_file}: no calibration identities with images under {data}")
+    t0 = time.perf_counter()
+    emb, missed = _face_embeddings(loaded, files, s, batch_size, "error")
+    seconds = time.perf_counter() - t0
+    kept = [f for f in files if emb[f] is not None]
+    vectors = np.stack([emb[f].numpy() for f in kept]).astype(np.float64)
+    labels = [f.parent.name for f in kept]
+    impostors = impostor_distances(vectors, labels)
+    table = quantile_table(impostors, source=source)
+    dist = distance_matrix(vectors)
+    rng = np.random.default_rng(seed)
+    n_people = len(set(labels))
+    checks = [gallery_check(dist, labels, table, n, fpirs, draws=draws, rng=rng)
+              for n in gallery_sizes if n < n_people]
+
+    # out of sample: the table of half A's people, the FPIR on simulated galleries of half B's (repeated splits)
+    lab = np.asarray(labels)
+    uniq = np.unique(lab)
+    split_checks: dict[tuple[int, float], list[float]] = {}
+    split_clamped: dict[tuple[int, float], int] = {}
+    split_sizes = [n for n in gallery_sizes if 1 < n < n_people // 2 - 50]
+    for _ in range(10):
+        order = rng.permutation(len(uniq))
+        a, b = set(uniq[order[: len(uniq) // 2]]), set(uniq[order[len(uniq) // 2:]])
+        ia = np.flatnonzero([x in a for x in lab])
+        ib = np.flatnonzero([x in b for x in lab])
+        table_a = quantile_table(impostor_distances(vectors[ia], lab[ia].tolist()))
+        for n in split_sizes:
+            mins = np.concatenate(simulate_galleries(dist[np.ix_(ib, ib)], lab[ib].tolist(), n, draws=20, rng=rng))
+            for f in fpirs:
+                th = table_a.threshold_for(f, n)
+                split_checks.setdefault((n, f), []).append(float((mins <= th.threshold).mean()))
+                split_clamped[n, f] = split_clamped.get((n, f), 0) + (th.clamped is not None)
+    out_of_sample = [{"gallery_size": n, "fpir_target": f, "fpir_mean": float(np.mean(v)), "fpir_sd": float(np.std(v)),
+                      "splits": len(v), "splits_clamped": split_clamped[n, f]}
+                     for (n, f), v in sorted(split_checks.items())]
+    ident = {**table.to_manifest(), "identities": n_people, "images": len(kept),
+             "method": "independence: t_N = the impostor-distance quantile at FAR = 1 - (1 - FPIR)^(1/N), "
+                       "N = enrolled faces searched",
+             "gallery_check": {"columns": ["gallery_size", "fpir_target", "fpir_measured"],
+                               "what": f"simulated galleries of calibration people ({draws} per size): the FPIR "
+                                       "measured at the table's threshold",
+                               "rows": [[c["gallery_size"], t["fpir_target"], round(t["fpir_empirical"], 5)]
+                                        for c in checks for t in c["targets"] if t["fpir_target"] in (0.01, 0.1)]}}
+    return {"model": name, "model_sha256": loaded.sha256, "pairs_file": str(pairs_file),
+            "holdout_max_images": holdout_max_images,
+            "identity_split": halves.summary(), "half": "calibration",
+            "served_path": {"decode": "as an upload (the server's size and pixel limits)", "detector": "haar",
+                            "haar": {"scale_factor": s.face_haar_scale_factor,
+                                     "min_neighbors": s.face_haar_min_neighbors, "min_size": s.face_haar_min_size,
+                                     "max_side": s.face_haar_max_side},
+                            "face": "largest", "crop": {"size": loaded.crop_size, "margin": loaded.crop_margin},
+                            "flip_average": loaded.flip_average,
+                            "no_face": "left out (the API refuses to enrol or search it)"},
+            "identities": len(people), "images": len(files), "images_without_face": len(missed),
+            "identities_with_a_face": n_people, "images_used": len(kept),
+            "impostor_pairs": len(impostors),
+            "impostor_distance": {"mean": float(impostors.mean()), "std": float(impostors.std()),
+                                  "min": float(impostors.min())},
+            "verification_threshold": loaded.threshold,
+            "far_at_verification_threshold": float((impostors <= loaded.threshold).mean()),
+            "table": table.to_manifest(),
+            "gallery_check": {"what": "simulated galleries of calibration people: one random photo of each of N "
+                                      "random people enrolled, every photo of the other people searched (strangers); "
+                                      "the independence threshold's empirical FPIR, pooled over draws",
+                              "seed": seed, "results": checks},
+            "out_of_sample_check": {"what": "10 random halvings of the calibration people: the table of half A, "
+                                            "the FPIR of its thresholds on 20 simulated galleries of half B each",
+                                    "results": out_of_sample},
+            "manifest_identification": ident,
+            "seconds_embedding": round(seconds, 2)}
+
+
+def cmd_calibrate_identification(args: argparse.Namespace) -> int:
+    """Print (and with --out write) the identification calibration report of a face model."""
+    result = calibrate_identification(args.model, Path(args.pairs), Path(args.data),
+                                      holdout_max_images=args.holdout_max_images, batch_size=args.batch_size,
+                                      draws=args.draws, seed=args.seed, source=args.source)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m app.cli", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -589,6 +770,16 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("--label-base", type=int, default=1, help="number of the first class in numeric labels")
     et.add_argument("--limit", type=int, default=0, help="at most N rows (of the hold-out)")
     et.add_argument("--batch-size", type=int, default=64)
+    bt = sub.add_parser("baseline-text", help="train and score a TF-IDF + logistic-regression baseline on exactly a "
+                                              "text model's split (needs scikit-learn, a dev extra)")
+    bt.add_argument("model", nargs="?", default="agnews-vdcnn9", help="the text model whose split to use")
+    bt.add_argument("--out", default=None, help="write the JSON report here (default: print it)")
+    bt.add_argument("--data-dir", default=None, help="the folder that now holds the model's training files")
+    bt.add_argument("--C", type=float, default=16.0, help="logistic regression's inverse regularisation")
+    bt.add_argument("--seed", type=int, default=0, help="logistic regression's random_state")
+    bt.add_argument("--batch-size", type=int, default=64, help="batch size of the speed measurement (and the CNN's)")
+    bt.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
+                    help="also score the model itself on the same hold-out (evaluate-text --holdout)")
     ef = sub.add_parser("evaluate-faces", help="verification metrics and threshold of a face model on a pair list "
                                                "(--split test: on held-out identities, as served)")
     ef.add_argument("model")
@@ -612,6 +803,19 @@ def build_parser() -> argparse.ArgumentParser:
     ef.add_argument("--criterion", choices=["balanced", "accuracy"], default="balanced",
                     help="what the served-path threshold maximises on the calibration pairs (misses as errors): "
                          "balanced accuracy (mean of true accept and true reject rates) or accuracy")
+    ci = sub.add_parser("calibrate-identification",
+                        help="impostor-distance table for FPIR-calibrated /faces/identify thresholds (the manifest's "
+                             "`identification`), from the calibration half of the held-out identities")
+    ci.add_argument("model")
+    ci.add_argument("--pairs", required=True, help="LFW-style pairs file whose held-out people are split in halves")
+    ci.add_argument("--data", required=True, help="LFW-style image root (one folder per person)")
+    ci.add_argument("--holdout-max-images", type=int, default=5,
+                    help="people of the pairs with fewer images than this are the held-out ones (the model's rule)")
+    ci.add_argument("--batch-size", type=int, default=64)
+    ci.add_argument("--draws", type=int, default=200, help="simulated galleries per size in the check")
+    ci.add_argument("--seed", type=int, default=0)
+    ci.add_argument("--source", default=None, help="the `source` recorded in the table (where the report is kept)")
+    ci.add_argument("--out", default=None, help="also write the report here")
     return p
 
 
@@ -624,7 +828,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handlers = {"serve": cmd_serve, "worker": cmd_worker, "keygen": cmd_keygen, "fetch-weights": cmd_fetch_weights,
                 "evaluate": cmd_evaluate,
-                "evaluate-text": cmd_evaluate_text, "evaluate-faces": cmd_evaluate_faces}
+                "evaluate-text": cmd_evaluate_text, "baseline-text": cmd_baseline_text,
+                "evaluate-faces": cmd_evaluate_faces,
+                "calibrate-identification": cmd_calibrate_identification}
     return handlers[args.command](args)
 
 
