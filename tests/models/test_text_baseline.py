@@ -1,0 +1,129 @@
+"""The TF-IDF + logistic-regression baseline (`baseline-text`) on a tiny generated split in AG News' layout."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+from app import cli
+from models.train import text as train_text
+from models.train import text_baseline
+
+needs_sklearn = pytest.mark.skipif(importlib.util.find_spec("sklearn") is None,
+                                   reason="scikit-learn (the dev extra the TF-IDF baseline needs) is not installed")
+
+KEYWORDS = {1: "football match goal", 2: "stocks market shares", 3: "election vote senate"}
+FILLER = ["the", "a", "new", "report", "said", "week", "after", "local"]
+
+
+def news_csvs(root: Path) -> tuple[Path, Path, Path]:
+    """A gold file and a title-less extra file that repeats half the gold stories under an agency tag (AG News'
+    near-duplicates), with their class list."""
+    rng = random.Random(0)
+    gold, extra = [], []
+    for c, kw in KEYWORDS.items():
+        for i in range(20):
+            story = " ".join(rng.choice([*kw.split(), *FILLER]) for _ in range(14)) + f" number {c}{i}"
+            gold.append([str(c), f"Title {c}-{i}", story])
+            if i % 2 == 0:
+                extra.append([str(c), "", f"Other title {c}-{i} (Reuters) Reuters - {story}"])
+    root.mkdir(parents=True, exist_ok=True)
+    paths = (root / "gold.csv", root / "extra.csv", root / "classes.txt")
+    for path, rows in zip(paths[:2], (gold, extra), strict=True):
+        with open(path, "w", newline="") as fh:
+            csv.writer(fh, quoting=csv.QUOTE_ALL).writerows(rows)
+    paths[2].write_text("Sports\nBusiness\nPolitics\n")
+    return paths
+
+
+def old_split_holdout(gold: Path, extra: Path, classes: list[str]) -> train_text.TextHoldout:
+    """The hold-out description of a model trained before the near-duplicate rule (as agnews-vdcnn9 was)."""
+    rows = [train_text.TextRows(p, texts, train_text.map_labels(raw, classes, 1, p), keys)
+            for p in (gold, extra)
+            for raw, texts, keys in [train_text.read_csv_with_keys(p, label_column="1", text_columns=["2", "3"],
+                                                                   header=False, unescape=True, encoding="utf-8-sig")]]
+    split = train_text.split_rows(rows, "12", True, 0, dedup=False)
+    training = {"data": [str(gold), str(extra)], "rows": {str(gold): 60, str(extra): 30},
+                "train_rows": len(split.train_texts), "val_rows": len(split.val_texts), "val_from": str(gold),
+                "recipe": {"seed": 0}}
+    return train_text.holdout_from_training(training, "tiny-old")
+
+
+@needs_sklearn
+def test_baseline_trains_on_the_training_rows_and_scores_both_holdouts(tmp_path: Path) -> None:
+    gold, extra, classes_file = news_csvs(tmp_path / "news")
+    classes = train_text.read_classes(classes_file)
+    h = old_split_holdout(gold, extra, classes)
+    report = text_baseline.run_baseline(h, classes, batch_sizes=(1, 4))
+    split = train_text.holdout_split(h, classes)
+    info = report["split"]
+    # exactly the model's split: the same sizes, no hold-out text among the training texts
+    assert (info["train_rows"], info["val_rows"]) == (h.train_rows, 12) == (len(split.train_texts), 12)
+    assert info["holdout_texts_also_in_training"] == 0 and not set(split.val_texts) & set(split.train_texts)
+    near = info["val_rows_with_near_duplicate_in_training"]
+    assert near > 0  # the generated extra file repeats some validation stories
+    for variant in text_baseline.VARIANTS:
+        r = report["variants"][variant]
+        old, dedup = r["holdout_as_validated"], r["deduplicated_holdout"]
+        assert old["total"] == 12 and dedup["total"] == 12 - near
+        assert old["correct"] == sum(old["confusion_matrix"][i][i] for i in range(3))
+        assert old["accuracy"] == old["correct"] / 12 and set(old["per_class_accuracy"]) == set(classes)
+        assert r["features"] > 0 and r["fit_seconds"] >= 0 and set(r["prediction_speed"]) == {"1", "4"}
+    assert report["variants"]["words+chars"]["features"] > report["variants"]["words"]["features"]
+    assert report["config"]["word_ngrams"] == [1, 2] and report["config"]["char_ngrams"] == [2, 5]
+
+
+@needs_sklearn
+def test_baseline_text_command_on_a_trained_models_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    gold, extra, classes = news_csvs(tmp_path / "news")
+    wd = tmp_path / "w"
+    train_text.main(["--train", str(gold), "--train", str(extra), "--classes", str(classes), "--out",
+                     str(tmp_path / "run"), "--name", "tiny-news", "--length", "64", "--hidden", "8", "--epochs", "1",
+                     "--batch-size", "16", "--val-size", "12", "--threads", "1", "--device", "cpu",
+                     "--install", str(wd)])
+    entry = json.loads((wd / "manifest.json").read_text())["models"][0]
+    monkeypatch.setenv("CNN_WEIGHTS_DIR", str(wd))
+    monkeypatch.setenv("CNN_DEVICE", "cpu")
+    out = tmp_path / "reports" / "baseline.json"
+    capsys.readouterr()  # the trainer's output
+    assert cli.main(["baseline-text", "tiny-news", "--out", str(out), "--batch-size", "4"]) == 0
+    report = json.loads(out.read_text())
+    assert set(json.loads(capsys.readouterr().out)) == {"words", "words+chars", "tiny-news"}
+    # a new-split model: its hold-out has no near-duplicate in training, so only that one is scored
+    assert report["split"]["train_rows"] == entry["training"]["train_rows"]
+    assert report["split"]["val_rows"] == entry["training"]["val_rows"]
+    assert report["split"]["val_rows_with_near_duplicate_in_training"] == 0
+    assert report["split"]["holdout_texts_also_in_training"] == 0
+    for r in report["variants"].values():
+        assert "holdout_as_validated" not in r and r["deduplicated_holdout"]["total"] == entry["training"]["val_rows"]
+    # the model itself on the same rows, next to the baseline
+    assert report["cnn"]["deduplicated_holdout"]["texts"] == entry["training"]["val_rows"]
+    assert report["cnn"]["deduplicated_holdout"]["accuracy"] == pytest.approx(entry["metrics"]["val_accuracy"],
+                                                                             abs=1e-4)
+    assert set(report["side_by_side"]["tiny-news"]["texts_per_second"]) == {"1", "4"}
+    # unknown or non-text models are refused
+    assert cli.main(["baseline-text", "no-such-model", "--no-compare"]) == 2
+
+
+def test_baseline_without_scikit_learn_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn raises ImportError
+    with pytest.raises(SystemExit, match="scikit-learn is not installed"):
+        text_baseline.require_sklearn()
+    with pytest.raises(SystemExit, match="dev extra"):
+        cli.main(["baseline-text", "--no-compare"])
+
+
+def test_the_service_and_the_cli_do_not_import_scikit_learn() -> None:
+    """scikit-learn is a dev extra: importing the app, the CLI or the baseline module must not need it."""
+    import subprocess
+
+    code = ("import sys; import app.main, app.cli, models.train.text_baseline; "
+            "sys.exit(1 if 'sklearn' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2]).returncode == 0
