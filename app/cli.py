@@ -21,9 +21,11 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from app.settings import DEFAULT_IMAGENET_MODELS, Settings
+
+M = TypeVar("M")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -172,6 +174,20 @@ def _points(measured: float, card: float) -> float:
     return round(100 * (measured - card), 2) + 0.0
 
 
+def _load_trained(name: str, task: str, kind: type[M], s: Settings) -> M:
+    """One model of the registry with its trained weights (no download, never random weights), or exit naming
+    why it cannot load: what the evaluation and calibration commands measure."""
+    from app.runtime.device import select_device
+    from app.runtime.registry import ModelRegistry, hub_checkpoint_dir
+
+    registry = ModelRegistry(s.weights_dir, hub_checkpoint_dir(s.torch_home), select_device(s.device),
+                             allow_download=False, allow_untrained=False)
+    st = registry.load(name, task)
+    if not isinstance(st.loaded, kind):
+        raise SystemExit(f"{name}: {st.status}: {st.reason}")
+    return st.loaded
+
+
 def evaluate_classifier(name: str, data: Path | None, *, batch_size: int = 64, limit_per_class: int = 0,
                         holdout: bool = False, one_view: bool = False,
                         settings: Settings | None = None) -> dict[str, Any]:
@@ -184,20 +200,13 @@ def evaluate_classifier(name: str, data: Path | None, *, batch_size: int = 64, l
     hold-out, with holdout) of every class."""
     import numpy as np
 
-    from app.runtime.device import select_device
-    from app.runtime.registry import LoadedClassifier, ModelRegistry, hub_checkpoint_dir
+    from app.runtime.registry import LoadedClassifier
     from models.preprocess import image_to_tensor
     from models.train.common import confusion_matrix
     from models.train.images import holdout_files, holdout_from_training, scan_image_folder
 
     s = settings or Settings()
-    registry = ModelRegistry(s.weights_dir, hub_checkpoint_dir(s.torch_home), select_device(s.device),
-                             allow_download=False, allow_untrained=False)
-    st = registry.load_classifier(name)
-    if st.loaded is None:
-        raise SystemExit(f"{name}: {st.status}: {st.reason}")
-    loaded = st.loaded
-    assert isinstance(loaded, LoadedClassifier)
+    loaded = _load_trained(name, "image-classification", LoadedClassifier, s)
     split: dict[str, Any] | None = None
     if holdout:
         h = holdout_from_training(loaded.spec.info.get("training") or {}, name)
@@ -283,8 +292,7 @@ def evaluate_text_model(name: str, csv_path: Path | None, *, text_columns: str =
     training side ("accuracy"), and on the old hold-out as validated ("holdout_as_validated")."""
     import numpy as np
 
-    from app.runtime.device import select_device
-    from app.runtime.registry import LoadedTextClassifier, ModelRegistry, hub_checkpoint_dir
+    from app.runtime.registry import LoadedTextClassifier
     from models.train.text import (
         DEDUP_RULE,
         holdout_from_training,
@@ -295,12 +303,7 @@ def evaluate_text_model(name: str, csv_path: Path | None, *, text_columns: str =
     )
 
     s = settings or Settings()
-    registry = ModelRegistry(s.weights_dir, hub_checkpoint_dir(s.torch_home), select_device(s.device),
-                             allow_download=False, allow_untrained=False)
-    st = registry.load(name, "text-classification")
-    if st.loaded is None:
-        raise SystemExit(f"{name}: {st.status}: {st.reason}")
-    loaded = st.loaded
+    loaded = _load_trained(name, "text-classification", LoadedTextClassifier, s)
     assert isinstance(loaded, LoadedTextClassifier)
     labels = loaded.spec.labels
     keep: Any = None  # with an old-split hold-out: the rows without a near-duplicate in training
@@ -494,8 +497,7 @@ def evaluate_face_model(name: str, pairs_file: Path, data: Path, *, holdout_max_
     reject rates: a half's mix of same and different pairs is an artefact of the split) or plain 'accuracy'."""
     import numpy as np
 
-    from app.runtime.device import select_device
-    from app.runtime.registry import LoadedFaceEmbedder, ModelRegistry, hub_checkpoint_dir
+    from app.runtime.registry import LoadedFaceEmbedder
     from models.faces.evaluation import (
         CRITERIA,
         evaluate_pairs,
@@ -512,12 +514,7 @@ def evaluate_face_model(name: str, pairs_file: Path, data: Path, *, holdout_max_
     if misses not in ("error", "fallback"):
         raise SystemExit(f"misses must be error or fallback, not {misses!r}")
     s = settings or Settings()
-    registry = ModelRegistry(s.weights_dir, hub_checkpoint_dir(s.torch_home), select_device(s.device),
-                             allow_download=False, allow_untrained=False)
-    st = registry.load(name, "face-embedding")
-    if not isinstance(st.loaded, LoadedFaceEmbedder):
-        raise SystemExit(f"{name}: {st.status}: {st.reason}")
-    loaded = st.loaded
+    loaded = _load_trained(name, "face-embedding", LoadedFaceEmbedder, s)
     pairs = read_pairs(pairs_file, data)
     if holdout_max_images:
         _, pairs = holdout_split(identity_images(data), pairs, holdout_max_images)
@@ -617,8 +614,7 @@ def calibrate_identification(name: str, pairs_file: Path, data: Path, *, holdout
     the other half."""
     import numpy as np
 
-    from app.runtime.device import select_device
-    from app.runtime.registry import LoadedFaceEmbedder, ModelRegistry, hub_checkpoint_dir
+    from app.runtime.registry import LoadedFaceEmbedder
     from models.faces.identification import (
         distance_matrix,
         gallery_check,
@@ -629,12 +625,7 @@ def calibrate_identification(name: str, pairs_file: Path, data: Path, *, holdout
     from models.faces.lfw import holdout_split, identity_images, read_pairs, split_by_identity
 
     s = settings or Settings()
-    registry = ModelRegistry(s.weights_dir, hub_checkpoint_dir(s.torch_home), select_device(s.device),
-                             allow_download=False, allow_untrained=False)
-    st = registry.load(name, "face-embedding")
-    if not isinstance(st.loaded, LoadedFaceEmbedder):
-        raise SystemExit(f"{name}: {st.status}: {st.reason}")
-    loaded = st.loaded
+    loaded = _load_trained(name, "face-embedding", LoadedFaceEmbedder, s)
     images = identity_images(data)
     _, held_pairs = holdout_split(images, read_pairs(pairs_file, data), holdout_max_images)
     halves = split_by_identity(held_pairs)
