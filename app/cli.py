@@ -304,7 +304,6 @@ def evaluate_text_model(name: str, csv_path: Path | None, *, text_columns: str =
 
     s = settings or Settings()
     loaded = _load_trained(name, "text-classification", LoadedTextClassifier, s)
-    assert isinstance(loaded, LoadedTextClassifier)
     labels = loaded.spec.labels
     keep: Any = None  # with an old-split hold-out: the rows without a near-duplicate in training
     split_info: dict[str, Any] | None = None

@@ -154,3 +154,30 @@ def write_tiny_text_model(weights_dir: Path, name: str = "tiny-text", length: in
     models = json.loads(manifest.read_text())["models"] if manifest.exists() else []
     manifest.write_text(json.dumps({"models": [m for m in models if m["name"] != name] + [entry]}))
     return path
+
+
+NEWS_KEYWORDS = {1: "football match goal", 2: "stocks market shares", 3: "election vote senate"}
+
+
+def write_news_csvs(root: Path, filler: list[str]) -> tuple[Path, Path, Path]:
+    """A gold CSV and a title-less extra CSV in AG News' layout that repeats half the gold stories under another
+    title and an agency tag (AG News' near-duplicates), and their class list; stories are seeded draws of each
+    class's keywords and `filler`."""
+    import csv
+    import random
+
+    rng = random.Random(0)
+    gold, extra = [], []
+    for c, kw in NEWS_KEYWORDS.items():
+        for i in range(20):
+            story = " ".join(rng.choice([*kw.split(), *filler]) for _ in range(14)) + f" number {c}{i}"
+            gold.append([str(c), f"Title {c}-{i}", story])
+            if i % 2 == 0:
+                extra.append([str(c), "", f"Other title {c}-{i} (Reuters) Reuters - {story}"])
+    root.mkdir(parents=True, exist_ok=True)
+    paths = (root / "gold.csv", root / "extra.csv", root / "classes.txt")
+    for path, rows in zip(paths[:2], (gold, extra), strict=True):
+        with open(path, "w", newline="") as fh:
+            csv.writer(fh, quoting=csv.QUOTE_ALL).writerows(rows)
+    paths[2].write_text("Sports\nBusiness\nPolitics\n")
+    return paths

@@ -8,7 +8,7 @@ import pytest
 
 from app import cli
 from app.settings import Settings
-from tests.conftest import TEXT_LABELS, TINY_LABELS, write_tiny_classifier, write_tiny_text_model
+from tests.conftest import TEXT_LABELS, TINY_LABELS, write_news_csvs, write_tiny_classifier, write_tiny_text_model
 from tests.models.test_train_images import make_folder
 
 
@@ -157,29 +157,7 @@ def test_evaluate_holdout_refuses_models_without_split_information(tmp_path: Pat
 
 
 def _news_csvs(root: Path) -> tuple[Path, Path, Path]:
-    """A gold file and an extra title-less file that repeats the stories of half the gold rows under another
-    title and an agency tag (AG News' near-duplicates)."""
-    import csv as csv_module
-    import random
-
-    rng = random.Random(0)
-    filler = ["the", "a", "new", "report", "said", "week"]
-    words = {1: "football match goal", 2: "stocks market shares", 3: "election vote senate"}
-    gold_rows, extra_rows = [], []
-    for c, kw in words.items():
-        for i in range(20):
-            story = " ".join(rng.choice([*kw.split(), *filler]) for _ in range(14))
-            story = f"{story} number {c}{i}"
-            gold_rows.append([str(c), f"Title {c}-{i}", story])
-            if i % 2 == 0:
-                extra_rows.append([str(c), "", f"Other title {c}-{i} (Reuters) Reuters - {story}"])
-    root.mkdir(parents=True, exist_ok=True)
-    paths = (root / "gold.csv", root / "extra.csv", root / "classes.txt")
-    for path, rows in zip(paths[:2], (gold_rows, extra_rows), strict=True):
-        with open(path, "w", newline="") as fh:
-            csv_module.writer(fh, quoting=csv_module.QUOTE_ALL).writerows(rows)
-    paths[2].write_text("Sports\nBusiness\nPolitics\n")
-    return paths
+    return write_news_csvs(root, ["the", "a", "new", "report", "said", "week"])
 
 
 def test_evaluate_text_holdout_rebuilds_the_split_and_reports_old_models_both_ways(tmp_path: Path) -> None:

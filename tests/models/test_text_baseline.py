@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -14,32 +12,16 @@ import pytest
 from app import cli
 from models.train import text as train_text
 from models.train import text_baseline
+from tests.conftest import write_news_csvs
 
 needs_sklearn = pytest.mark.skipif(importlib.util.find_spec("sklearn") is None,
                                    reason="scikit-learn (the dev extra the TF-IDF baseline needs) is not installed")
 
-KEYWORDS = {1: "football match goal", 2: "stocks market shares", 3: "election vote senate"}
 FILLER = ["the", "a", "new", "report", "said", "week", "after", "local"]
 
 
 def news_csvs(root: Path) -> tuple[Path, Path, Path]:
-    """A gold file and a title-less extra file that repeats half the gold stories under an agency tag (AG News'
-    near-duplicates), with their class list."""
-    rng = random.Random(0)
-    gold, extra = [], []
-    for c, kw in KEYWORDS.items():
-        for i in range(20):
-            story = " ".join(rng.choice([*kw.split(), *FILLER]) for _ in range(14)) + f" number {c}{i}"
-            gold.append([str(c), f"Title {c}-{i}", story])
-            if i % 2 == 0:
-                extra.append([str(c), "", f"Other title {c}-{i} (Reuters) Reuters - {story}"])
-    root.mkdir(parents=True, exist_ok=True)
-    paths = (root / "gold.csv", root / "extra.csv", root / "classes.txt")
-    for path, rows in zip(paths[:2], (gold, extra), strict=True):
-        with open(path, "w", newline="") as fh:
-            csv.writer(fh, quoting=csv.QUOTE_ALL).writerows(rows)
-    paths[2].write_text("Sports\nBusiness\nPolitics\n")
-    return paths
+    return write_news_csvs(root, FILLER)
 
 
 def old_split_holdout(gold: Path, extra: Path, classes: list[str]) -> train_text.TextHoldout:
