@@ -442,14 +442,16 @@ def _face_embeddings(loaded: Any, files: list[Path], s: Settings, batch_size: in
     """Each image's embedding through the served path: decoded and checked as an upload, the Haar cascade with the
     server's parameters, the largest face, the model's crop. An image without a face gets None (misses='error':
     /faces/verify answers 422) or the embedding of the training pipeline's centred box (misses='fallback')."""
-    from models.faces.crop import CropSpec, crop_face, largest
+    from models.faces.align import EyeFinder, face_input
+    from models.faces.crop import CropSpec, largest
     from models.faces.detect import HaarDetector, HaarParams
     from models.preprocess import image_to_tensor
     from models.train.faces import fallback_box
 
     detector = HaarDetector(HaarParams(scale_factor=s.face_haar_scale_factor, min_neighbors=s.face_haar_min_neighbors,
                                        min_size=s.face_haar_min_size, max_side=s.face_haar_max_side))
-    spec = CropSpec(size=loaded.crop_size, margin=loaded.crop_margin)
+    spec = CropSpec(size=loaded.crop_size, margin=loaded.crop_margin, align=loaded.crop_align)
+    eyes = EyeFinder() if spec.align == "eyes" else None
     embeddings: dict[Path, Any] = {}
     missed: set[Path] = set()
     for i in range(0, len(files), batch_size):
@@ -463,7 +465,7 @@ def _face_embeddings(loaded: Any, files: list[Path], s: Settings, batch_size: in
                     embeddings[f] = None
                     continue
                 box = fallback_box(img.width, img.height)
-            batch.append(image_to_tensor(crop_face(img, box, spec), loaded.preprocessing))
+            batch.append(image_to_tensor(face_input(img, box, spec, eyes)[0], loaded.preprocessing))
             names.append(f)
         if batch:
             for f, e in zip(names, loaded.forward(batch), strict=True):

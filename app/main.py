@@ -80,7 +80,9 @@ def _open_faces(state: AppState, pool: ModelPool[LoadedFaceEmbedder]) -> None:
                                max_faces=s.face_max_faces, threshold_override=s.face_threshold,
                                max_image_bytes=s.max_image_bytes, max_image_pixels=s.max_image_pixels,
                                max_images=s.max_images_per_request, max_image_side=s.max_image_side,
-                               max_aspect_ratio=s.max_aspect_ratio, identify_fpir=s.face_identify_fpir)
+                               max_aspect_ratio=s.max_aspect_ratio, identify_fpir=s.face_identify_fpir,
+                               enroll_min_side=s.face_enroll_min_side,
+                               enroll_min_sharpness=s.face_enroll_min_sharpness)
 
 
 def _open_style(state: AppState, registry: ModelRegistry) -> None:

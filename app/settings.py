@@ -69,6 +69,10 @@ class Settings(BaseSettings):
                                          "threshold (squared L2)")
     face_identify_fpir: float = Field(default=0.01, gt=0.0, lt=1.0, description="/faces/identify: probability that a "
                                       "stranger is identified as someone at the current gallery size (FPIR)")
+    face_enroll_min_side: int = Field(default=40, ge=1, description="/faces/enroll: faces whose shorter box side "
+                                      "(pixels, original image) is below this are reported as 'small'")
+    face_enroll_min_sharpness: float = Field(default=100.0, ge=0.0, description="/faces/enroll: faces whose crop's "
+                                             "Laplacian variance is below this are reported as 'blurred'")
     gallery_index: Literal["flat", "ivf"] = Field(default="flat", description="exact (flat) or approximate (ivf)")
     gallery_ivf_nlist: int = Field(default=1024, ge=1)
     gallery_ivf_nprobe: int = Field(default=16, ge=1)

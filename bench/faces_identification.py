@@ -88,6 +88,7 @@ class Person:
     role: str = ""  # mated, filler, stranger, unusable
     enrolled: Path | None = None
     probe: Path | None = None
+    extra: list[Path] = field(default_factory=list)  # further enrolled photos (--enroll-photos > 1)
     embeddings: dict[Path, np.ndarray | None] = field(default_factory=dict)
 
 
@@ -129,7 +130,8 @@ def embed_all(c: httpx.Client, photos: list[Path], batch: int = 8) -> dict[Path,
 
 def enroll(c: httpx.Client, person: Person) -> None:
     assert person.enrolled is not None
-    r = c.post("/faces/enroll", data={"subject": person.subject}, files=[("image", _file(person.enrolled))])
+    files = [("image", _file(x)) for x in (person.enrolled, *person.extra)]
+    r = c.post("/faces/enroll", data={"subject": person.subject}, files=files)
     if r.status_code != 201:
         raise RuntimeError(f"enrolling {person.name} ({person.enrolled.name}): {r.status_code} {r.text[:300]}")
 
@@ -302,6 +304,8 @@ def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
                 after = p.photos[p.photos.index(p.enrolled) + 1:]
                 if after:
                     p.probe = after[0]  # the next photo, found face or not (a missed face is a failed search)
+                    # more photos of the person in the gallery: the same probe, other photos with a face
+                    p.extra = [x for x in with_face if x not in (p.enrolled, p.probe)][:args.enroll_photos - 1]
                 else:
                     p.role = "unusable"  # only the last photo has a face: nothing left to search with
         for p in strangers:
@@ -344,6 +348,8 @@ def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
         "model_identification": {k: v for k, v in (face["info"].get("identification") or {}).items()
                                  if k in ("impostor_pairs", "identities", "images", "source", "method")},
         "data": {"images": str(args.data), "pairs": str(args.pairs), "holdout_max_images": args.holdout_max_images,
+                 "enroll_photos": args.enroll_photos,
+                 "mated_enrolled_photos": sum(1 + len(p.extra) for p in mated),
                  "identity_split": split, "role_rule": f"one-photo people: stranger when the first hex digit of "
                                                        f"sha256('{SALT}' NUL 'role' NUL name) is even, else filler",
                  "test_half_people": len(people), "mated_people": len(mated), "filler_people": len(fillers),
@@ -363,12 +369,20 @@ def _ci(rate: dict[str, Any]) -> str:
     return "-" if not lo_hi else f"{100 * lo_hi[0]:.1f}-{100 * lo_hi[1]:.1f}%"
 
 
+def enrolled_words(d: dict[str, Any]) -> str:
+    k = d.get("enroll_photos", 1)
+    if k <= 1:
+        return "one enrolled, the next one searched"
+    return (f"up to {k} photos enrolled, {d['mated_enrolled_photos']} in all; the searched photo is the one after "
+            "the first, as with one enrolled photo")
+
+
 def report_lines(payload: dict[str, Any]) -> list[str]:
     d = payload["data"]
     tau = payload["verification_threshold"]
     lines = [f"# Face identification (1:N) through the API: {payload['model']}", "",
              f"Test half of the held-out LFW identities (never trained on, never used by the identification "
-             f"calibration): {d['mated_people']} people with two or more photos (one enrolled, the next one searched), "
+             f"calibration): {d['mated_people']} people with two or more photos ({enrolled_words(d)}), "
              f"{d['filler_people']} one-photo people enrolled as fillers, {d['stranger_people']} one-photo strangers "
              f"never enrolled ({d['strangers_without_face']} without a detected face, left out of the rates). "
              "FNIR counts a probe without a detected face as a miss.", "",
@@ -414,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=root / "images")
     p.add_argument("--pairs", type=Path, default=root / "pairsDevTrain.txt")
     p.add_argument("--holdout-max-images", type=int, default=5)
+    p.add_argument("--enroll-photos", type=int, default=1,
+                   help="photos enrolled per mated person (at most; the probe is the same photo whatever this is)")
     p.add_argument("--sizes", type=parse_sizes, default=parse_sizes("100,400,all"))
     p.add_argument("--model", default="lfw-face-resnet", help="the face model of the server this script starts")
     p.add_argument("--http", default=None, help="a running loopback server with an empty gallery instead")

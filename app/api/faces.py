@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Path, Query, Response, UploadFile
 
@@ -90,11 +90,20 @@ async def enroll(
     image: Annotated[list[UploadFile], File(description="one or more images (repeat the field); the largest face "
                                                         "of each is enrolled")],
     detector: DetectorField = None,
+    quality: Annotated[Literal["report", "strict"], Form(
+        description="'report' (default): enrol and list each face's quality issues; 'strict': refuse the whole "
+                    "request (422, nothing stored) when any face has one")] = "report",
 ) -> dict[str, Any]:
     """Store the largest face of each image for the subject (created on first use). All or nothing: an image
-    without a face is a 422 naming it, and nothing is stored."""
+    without a face is a 422 naming it, and nothing is stored.
+
+    Each enrolled face reports its quality: `face_side` (shorter box side in pixels), `sharpness` (Laplacian
+    variance of the crop), the eye positions used for alignment, and `issues`: `small` and `blurred` (below the
+    server's limits, in `limits`), `duplicate` (/faces/identify would name another subject for this photo;
+    `duplicates` lists them) and `unlike-subject` (farther than the 1:1 verification threshold from every other
+    face of this subject: possibly another person)."""
     uploads = [await _read(service, f, f"image[{i}]") for i, f in enumerate(image)]
-    result = await service.enroll(subject, uploads, detector)
+    result = await service.enroll(subject, uploads, detector, quality)
     response.headers["Location"] = f"/faces/subjects/{subject}"
     return result
 

@@ -358,6 +358,7 @@ class LoadedFaceEmbedder(LoadedModel):
         crop = spec.info.get("face_crop") or {}
         self.crop_size = int(crop.get("size", self.preprocessing.crop))
         self.crop_margin = float(crop.get("margin", 0.1))
+        self.crop_align = str(crop.get("align", "none"))  # "eyes": level the eye line before embedding
         emb = spec.info.get("embedding") or {}
         self.dim = int(emb.get("dim", spec.arch.get("dim", 0)))
         self.flip_average = bool(emb.get("flip_average", False))

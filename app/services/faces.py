@@ -31,11 +31,14 @@ from app.stores.gallery import (
     UnknownSubject,
     validate_subject,
 )
-from models.faces.crop import CropSpec, crop_face
+from models.faces.align import EyeFinderPool, Eyes, face_input
+from models.faces.crop import CropSpec
 from models.faces.detect import FaceBox, HaarDetector, HaarParams, WholeImageDetector
+from models.faces.quality import FaceQuality, measure
 from models.preprocess import image_to_tensor
 
 DETECTORS = ("haar", "none")
+QUALITY_MODES = ("report", "strict")
 
 
 @dataclass
@@ -44,6 +47,8 @@ class Face:
 
     box: FaceBox
     tensor: torch.Tensor
+    eyes: Eyes | None
+    quality: FaceQuality
 
 
 @dataclass
@@ -69,6 +74,8 @@ class DetectorPool:
             HaarDetector(params)  # find out at start-up, not on the first request, when the cascade is missing
         except Exception as exc:
             self.errors["haar"] = f"{type(exc).__name__}: {exc}"
+        # eye alignment (models whose crop says align=eyes); without the eye cascade faces are embedded unaligned
+        self.eyes = EyeFinderPool()
 
     def detect(self, name: str, img: Image.Image) -> list[FaceBox]:
         if name == "none":
@@ -93,7 +100,8 @@ class FacesService:
     def __init__(self, pool: ModelPool[LoadedFaceEmbedder], gallery: GalleryStore | None, detectors: DetectorPool, *,
                  default_detector: str, max_faces: int, threshold_override: float | None, max_image_bytes: int,
                  max_image_pixels: int, max_images: int, max_image_side: int = DEFAULT_MAX_SIDE,
-                 max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO, identify_fpir: float = 0.01) -> None:
+                 max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO, identify_fpir: float = 0.01,
+                 enroll_min_side: int = 40, enroll_min_sharpness: float = 100.0) -> None:
         self.pool = pool
         self.gallery = gallery
         self.detectors = detectors
@@ -101,6 +109,8 @@ class FacesService:
         self.max_faces = max_faces
         self.threshold_override = threshold_override
         self.identify_fpir = identify_fpir
+        self.enroll_min_side = enroll_min_side
+        self.enroll_min_sharpness = enroll_min_sharpness
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
         self.max_image_side = max_image_side
@@ -177,8 +187,13 @@ class FacesService:
         img = decode_image(upload.data, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels,
                            max_side=self.max_image_side, max_aspect_ratio=self.max_aspect_ratio, name=upload.filename)
         boxes = self.detectors.detect(detector, img)  # largest first (the Detector contract)
-        spec = CropSpec(size=loaded.crop_size, margin=0.0 if detector == "none" else loaded.crop_margin)
-        faces = [Face(b, image_to_tensor(crop_face(img, b, spec), loaded.preprocessing)) for b in boxes[:max_faces]]
+        # a cropped face (detector=none) is taken as sent: no margin, no alignment
+        spec = (CropSpec(size=loaded.crop_size, margin=0.0) if detector == "none" else
+                CropSpec(size=loaded.crop_size, margin=loaded.crop_margin, align=loaded.crop_align))
+        faces = []
+        for b in boxes[:max_faces]:
+            crop, eyes = face_input(img, b, spec, self.detectors.eyes)
+            faces.append(Face(b, image_to_tensor(crop, loaded.preprocessing), eyes, measure(b, crop)))
         return ImageFaces(upload.filename, faces, len(boxes))
 
     async def _embed_uploads(
@@ -276,26 +291,88 @@ class FacesService:
         except InvalidSubject as exc:
             raise InvalidParameters(f"subject: {exc}", extra={"subject": subject[:200]}) from exc
 
-    async def enroll(self, subject: str, uploads: list[Upload], detector: str | None) -> dict[str, Any]:
-        """Store the largest face of each image for the subject, all or nothing."""
+    async def enroll(self, subject: str, uploads: list[Upload], detector: str | None,
+                     quality: str = "report") -> dict[str, Any]:
+        """Store the largest face of each image for the subject, all or nothing, with each face's quality checks:
+        'small' and 'blurred' (against the server's limits), 'duplicate' (identify would name another subject for
+        this photo: within the 1:N threshold of the current gallery size) and 'unlike-subject' (farther than the
+        1:1 verification threshold from every other face of the subject). quality='report' enrols and reports them;
+        'strict' refuses the whole request with a 422 listing them, and stores nothing."""
         self._subject(subject)
         self._check_count(uploads)
+        if quality not in QUALITY_MODES:
+            raise InvalidParameters(f"quality must be one of {', '.join(QUALITY_MODES)}, not {quality!r}")
         gallery, name, loaded = self._gallery()
         _, _, found, embs = await self._embed_uploads(uploads, name, detector, 1)
-        new, notes = [], []
-        for i, (img, es) in enumerate(zip(found, embs, strict=True)):
-            face = self._require_face(img, f"image[{i}]")
-            new.append(NewFace(es[0], box=self._face_json(face)["box"], image=img.filename))
-            notes.append(img.detected)
+        for i, img in enumerate(found):
+            self._require_face(img, f"image[{i}]")
+        vecs = np.stack([es[0] for es in embs])
+        duplicates, unlike, dup_threshold = await asyncio.to_thread(self._enrol_checks, gallery, loaded, subject, vecs)
+        checked: list[dict[str, Any]] = []
+        issue_lists: list[list[str]] = []
+        for i, img in enumerate(found):
+            face = img.faces[0]
+            issues = face.quality.issues(self.enroll_min_side, self.enroll_min_sharpness)
+            issues += ["duplicate"] * bool(duplicates[i]) + ["unlike-subject"] * unlike[i]
+            issue_lists.append(issues)
+            checked.append({"image": img.filename, "quality": self._quality_json(face), "issues": issues,
+                            "duplicates": duplicates[i]})
+        limits = {"min_face_side": self.enroll_min_side, "min_sharpness": self.enroll_min_sharpness,
+                  "duplicate_threshold": dup_threshold,
+                  "unlike_threshold": round(self._threshold(loaded, None)[0], 6)}
+        flagged = [(img.filename, issues) for img, issues in zip(found, issue_lists, strict=True) if issues]
+        if quality == "strict" and flagged:
+            raise InvalidParameters(
+                f"{len(flagged)} of {len(checked)} images failed the enrolment quality checks; nothing was stored: "
+                + "; ".join(f"{fname!r}: {', '.join(issues)}" for fname, issues in flagged),
+                extra={"images": checked, "limits": limits})
+        new = [NewFace(es[0], box=self._face_json(img.faces[0])["box"], image=img.filename)
+               for img, es in zip(found, embs, strict=True)]
         records = await asyncio.to_thread(gallery.enroll, subject, new)
         faces = []
-        for rec, img, n in zip(records, found, notes, strict=True):
+        for rec, img, check in zip(records, found, checked, strict=True):
             item = {"face_id": rec["face_id"], "image": img.filename, "box": rec["box"],
-                    "score": round(img.faces[0].box.score, 4), "faces_detected": n}
-            if n > 1:
-                item["note"] = f"{n} faces detected; the largest was enrolled"
+                    "score": round(img.faces[0].box.score, 4), "faces_detected": img.detected,
+                    "quality": check["quality"], "issues": check["issues"], "duplicates": check["duplicates"]}
+            if img.detected > 1:
+                item["note"] = f"{img.detected} faces detected; the largest was enrolled"
             faces.append(item)
-        return {**self._model_info(name, loaded), "subject": subject, "faces": faces}
+        out: dict[str, Any] = {**self._model_info(name, loaded), "subject": subject, "quality_check": quality,
+                               "limits": limits, "faces": faces}
+        if flagged:
+            out["warning"] = (f"{len(flagged)} of {len(checked)} enrolled faces have quality issues (see each face's "
+                              "`issues`); send quality=strict to refuse such enrolments")
+        return out
+
+    @staticmethod
+    def _quality_json(face: Face) -> dict[str, Any]:
+        return {"face_side": face.quality.face_side, "sharpness": face.quality.sharpness,
+                "eyes": face.eyes.to_dict() if face.eyes else None}
+
+    def _enrol_checks(self, gallery: GalleryStore, loaded: LoadedFaceEmbedder, subject: str, vecs: np.ndarray
+                      ) -> tuple[list[list[dict[str, Any]]], list[bool], float | None]:
+        """Blocking. For each new face: the other subjects identify would name for it (duplicates), and whether it
+        is farther than the verification threshold from every other face of the subject, enrolled or new."""
+        n = gallery.index.ntotal
+        tau, _ = self._threshold(loaded, None)  # the 1:1 threshold (the server's override, else the model's)
+        duplicates: list[list[dict[str, Any]]] = [[] for _ in range(len(vecs))]
+        dup_threshold: float | None = None
+        if n:
+            chosen, _ = self._identify_threshold(loaded, n, None, None)
+            dup_threshold = float(chosen["threshold"])
+            for i, hits in enumerate(gallery.search(vecs, 5)):
+                duplicates[i] = [{"subject": h.subject, "face_id": h.face_id, "distance": round(h.distance, 6)}
+                                 for h in hits if h.subject != subject and h.distance <= dup_threshold]
+        try:
+            _, enrolled = gallery.subject_embeddings(subject)
+        except (UnknownSubject, ModelMismatch):
+            enrolled = np.zeros((0, vecs.shape[1]), dtype=np.float32)
+        unlike = []
+        for i in range(len(vecs)):
+            others = np.concatenate([np.asarray(enrolled, dtype=np.float32).reshape(-1, vecs.shape[1]),
+                                     np.delete(vecs, i, axis=0)])
+            unlike.append(bool(len(others)) and float(((others - vecs[i]) ** 2).sum(-1).min()) > tau)
+        return duplicates, unlike, dup_threshold
 
     async def identify(self, upload: Upload, top_k: int, max_faces: int | None, detector: str | None,
                        threshold: float | None, fpir: float | None = None) -> dict[str, Any]:

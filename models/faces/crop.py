@@ -16,6 +16,8 @@ from PIL import Image
 
 from .detect import FaceBox
 
+ALIGNMENTS = ("none", "eyes")
+
 
 @dataclass(frozen=True)
 class CropSpec:
@@ -23,8 +25,11 @@ class CropSpec:
 
     size: int = 64
     margin: float = 0.2
+    align: str = "none"  # "none", or "eyes": rotated so the eye line is level (models/faces/align.py)
 
     def __post_init__(self) -> None:
+        if self.align not in ALIGNMENTS:
+            raise ValueError(f"unknown face alignment {self.align!r} (known: {', '.join(ALIGNMENTS)})")
         if self.size < 8:
             raise ValueError("crop size must be at least 8 pixels")
         if not 0.0 <= self.margin <= 1.0:
@@ -40,7 +45,7 @@ def square_box(box: FaceBox, margin: float, context: float = 1.0) -> tuple[float
     return (cx - side / 2.0, cy - side / 2.0, cx + side / 2.0, cy + side / 2.0)
 
 
-_FILL = (127, 127, 127)
+FILL = (127, 127, 127)
 _SMALL_CANVAS = 1 << 20  # pixels (3 MB): a grey canvas this small is always fine, whatever it holds
 
 
@@ -69,7 +74,7 @@ def crop_face(img: Image.Image, box: FaceBox, spec: CropSpec, *, context: float 
     if (x1 - x0) * (y1 - y0) > max(2 * covered + 4 * out_side * out_side, _SMALL_CANVAS):
         # mostly grey (a strip and its huge square): resample only the image's part, never the grey
         return _crop_mostly_outside(img, (left, top, right, bottom), out_side)
-    canvas = Image.new("RGB", (x1 - x0, y1 - y0), _FILL)
+    canvas = Image.new("RGB", (x1 - x0, y1 - y0), FILL)
     canvas.paste(img, (-x0, -y0))  # PIL clips the paste to the canvas
     return canvas.resize((out_side, out_side), Image.Resampling.BILINEAR,
                          box=(left - x0, top - y0, right - x0, bottom - y0))
@@ -83,7 +88,7 @@ def _crop_mostly_outside(img: Image.Image, square: tuple[float, float, float, fl
     step = (right - left) / out_side  # source pixels per output pixel
     ox0, ox1 = round((max(left, 0.0) - left) / step), round((min(right, float(w)) - left) / step)
     oy0, oy1 = round((max(top, 0.0) - top) / step), round((min(bottom, float(h)) - top) / step)
-    out = Image.new("RGB", (out_side, out_side), _FILL)
+    out = Image.new("RGB", (out_side, out_side), FILL)
     src = (max(0.0, left + ox0 * step), max(0.0, top + oy0 * step),
            min(float(w), left + ox1 * step), min(float(h), top + oy1 * step))
     if ox1 > ox0 and oy1 > oy0 and src[2] > src[0] and src[3] > src[1]:

@@ -10,6 +10,8 @@ rule). Distances are squared L2 on unit vectors.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -54,3 +56,42 @@ def triplet_loss(emb: torch.Tensor, labels: torch.Tensor, margin: float = 0.2) -
     d_an = (emb[a] - emb[n]).pow(2).sum(-1)
     losses = (d_ap - d_an + margin).clamp_min(0.0)
     return losses.mean(), {"triplets": len(a), "active": float((losses > 0).float().mean())}
+
+
+# ------------------------------------------------------------------------------- margin-based softmax losses
+# NormFace (Wang et al. 2017): logits are s * cos(theta_j) between the unit embedding and unit class weights.
+# CosFace (Wang et al. 2018) subtracts a margin m from the target class's cosine: s * (cos(theta_y) - m).
+# ArcFace (Deng et al. 2019) adds m to the target angle: s * cos(theta_y + m). Past theta_y = pi - m, where
+# cos(theta + m) stops decreasing in theta, ArcFace's paper switches to the CosFace-like penalty
+# cos(theta_y) - m sin(m) so that the target logit stays monotonic (their "easy margin" off).
+MARGIN_LOSSES = ("normface", "cosface", "arcface")
+DEFAULT_MARGIN = {"normface": 0.0, "cosface": 0.35, "arcface": 0.5}
+
+
+def margin_logits(emb: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, kind: str, scale: float,
+                  margin: float) -> torch.Tensor:
+    """Scaled cosine logits (N, C) of unit embeddings against class weights, with the target class's margin."""
+    if kind not in MARGIN_LOSSES:
+        raise ValueError(f"unknown margin loss {kind!r} (known: {', '.join(MARGIN_LOSSES)})")
+    cos = torch.nn.functional.normalize(emb, dim=-1) @ torch.nn.functional.normalize(weight, dim=-1).T
+    cos = cos.clamp(-1.0, 1.0)
+    if kind == "normface" or margin == 0.0:
+        return scale * cos
+    rows = torch.arange(len(labels), device=emb.device)
+    target = cos[rows, labels]
+    if kind == "cosface":
+        new_target = target - margin
+    else:
+        theta = torch.acos(target.clamp(-1.0 + 1e-7, 1.0 - 1e-7))
+        new_target = torch.where(theta + margin <= math.pi, torch.cos(theta + margin),
+                                 target - margin * math.sin(margin))
+    out = cos.clone()
+    out[rows, labels] = new_target.to(out.dtype)
+    return scale * out
+
+
+def margin_softmax_loss(emb: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, kind: str,
+                        scale: float, margin: float) -> torch.Tensor:
+    """Cross-entropy over `margin_logits`."""
+    return torch.nn.functional.cross_entropy(margin_logits(emb, weight, labels, kind=kind, scale=scale,
+                                                           margin=margin), labels)

@@ -31,11 +31,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from models.faces.crop import CropSpec, crop_face
+from models.faces.align import EyeFinder, crop_aligned
+from models.faces.crop import CropSpec
 from models.faces.detect import FaceBox, HaarDetector, HaarParams
 from models.faces.evaluation import evaluate_pairs, plot_roc
-from models.faces.lfw import Pair, holdout_split, identity_images, read_pairs
-from models.faces.losses import triplet_loss
+from models.faces.lfw import HALVES, Pair, holdout_split, identity_images, read_pairs, split_by_identity
+from models.faces.losses import DEFAULT_MARGIN, MARGIN_LOSSES, margin_softmax_loss, triplet_loss
 from models.faces.net import FaceEmbedder
 from models.train.common import atomic_save, hardware_description, progress, save_weights, sha256_file, start_run
 from models.train.images import install_entry, lr_at
@@ -59,30 +60,35 @@ def fallback_box(width: int, height: int) -> FaceBox:
 
 
 def prepare_crops(files: list[Path], crop: CropSpec, detector: HaarDetector, cache: Path | None
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Detect and crop every file once: (N, S, S, 3) uint8 crops with CONTEXT around the serving crop,
-    and a boolean array telling which crops came from a detection (not the fallback box)."""
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Detect (and, with crop.align == 'eyes', align) and crop every file once: (N, S, S, 3) uint8 crops with
+    CONTEXT around the serving crop, a boolean array telling which crops came from a detection (not the
+    fallback box), and one telling which were rotated level on a pair of eyes."""
     side = round(crop.size * CONTEXT)
     key = hashlib.sha256(("\n".join(map(str, files)) + f"|{crop}|{detector.params}|{side}").encode()).hexdigest()[:16]
     cached = cache / f"faces-{key}.npz" if cache else None
     if cached is not None and cached.exists():
         z = np.load(cached)
-        return z["crops"], z["detected"]
+        return z["crops"], z["detected"], z["aligned"]
+    eyes = EyeFinder() if crop.align == "eyes" else None
     crops = np.empty((len(files), side, side, 3), dtype=np.uint8)
     detected = np.zeros(len(files), dtype=bool)
+    aligned = np.zeros(len(files), dtype=bool)
     for i, f in enumerate(progress(files, desc="detect+crop", unit="img")):
         with Image.open(f) as im:
             img = im.convert("RGB")
         box = central_face(detector.detect(img), img.width, img.height)
         detected[i] = box is not None
-        crops[i] = np.asarray(crop_face(img, box or fallback_box(img.width, img.height), crop, context=CONTEXT,
-                                        size=side))
+        found = eyes.find(img, box) if eyes is not None and box is not None else None
+        aligned[i] = found is not None
+        crops[i] = np.asarray(crop_aligned(img, box or fallback_box(img.width, img.height), crop,
+                                           found.angle if found else 0.0, context=CONTEXT, size=side))
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(".tmp.npz")
-        np.savez(tmp, crops=crops, detected=detected)
+        np.savez(tmp, crops=crops, detected=detected, aligned=aligned)
         os.replace(tmp, cached)
-    return crops, detected
+    return crops, detected, aligned
 
 
 def center(batch_u8: torch.Tensor, size: int) -> torch.Tensor:
@@ -91,9 +97,21 @@ def center(batch_u8: torch.Tensor, size: int) -> torch.Tensor:
     return batch_u8[..., off:off + size, off:off + size]
 
 
-def augment(batch_u8: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+def rotate_batch(x: torch.Tensor, max_degrees: float, gen: torch.Generator) -> torch.Tensor:
+    """Each image of an NCHW float batch rotated about its centre by a uniform random angle in
+    [-max_degrees, max_degrees] (bilinear; corners that come from outside take the border's values)."""
+    n = x.shape[0]
+    t = (torch.rand(n, generator=gen) * 2.0 - 1.0) * np.radians(max_degrees)
+    cos, sin = torch.cos(t), torch.sin(t)
+    theta = torch.stack([torch.stack([cos, -sin, torch.zeros(n)], 1), torch.stack([sin, cos, torch.zeros(n)], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def augment(batch_u8: torch.Tensor, size: int, gen: torch.Generator, rotate: float = 0.0) -> torch.Tensor:
     """Random shift (a random size x size window of the context crop), horizontal flip, and brightness /
-    contrast jitter, on an NCHW uint8 batch; returns float in [0, 1]."""
+    contrast jitter, on an NCHW uint8 batch, then (rotate > 0) a random in-plane rotation of up to `rotate`
+    degrees; returns float in [0, 1]."""
     n, _, s, _ = batch_u8.shape
     xs = torch.randint(0, s - size + 1, (n,), generator=gen).tolist()
     ys = torch.randint(0, s - size + 1, (n,), generator=gen).tolist()
@@ -106,7 +124,8 @@ def augment(batch_u8: torch.Tensor, size: int, gen: torch.Generator) -> torch.Te
     bright = 1.0 + (torch.rand(n, 1, 1, 1, generator=gen) - 0.5) * 0.4
     contrast = 1.0 + (torch.rand(n, 1, 1, 1, generator=gen) - 0.5) * 0.4
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
-    return ((out - mean) * contrast + mean * bright).clamp_(0.0, 1.0)
+    out = ((out - mean) * contrast + mean * bright).clamp_(0.0, 1.0)
+    return rotate_batch(out, rotate, gen) if rotate > 0 else out
 
 
 def normalise(x01: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -157,6 +176,24 @@ class PKSampler:
         return np.concatenate(out)
 
 
+class UniformSampler:
+    """Batches that visit every training image once per pass (shuffled), identities with one image included:
+    the sampler for a margin softmax, where every identity is a class."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        if n < batch_size:
+            raise SystemExit(f"need at least {batch_size} training images, have {n}")
+        self.n, self.batch_size = n, batch_size
+        self.rng = np.random.default_rng(seed)
+        self._order = np.empty(0, dtype=np.int64)
+
+    def batch(self) -> np.ndarray:
+        if len(self._order) < self.batch_size:
+            self._order = np.concatenate([self._order, self.rng.permutation(self.n)])
+        out, self._order = self._order[:self.batch_size], self._order[self.batch_size:]
+        return out
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="LFW-style root: one folder of images per identity")
@@ -176,8 +213,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=4, help="images per identity in a batch")
     p.add_argument("--alpha", type=float, default=0.2, help="triplet margin on squared L2 distances")
     p.add_argument("--softmax-weight", type=float, default=1.0,
-                   help="weight of the auxiliary cosine-softmax identity loss (0 = pure triplet)")
+                   help="weight of the cosine-softmax identity loss (0 = pure triplet)")
     p.add_argument("--softmax-scale", type=float, default=16.0)
+    p.add_argument("--loss", choices=MARGIN_LOSSES, default="normface",
+                   help="the identity loss: normface (no margin), cosface (cos - m) or arcface (cos(theta + m))")
+    p.add_argument("--softmax-margin", type=float, default=None,
+                   help="margin m of cosface/arcface (default 0.35 / 0.5)")
+    p.add_argument("--triplet-weight", type=float, default=1.0, help="weight of the triplet loss (0 = off)")
+    p.add_argument("--sampler", choices=("pk", "uniform"), default="pk",
+                   help="pk: P identities x K images (for the triplet loss); uniform: every training image once a pass")
+    p.add_argument("--align", choices=("none", "eyes"), default="none",
+                   help="eyes: rotate each face so the eye line is level (eye cascade), in training and serving")
+    p.add_argument("--rotate", type=float, default=0.0, help="random rotation augmentation, degrees (0 = off)")
+    p.add_argument("--val-half", choices=("all", *HALVES), default="all",
+                   help="validate on the held-out pairs of one identity half only (models.faces.lfw."
+                        "split_by_identity); 'calibration' keeps the test half unseen until the served evaluation")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--warmup", type=float, default=0.05)
     p.add_argument("--weight-decay", type=float, default=5e-4)
@@ -197,12 +247,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = start_run(args.threads, args.device, args.seed)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    crop = CropSpec(size=args.size, margin=args.margin)
+    crop = CropSpec(size=args.size, margin=args.margin, align=args.align)
     detector = HaarDetector(HaarParams())
+    if args.softmax_margin is None:
+        args.softmax_margin = DEFAULT_MARGIN[args.loss]
 
     images = identity_images(args.data)
     all_pairs = read_pairs(args.pairs, args.data)
     held, val_pairs = holdout_split(images, all_pairs, args.holdout_max_images)
+    if args.val_half != "all":
+        val_pairs = split_by_identity(val_pairs).pairs[args.val_half]
     train_ids = [p for p in images if p not in held]
     if args.limit_identities:
         multi = [p for p in train_ids if len(images[p]) >= 2][: args.limit_identities]
@@ -216,11 +270,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     every = sorted(set(train_files) | set(all_pair_files))
     pos = {f: i for i, f in enumerate(every)}
-    crops_u8, detected = prepare_crops(every, crop, detector, args.cache)  # one detection pass for all
+    crops_u8, detected, aligned = prepare_crops(every, crop, detector, args.cache)  # one detection pass for all
     x_every = torch.from_numpy(crops_u8).permute(0, 3, 1, 2)
     x_train = x_every[[pos[f] for f in train_files]].contiguous()
     x_val = x_every[[pos[f] for f in val_files]].contiguous()
     train_det = detected[[pos[f] for f in train_files]]
+    train_aligned = aligned[[pos[f] for f in train_files]]
     val_det = detected[[pos[f] for f in val_files]]
     val_index = {f: i for i, f in enumerate(val_files)}
     centred = center(x_train, args.size).float() / 255.0
@@ -241,7 +296,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batch_size = args.p * args.k
     steps = args.steps_per_epoch or max(1, len(train_files) // batch_size)
     total = steps * args.epochs
-    sampler = PKSampler(train_labels, args.p, args.k, args.seed)
+    sampler: PKSampler | UniformSampler = (PKSampler(train_labels, args.p, args.k, args.seed) if args.sampler == "pk"
+                                           else UniformSampler(len(train_labels), batch_size, args.seed))
     start_epoch, history, train_seconds = 0, [], 0.0
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists():
@@ -250,6 +306,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         classifier.data.copy_(ck["classifier"])
         opt.load_state_dict(ck["optimizer"])
         sampler.rng.bit_generator.state = ck["sampler"]
+        if isinstance(sampler, UniformSampler):
+            sampler._order = np.asarray(ck.get("sampler_order", []), dtype=np.int64)
         start_epoch, history, train_seconds = ck["epoch"], ck["history"], ck["train_seconds"]
         print(f"resumed from {ckpt_path} at epoch {start_epoch}", file=sys.stderr)
     n_params = sum(p.numel() for p in model.parameters())
@@ -266,15 +324,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for g in opt.param_groups:
                 g["lr"] = lr_at(epoch * steps + b, total, args.lr, args.warmup)
             idx = torch.from_numpy(sampler.batch())
-            xb = normalise(augment(x_train[idx], args.size, gen), mean, std).to(device)
+            xb = normalise(augment(x_train[idx], args.size, gen, args.rotate), mean, std).to(device)
             yb = torch.from_numpy(train_labels[idx.numpy()]).to(device)
             emb = model(xb)
-            t_loss, stats = triplet_loss(emb, yb, args.alpha)
-            loss = t_loss
+            t_loss, stats = triplet_loss(emb, yb, args.alpha) if args.triplet_weight > 0 else (
+                torch.zeros((), device=device), {"active": 0.0})
+            loss = args.triplet_weight * t_loss
             s_loss = torch.zeros((), device=device)
             if args.softmax_weight > 0:
-                logits = args.softmax_scale * emb @ F.normalize(classifier, dim=-1).T
-                s_loss = F.cross_entropy(logits, yb)
+                s_loss = margin_softmax_loss(emb, classifier, yb, kind=args.loss, scale=args.softmax_scale,
+                                             margin=args.softmax_margin)
                 loss = loss + args.softmax_weight * s_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -297,12 +356,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             fh.write(json.dumps(rec) + "\n")
         print(json.dumps(rec), file=sys.stderr)
         atomic_save({"model": model.state_dict(), "classifier": classifier.detach(), "optimizer": opt.state_dict(),
-                     "sampler": sampler.rng.bit_generator.state, "epoch": epoch + 1, "history": history,
+                     "sampler": sampler.rng.bit_generator.state,
+                     "sampler_order": getattr(sampler, "_order", None), "epoch": epoch + 1, "history": history,
                      "train_seconds": train_seconds}, ckpt_path)
 
     return finish(args, model, arch, crop, mean, std, device, history, train_seconds, t_start, n_params,
-                  train=(train_ids, train_files, train_det), val=(val_files, val_pairs, val_det, x_val, val_index),
+                  train=(train_ids, train_files, train_det, train_aligned),
+                  val=(val_files, val_pairs, val_det, x_val, val_index),
                   all_pairs=all_pairs, x_pairs=(x_every, pos))
+
+
+def loss_description(args: argparse.Namespace) -> str:
+    """The training loss in words, e.g. '1 x cosface (s 30, m 0.35)'."""
+    parts = []
+    if args.triplet_weight > 0:
+        parts.append(f"{args.triplet_weight:g} x triplet, semi-hard")
+    if args.softmax_weight > 0:
+        parts.append(f"{args.softmax_weight:g} x {args.loss} (s {args.softmax_scale:g}, m {args.softmax_margin:g})")
+    return " + ".join(parts)
 
 
 def export_onnx(model: FaceEmbedder, path: Path, size: int) -> None:
@@ -335,7 +406,7 @@ def finish(args: argparse.Namespace, model: FaceEmbedder, arch: dict[str, Any], 
            all_pairs: list[Pair], x_pairs: tuple[torch.Tensor, dict[Path, int]]) -> dict[str, Any]:
     """Weights, ONNX export, report (JSON, Markdown, ROC PNG) and the manifest entry."""
     out: Path = args.out
-    train_ids, train_files, train_det = train
+    train_ids, train_files, train_det, train_aligned = train
     val_files, val_pairs, val_det, x_val, val_index = val
     emb_val = embed_all(model, x_val, args.size, mean, std, device)
     dist, same = pair_distances(emb_val, val_index, val_pairs)
@@ -363,7 +434,8 @@ def finish(args: argparse.Namespace, model: FaceEmbedder, arch: dict[str, Any], 
         "distance_stats": {"same_mean": float(same_d.mean()), "same_std": float(same_d.std()),
                            "different_mean": float(diff_d.mean()), "different_std": float(diff_d.std())},
         "train_identities": len(train_ids), "train_images": len(train_files),
-        "train_detected_fraction": float(train_det.mean()), "val_images": len(val_files),
+        "train_detected_fraction": float(train_det.mean()), "train_aligned_fraction": float(train_aligned.mean()),
+        "val_images": len(val_files), "val_half": args.val_half,
         "val_detected_fraction": float(val_det.mean()), "held_out_pairs": len(val_pairs),
         "epochs": len(history), "train_seconds": round(train_seconds, 1), "parameters": n_params,
         "wall_seconds_this_run": round(time.time() - t_start, 1), "hardware": hardware_description(device),
@@ -394,19 +466,24 @@ def finish(args: argparse.Namespace, model: FaceEmbedder, arch: dict[str, Any], 
         "name": args.name, "task": "face-embedding", "family": "face-resnet", "arch": arch,
         "file": weights_file.name, "sha256": digest, "source": "project",
         "preprocessing": {"resize": args.size, "crop": args.size, "mean": list(mean), "std": list(std)},
-        "face_crop": {"size": crop.size, "margin": crop.margin},
+        "face_crop": {"size": crop.size, "margin": crop.margin, **({"align": crop.align} if crop.align != "none"
+                                                                   else {})},
         "embedding": {"dim": args.dim, "normalised": True, "flip_average": True},
         "threshold": round(rep.threshold, 4),
         "training": {"data": str(args.data), "identities": len(train_ids), "images": len(train_files),
                      "held_out": f"identities of {args.pairs.name} with fewer than {args.holdout_max_images} images",
                      "recipe": {"epochs": args.epochs, "steps_per_epoch": len(history) and
                                 (args.steps_per_epoch or max(1, len(train_files) // (args.p * args.k))),
-                                "batch": f"{args.p} identities x {args.k} images", "loss": "triplet, semi-hard",
+                                "batch": (f"{args.p} identities x {args.k} images" if args.sampler == "pk" else
+                                          f"{args.p * args.k} images, every training image once a pass"),
+                                "loss": loss_description(args),
+                                "align": args.align, "rotate_degrees": args.rotate, "validated_on": args.val_half,
                                 "alpha": args.alpha, "softmax_weight": args.softmax_weight,
                                 "softmax_scale": args.softmax_scale, "optimizer": "SGD nesterov", "lr": args.lr,
                                 "warmup": args.warmup, "schedule": "linear warm-up + cosine",
                                 "weight_decay": args.weight_decay,
-                                "augmentation": "random shift within 12.5% context, h-flip, brightness/contrast",
+                                "augmentation": "random shift within 12.5% context, h-flip, brightness/contrast"
+                                                + (f", rotation up to {args.rotate:g} degrees" if args.rotate else ""),
                                 "seed": args.seed}},
         "metrics": {"val_pairs": len(val_pairs), "val_kfold_accuracy": round(k["mean"], 4),
                     "val_kfold_std": round(k["std"], 4), "val_roc_auc": round(rep.auc, 4),

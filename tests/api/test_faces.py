@@ -387,3 +387,83 @@ def test_the_manifest_identification_entry_is_validated(face_settings: Settings,
         _write_table(face_settings.weights_dir, bad)  # type: ignore[arg-type]
         with pytest.raises(RuntimeError, match=needle):
             load_manifest(face_settings.weights_dir)
+
+
+# ----- enrolment quality checks: small, blurred, duplicate of another subject, unlike the subject's other faces
+def flat(side: int, value: int = 120) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (value, value, value)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def post_enroll(c: TestClient, subject: str, images: list[bytes], **data: str):
+    return c.post("/faces/enroll", data={"subject": subject, **NONE, **data},
+                  files=[img("image", b, f"{subject}-{i}.png") for i, b in enumerate(images)])
+
+
+def test_small_and_blurred_faces_are_reported_and_still_enrolled(fclient: TestClient) -> None:
+    r = post_enroll(fclient, "dana", [flat(30), pattern(3, size=64)])
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["quality_check"] == "report" and body["limits"]["min_face_side"] == 40
+    small, good = body["faces"]
+    assert small["quality"]["face_side"] == 30 and small["quality"]["sharpness"] == 0.0
+    assert "small" in small["issues"] and "blurred" in small["issues"]
+    assert good["quality"]["face_side"] == 64 and good["quality"]["sharpness"] > 100
+    assert "small" not in good["issues"] and "blurred" not in good["issues"]
+    assert "quality issues" in body["warning"]
+    assert fclient.get("/faces/subjects/dana").json()["faces"].__len__() == 2
+
+
+def test_strict_refuses_the_whole_request_and_stores_nothing(fclient: TestClient) -> None:
+    r = post_enroll(fclient, "erin", [pattern(4, size=64), flat(30)], quality="strict")
+    assert_problem(r, 422)
+    body = r.json()
+    assert "'erin-1.png': small, blurred" in body["detail"] and "nothing was stored" in body["detail"]
+    assert [i["issues"] for i in body["images"]][1][:2] == ["small", "blurred"]
+    assert fclient.get("/faces/subjects/erin").status_code == 404
+    assert fclient.get("/faces/gallery").json()["faces"] == 0
+    ok = post_enroll(fclient, "erin", [pattern(4, size=64)], quality="strict")
+    assert ok.status_code == 201 and ok.json()["faces"][0]["issues"] == []
+    assert_problem(post_enroll(fclient, "erin", [pattern(4)], quality="lenient"), 422)
+
+
+def test_a_photo_of_an_enrolled_subject_is_reported_as_a_duplicate(fclient: TestClient) -> None:
+    assert post_enroll(fclient, "alice", [pattern(1, size=64)]).status_code == 201
+    r = post_enroll(fclient, "bob", [pattern(1, size=64)])
+    assert r.status_code == 201, r.text
+    face = r.json()["faces"][0]
+    assert face["issues"] == ["duplicate"]
+    assert [d["subject"] for d in face["duplicates"]] == ["alice"] and face["duplicates"][0]["distance"] < 1e-6
+    # the same photo again for alice duplicates bob now, never alice herself
+    again = post_enroll(fclient, "alice", [pattern(1, size=64)]).json()["faces"][0]
+    assert again["issues"] == ["duplicate"] and [d["subject"] for d in again["duplicates"]] == ["bob"]
+    assert_problem(post_enroll(fclient, "carl", [pattern(1, size=64)], quality="strict"), 422)
+
+
+def test_a_face_unlike_the_subjects_others_is_reported(fclient: TestClient) -> None:
+    def distance(a: bytes, b: bytes) -> float:
+        r = fclient.post("/faces/verify", data=NONE, files=[img("image_a", a), img("image_b", b)])
+        assert r.status_code == 200, r.text
+        return r.json()["distance"]
+
+    base = pattern(10, size=64)
+    fars = [p for p in (pattern(s, size=64) for s in range(11, 80)) if distance(base, p) > 1.0]
+    far = fars[0]
+    r = post_enroll(fclient, "fay", [base, base, far])
+    assert r.status_code == 201, r.text
+    issues = [f["issues"] for f in r.json()["faces"]]
+    assert issues == [[], [], ["unlike-subject"]]
+    assert r.json()["limits"]["unlike_threshold"] == 1.0
+    # against the enrolled faces too: a photo farther than the threshold from all three
+    farther = next(p for p in fars[1:] if distance(p, base) > 1.0 and distance(p, far) > 1.0)
+    later = post_enroll(fclient, "fay", [farther]).json()["faces"][0]
+    assert later["issues"] == ["unlike-subject"]
+    near = post_enroll(fclient, "fay", [far]).json()["faces"][0]
+    assert near["issues"] == []
+
+
+def test_quality_reports_eye_positions_when_found(fclient: TestClient) -> None:
+    face = post_enroll(fclient, "gus", [pattern(5, size=64)]).json()["faces"][0]
+    assert face["quality"]["eyes"] is None  # a noise patch has no eyes (and the tiny model does not align)
+    assert np.isfinite(face["quality"]["sharpness"])
