@@ -55,6 +55,8 @@ ROUTE_POLICIES: dict[tuple[str, str], RoutePolicy] = {
     ("GET", "/docs"): RoutePolicy(OPEN),
     ("GET", "/docs/oauth2-redirect"): RoutePolicy(OPEN),
     ("GET", "/redoc"): RoutePolicy(OPEN),
+    ("GET", "/"): RoutePolicy(OPEN),  # the playground page; it sends the key the user types with each API call
+    ("GET", "/static/{asset}"): RoutePolicy(OPEN),  # the page's and the docs' scripts and styles
     ("GET", "/models"): RoutePolicy("read"),
     ("GET", "/models/{name}"): RoutePolicy("read"),
     ("POST", "/classify"): RoutePolicy("read", "classification"),

@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from app.api import classify, faces, health, models, style, text
+from app.api import classify, faces, health, models, style, text, ui
 from app.api.schemas import Problem
 from app.errors import install_handlers
 from app.gate import APPLICATIONS, Admission, KeyRing, policy_for
@@ -250,12 +250,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Image classification, face verification and identification, character-level text "
         "categorisation and neural style transfer behind one API. Errors are RFC 9457 problem details.",
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc come from app/api/ui.py, with their assets served here (offline)
+        redoc_url=None,
     )
     install_handlers(app)
     app.add_middleware(ServiceMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes,
                        keys=keys, admission=admission,
                        default_timeout=settings.request_timeout_seconds)
-    for router in (health.router, models.router, classify.router, text.router, faces.router, style.router):
+    for router in (health.router, models.router, classify.router, text.router, faces.router, style.router,
+                   ui.router):
         app.include_router(router)  # who may call what is the gate's table (app/gate.py), checked before the body
     _document_gate(app)
     return app
