@@ -4,10 +4,11 @@
     python -m app.cli worker                     # run style-transfer jobs from the shared store
     python -m app.cli fetch-weights resnet50     # official torchvision weights (needs internet)
     python -m app.cli train images --data DIR --out runs/x
-    python -m app.cli train text --train CSV --out runs/y
+    python -m app.cli train text --train CSV --out runs/y    (--family vdcnn | char-cnn | word-cnn)
     python -m app.cli train faces --data LFW_DIR --pairs PAIRS --out runs/z
     python -m app.cli train ensemble --name N --members A B --out runs/e   (combine trained CIFAR ResNets)
     python -m app.cli evaluate cifar10-resnet56 --data DIR            (--holdout: the images it was validated on)
+    python -m app.cli evaluate MODEL --test-split                     (its frozen test split: report once)
     python -m app.cli evaluate-text agnews-vdcnn9 --csv FILE          (or --holdout instead of --csv)
     python -m app.cli baseline-text agnews-vdcnn9 --out FILE.json     (TF-IDF + logistic regression, same split)
     python -m app.cli calibrate-identification lfw-face-resnet --pairs PAIRS --data LFW_DIR   (1:N thresholds)
@@ -189,7 +190,7 @@ def _load_trained(name: str, task: str, kind: type[M], s: Settings) -> M:
 
 
 def evaluate_classifier(name: str, data: Path | None, *, batch_size: int = 64, limit_per_class: int = 0,
-                        holdout: bool = False, one_view: bool = False,
+                        holdout: bool = False, one_view: bool = False, test_split: bool = False,
                         settings: Settings | None = None) -> dict[str, Any]:
     """Accuracy, per-class accuracy and throughput of a registered classifier on an ImageFolder tree,
     through the service's own decoding and preprocessing ("accuracy" is as served: with the flip averaging
@@ -197,18 +198,32 @@ def evaluate_classifier(name: str, data: Path | None, *, batch_size: int = 64, l
     split from the folder, validation size and seed in its manifest entry (`data` may point at the same
     folder elsewhere; default: the recorded one), reported next to the card's numbers; one_view adds the
     accuracy without flip averaging (one more forward pass). limit_per_class: the first N images (of the
-    hold-out, with holdout) of every class."""
+    hold-out, with holdout) of every class. test_split: instead of the hold-out, the model's frozen test split
+    (never trained on, never used for a choice; models trained before it existed have none and are refused):
+    report this number once per model, never to choose anything."""
     import numpy as np
 
     from app.runtime.registry import LoadedClassifier
     from models.preprocess import image_to_tensor
     from models.train.common import confusion_matrix
-    from models.train.images import holdout_files, holdout_from_training, scan_image_folder
+    from models.train.images import frozen_test_files, holdout_files, holdout_from_training, scan_image_folder
 
+    if holdout and test_split:
+        raise SystemExit("evaluate: --holdout and --test-split are different images: choose one")
     s = settings or Settings()
     loaded = _load_trained(name, "image-classification", LoadedClassifier, s)
     split: dict[str, Any] | None = None
-    if holdout:
+    if test_split:
+        h = holdout_from_training(loaded.spec.info.get("training") or {}, name)
+        root = data if data is not None else _training_path(h.data, s)
+        classes, files, labels = frozen_test_files(h, root, name)
+        assert h.test is not None  # frozen_test_files refuses models without a test split
+        split = {"data": str(root), "test_images": h.test_size, "val_images": h.val_size,
+                 "train_images": h.train_size, "seed": h.seed, "test_split": h.test.to_dict(),
+                 "files_sha256": h.test_files_sha256,
+                 "split": "models.train.images.frozen_test_files: the frozen test split, left out of training and "
+                          "validation; a number to report once, never to choose by"}
+    elif holdout:
         h = holdout_from_training(loaded.spec.info.get("training") or {}, name)
         root = data if data is not None else _training_path(h.data, s)
         classes, files, labels = holdout_files(h, root)
@@ -226,7 +241,7 @@ def evaluate_classifier(name: str, data: Path | None, *, batch_size: int = 64, l
     if missing:
         raise SystemExit(f"folder classes {missing} are not labels of {name}")
     target = np.asarray([model_labels.index(classes[y]) for y in labels])
-    one_view = one_view and holdout and loaded.hflip_tta
+    one_view = one_view and split is not None and loaded.hflip_tta
     preds: list[int] = []
     preds_one: list[int] = []
     t0 = time.perf_counter()
@@ -257,10 +272,15 @@ def evaluate_classifier(name: str, data: Path | None, *, batch_size: int = 64, l
         if one_view:
             measured["val_accuracy"] = _accuracy_counts(target, np.asarray(preds_one))
         card = {k: loaded.spec.metrics[k] for k in measured if k in loaded.spec.metrics}
-        report |= {"model_sha256": loaded.spec.weights.sha256, "holdout": split, "served_with": served,
-                   "sample": f"first {limit_per_class} hold-out images of every class" if limit_per_class else None,
-                   "measured": measured, "confusion_matrix": cm.tolist(), "card_metrics": card,
-                   "difference_from_card_points": {k: _points(measured[k]["accuracy"], v) for k, v in card.items()}}
+        where = "test split" if test_split else "hold-out"
+        report |= {"model_sha256": loaded.spec.weights.sha256, ("test_split" if test_split else "holdout"): split,
+                   "served_with": served,
+                   "sample": f"first {limit_per_class} {where} images of every class" if limit_per_class else None,
+                   "measured": measured, "confusion_matrix": cm.tolist(), "card_metrics": card}
+        if test_split:  # the card's numbers are validation numbers: next to it, not a difference to check
+            report["test_minus_validation_points"] = {k: _points(measured[k]["accuracy"], v) for k, v in card.items()}
+        else:
+            report["difference_from_card_points"] = {k: _points(measured[k]["accuracy"], v) for k, v in card.items()}
     return report
 
 
@@ -428,12 +448,21 @@ def cmd_baseline_text(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Print the evaluation of a classifier on an ImageFolder directory (or on its hold-out) as JSON."""
-    if args.data is None and not args.holdout:
-        print("evaluate: give --data DIR, --holdout, or both (the hold-out of DIR)", file=sys.stderr)
+    if args.data is None and not (args.holdout or args.test_split):
+        print("evaluate: give --data DIR, --holdout or --test-split (with --data: that split of DIR)", file=sys.stderr)
         return 2
+    if args.holdout and args.test_split:
+        print("evaluate: --holdout and --test-split are different images: choose one", file=sys.stderr)
+        return 2
+    split = args.holdout or args.test_split
     report = evaluate_classifier(args.model, Path(args.data) if args.data else None, batch_size=args.batch_size,
-                                 limit_per_class=args.limit_per_class, holdout=args.holdout, one_view=args.holdout)
-    print(json.dumps(report, indent=2))
+                                 limit_per_class=args.limit_per_class, holdout=args.holdout, one_view=split,
+                                 test_split=args.test_split)
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
     return 0
 
 
@@ -565,7 +594,8 @@ def evaluate_face_model(name: str, pairs_file: Path, data: Path, *, holdout_max_
                             "haar": {"scale_factor": s.face_haar_scale_factor,
                                      "min_neighbors": s.face_haar_min_neighbors, "min_size": s.face_haar_min_size,
                                      "max_side": s.face_haar_max_side},
-                            "face": "largest", "crop": {"size": loaded.crop_size, "margin": loaded.crop_margin},
+                            "face": "largest", "crop": {"size": loaded.crop_size, "margin": loaded.crop_margin,
+                                                       "align": loaded.crop_align},
                             "flip_average": loaded.flip_average,
                             "no_face": ("no decision (/faces/verify answers 422 'no face found'): the pair counts as "
                                         "an error in accuracy_misses_as_errors" if misses == "error" else
@@ -684,7 +714,8 @@ def calibrate_identification(name: str, pairs_file: Path, data: Path, *, holdout
                             "haar": {"scale_factor": s.face_haar_scale_factor,
                                      "min_neighbors": s.face_haar_min_neighbors, "min_size": s.face_haar_min_size,
                                      "max_side": s.face_haar_max_side},
-                            "face": "largest", "crop": {"size": loaded.crop_size, "margin": loaded.crop_margin},
+                            "face": "largest", "crop": {"size": loaded.crop_size, "margin": loaded.crop_margin,
+                                                       "align": loaded.crop_align},
                             "flip_average": loaded.flip_average,
                             "no_face": "left out (the API refuses to enrol or search it)"},
             "identities": len(people), "images": len(files), "images_without_face": len(missed),
@@ -744,8 +775,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--holdout", action="store_true",
                    help="only the images the model was validated on (the trainer's split, with the validation size "
                         "and seed of its manifest entry): reproduces its model card's numbers")
+    e.add_argument("--test-split", action="store_true",
+                   help="only the model's frozen test split (left out of its training and validation by the trainer; "
+                        "models trained before it existed have none): a number to report once, never to choose by")
     e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--limit-per-class", type=int, default=0, help="the first N images (of the hold-out) per class")
+    e.add_argument("--limit-per-class", type=int, default=0,
+                   help="the first N images (of the hold-out or test split) per class")
+    e.add_argument("--out", default=None, help="also write the JSON report to this file")
     et = sub.add_parser("evaluate-text", help="evaluate a text model on a CSV file (AG News layout by default) or on "
                                               "its hold-out")
     et.add_argument("model")

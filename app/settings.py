@@ -47,7 +47,8 @@ class Settings(BaseSettings):
     )
 
     text_models: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["agnews-vdcnn9"], description="text classifiers loaded at start-up (manifest names)"
+        default_factory=lambda: ["agnews-wordcnn", "agnews-vdcnn9"],
+        description="text classifiers loaded at start-up (manifest names; the first ready one is the default)"
     )
     default_text_model: str | None = Field(default=None, description="text model used when a request names none")
     max_texts_per_request: int = Field(default=64, ge=1)

@@ -4,7 +4,7 @@ One run does both parts (``--skip-forward`` / ``--skip-load`` drop one):
 
 1. forward: loads the model in this process exactly as the server does
    (``ModelRegistry(...).load(name, "text-classification")``) and times ``loaded.forward(texts)``
-   (character encoding + model + softmax) for each ``--forward-batch-sizes`` (default 1,8,32) over
+   (encoding + model + softmax) for each ``--forward-batch-sizes`` (default 1,8,32) over
    real texts; reports texts/s and ms per batch.
 2. load: starts ``python -m app.cli serve`` itself (free loopback port, only the text model
    configured, ``CNN_CLASSIFIERS`` empty) once per batching mode (on: CNN_BATCH_MAX_SIZE=--batch-size,
@@ -156,6 +156,9 @@ def measure_forward(args: argparse.Namespace, model: str, texts: list[str],
     loaded = state.loaded
     info = registry.describe(model)
     info["window"] = loaded.encoding.length
+    # a character model reads characters, the word model tokens (its encoding's kind is "words")
+    info["window_unit"] = "tokens" if (loaded.spec.encoding or {}).get("kind") == "words" else "characters"
+    info["longer_than_window"] = sum(len(loaded.encoding.prepare(t)) > loaded.encoding.length for t in texts)
     info["arch"] = loaded.spec.arch
     results: list[ForwardResult] = []
     pool = itertools.cycle(texts)
@@ -460,18 +463,21 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"## text classifier benchmark: {model}", "", *machine_lines(machine)]
     if info:
         lines.append(f"- model: {info.get('family')} {json.dumps(info.get('arch') or {})} "
-                     f"weights {info.get('weights')} ({info.get('weights_source')}), window {window} characters")
+                     f"weights {info.get('weights')} ({info.get('weights_source')}), window {window} "
+                     f"{info.get('window_unit', 'characters')}")
     elif probed:
         lines.append(f"- model: {probed.get('model')}, weights {probed.get('weights')} "
                      f"({probed.get('weights_source')}), window {window} characters")
-    longer = f", {100 * sum(len(t) > window for t in texts) / len(texts):.0f}% longer than the window" if window else ""
+    n_longer = info["longer_than_window"] if "longer_than_window" in info else sum(len(t) > window for t in texts)
+    longer = f", {100 * n_longer / len(texts):.0f}% longer than the window" if window else ""
     lines.append(f"- texts: {len(texts)} from {source}; mean {mean_chars:.0f} characters{longer}")
     note = " (in-process only; the --url server uses its own)" if args.url else ""
     lines.append(f"- torch threads: {threads}{note}")
     if forward:
         lines += ["", "### forward, in-process (encode + model + softmax)", "",
                   f"`loaded.forward(batch)` timed for {args.forward_duration:g} s per batch size after 3 warm-up "
-                  "calls; encode = `CharSpec.encode` alone.", "", *forward_table(forward)]
+                  "calls; encode = the model's encoder alone (`CharSpec.encode` or `WordEncoder.encode`).", "",
+                  *forward_table(forward)]
     if load:
         where = (f"against {args.url}" if args.url else
                  f"server restarted per batching mode (on: max batch {args.batch_size}, wait "

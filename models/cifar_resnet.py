@@ -8,11 +8,20 @@ padding of the new channels); option "B" uses a 1x1 projection where the shape c
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.families import arch_kwargs, register_family
+
 DEPTHS = (20, 32, 44, 56, 110)
+STAGE_WIDTHS = (16, 32, 64)
+
+# block(in_channels, out_channels, stride, shortcut): a residual block of the 6n+2 skeleton
+BlockFactory = Callable[[int, int, int, str], nn.Module]
 
 
 class _PadShortcut(nn.Module):
@@ -57,8 +66,10 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """ResNet-(6n+2) for 32x32 inputs."""
 
-    def __init__(self, depth: int = 20, num_classes: int = 10, shortcut: str = "A") -> None:
+    def __init__(self, depth: int = 20, num_classes: int = 10, shortcut: str = "A",
+                 block: BlockFactory | None = None) -> None:
         super().__init__()
+        make_block: BlockFactory = block or BasicBlock
         if (depth - 2) % 6 != 0 or depth < 8:
             raise ValueError(f"depth must be 6n+2 (20, 32, 44, 56, 110, ...), got {depth}")
         if shortcut not in ("A", "B"):
@@ -69,10 +80,10 @@ class CifarResNet(nn.Module):
         self.bn = nn.BatchNorm2d(16)
         layers: list[nn.Module] = []
         in_ch = 16
-        for stage, width in enumerate((16, 32, 64)):
+        for stage, width in enumerate(STAGE_WIDTHS):
             for i in range(n):
                 stride = 2 if stage > 0 and i == 0 else 1
-                layers.append(BasicBlock(in_ch, width, stride, shortcut))
+                layers.append(make_block(in_ch, width, stride, shortcut))
                 in_ch = width
         self.blocks = nn.Sequential(*layers)
         self.fc = nn.Linear(64, num_classes)
@@ -90,6 +101,13 @@ class CifarResNet(nn.Module):
 def cifar_resnet(depth: int = 20, num_classes: int = 10, shortcut: str = "A") -> CifarResNet:
     """Build a CIFAR ResNet of the given 6n+2 depth."""
     return CifarResNet(depth=depth, num_classes=num_classes, shortcut=shortcut)
+
+
+@register_family("cifar-resnet", task="image-classification")
+def build_cifar_resnet(arch: dict[str, Any], num_classes: int, **_: Any) -> CifarResNet:
+    """CIFAR ResNet-(6n+2) of He et al. 2016; arch: depth (default 20), shortcut ("A" or "B", default "A")."""
+    kw = arch_kwargs("cifar-resnet", arch, ("depth", "shortcut"), num_classes)
+    return cifar_resnet(int(kw.get("depth", 20)), num_classes, str(kw.get("shortcut", "A")))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -5,6 +5,9 @@ their softmax outputs, so the service's usual softmax over the "logits" gives ba
 (softmax(log p) = p when p sums to one). It is one module with one state dict (keys
 ``members.<i>.<member key>``), so it loads, hashes and serves through the registry like any other
 classifier.
+
+Members are CIFAR models of the project's families (ResNet, SE-ResNet, wide ResNet), built through the
+family registry; this module imports those family modules directly and nothing that imports it back.
 """
 
 from __future__ import annotations
@@ -13,6 +16,12 @@ from typing import Any
 
 import torch
 from torch import nn
+
+# importing the member families registers them
+from models import cifar_resnet, cifar_se_resnet, cifar_wide_resnet  # noqa: F401
+from models.families import arch_kwargs, build, register_family
+
+MEMBER_FAMILIES = ("cifar-resnet", "cifar-se-resnet", "cifar-wide-resnet")
 
 
 class ProbabilityEnsemble(nn.Module):
@@ -38,12 +47,24 @@ class ProbabilityEnsemble(nn.Module):
 
 
 def cifar_resnet_ensemble(arch: dict[str, Any], num_classes: int) -> ProbabilityEnsemble:
-    """An untrained ensemble of CIFAR ResNets from a manifest arch:
-    ``{"members": [{"depth": 56, "shortcut": "A"}, ...], "weights": [optional]}``."""
+    """An untrained ensemble of CIFAR models from a manifest arch: ``{"members": [{"depth": 56, "shortcut": "A"},
+    {"family": "cifar-wide-resnet", "depth": 16, "width": 8}, ...], "weights": [optional]}`` (a member without
+    "family" is a cifar-resnet)."""
     specs = arch.get("members")
     if not isinstance(specs, list) or not specs:
         raise ValueError("a cifar-resnet-ensemble arch needs a non-empty 'members' list")
-    from models.zoo import build_classifier  # zoo builds this family through this function
-
-    members = [build_classifier("cifar-resnet", s, num_classes) for s in specs]
+    members = []
+    for spec in specs:
+        member = dict(spec)
+        family = str(member.pop("family", "cifar-resnet"))
+        if family not in MEMBER_FAMILIES:
+            raise ValueError(f"ensemble member family {family!r} is not one of {', '.join(MEMBER_FAMILIES)}")
+        members.append(build(family, member, num_classes, task="image-classification"))
     return ProbabilityEnsemble(members, arch.get("weights"))
+
+
+@register_family("cifar-resnet-ensemble", task="image-classification")
+def build_cifar_ensemble(arch: dict[str, Any], num_classes: int, **_: Any) -> ProbabilityEnsemble:
+    """Probability-averaging ensemble of CIFAR models; arch: members (arch dicts), weights (optional)."""
+    return cifar_resnet_ensemble(arch_kwargs("cifar-resnet-ensemble", arch, ("members", "weights"), num_classes),
+                                 num_classes)

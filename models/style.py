@@ -224,13 +224,14 @@ def random_vgg_features(seed: int = 0, layers: Sequence[str] = DEFAULT_LAYERS, p
     """Offline fallback: VGG-19 with seeded random weights set up for Gram statistics (docs/style-transfer.md).
 
     He-normal weights (std sqrt(2 / fan_in)) keep the second moment of ReLU activations in
-    expectation, with zero biases. Max pooling is the default: in the 256 px comparison it reached
-    2-12x lower final (relative) losses on 5 of 6 pairs, kept the content legible and never produced colour
+    expectation, with zero biases. Max pooling is the default: in the 128 px comparison it reached
+    1.2-3.2x lower final (relative) losses on all 6 pairs (docs/bench/style-grid.json), kept the content
+    legible and never produced colour
     fringes; average pooling (Gatys' choice for trained weights) gives larger, swirlier strokes and
     stays available per request (StyleParams.pool). `rescale` sets every layer's output RMS to 1 on
     a 1/f-noise probe: He init only holds in expectation and for inputs it assumes; measured on a
-    photo, plain He drifts from 0.8 to 0.24 over relu1_1..relu5_1 with average pooling and to 0.02
-    with `zero_mean` filters. With zero biases the net is positively homogeneous, so under
+    photo, plain He drifts to an RMS of 0.47 by relu5_1 with average pooling and to 0.04 with `zero_mean`
+    filters (docs/bench/style-checks.json). With zero biases the net is positively homogeneous, so under
     stylize's relative losses rescaling changes no fp32 result; it keeps bf16/fp16 autocast in range
     and makes absolute (Gatys-style) Gram losses comparable across layers. `zero_mean` (zero-sum
     filters after the first layer) is kept for experiments: it made results noisier and weakened
@@ -566,14 +567,16 @@ def _split_steps(steps: int, levels: int) -> list[int]:
 
 
 def _use_channels_last(device: torch.device) -> bool:
-    # cuDNN and oneDNN convolutions run NHWC natively (about 10% faster per step on this CPU at 256 px)
+    # cuDNN and oneDNN convolutions run NHWC natively (on this CPU at one thread no gain per step was measured:
+    # 0.99x, docs/bench/style-checks.json; kept for CUDA and for the serving models)
     return device.type == "cuda" or (device.type == "cpu" and torch.backends.mkldnn.is_available())
 
 
 def _default_amp(device: torch.device) -> torch.dtype | None:
     # bf16 convolutions on CUDA; Grams and losses stay float32 (gram() leaves autocast), which keeps
     # the loss accurate enough for L-BFGS's curvature pairs. Off on the CPU: bf16 speed there depends
-    # on the CPU (AVX512-BF16 here: 1.6x faster per step, but 6% higher loss after 100 steps at 128 px)
+    # on the CPU (AVX512-BF16 here: 1.48-1.64x faster per step, but a 4% higher loss, 0.470 vs 0.450:
+    # docs/bench/style-checks.json)
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return None

@@ -1,4 +1,9 @@
-"""Architectures by name: the project's own families and torchvision's classifiers.
+"""Architectures by name: the catalog of every model family, and torchvision's classifiers.
+
+Importing this module registers every family the service can build (models.families): the project's
+CIFAR families (their modules register themselves), the probability ensemble, torchvision's
+classifiers, and the face and text builders (registered here, from their packages' public builders).
+`build_model` builds any of them from a manifest's family and arch.
 
 Pure PyTorch: builds modules and describes torchvision's published weights; never loads files
 from the network by itself.
@@ -25,8 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.cifar_resnet import cifar_resnet
+# the project's families register themselves when imported (ensemble imports the CIFAR member families)
+from models import cifar_resnet, cifar_se_resnet, cifar_wide_resnet, ensemble  # noqa: F401
+from models.families import arch_kwargs, build, list_families, register_family
 from models.preprocess import ImageSpec
+from models.text import TEXT_FAMILIES
 
 # torch.hub's convention: the file name carries the first hex digits of the file's sha256
 _HASH_PREFIX = re.compile(r"-([a-f0-9]*)\.")
@@ -199,21 +207,75 @@ def build_torchvision(name: str, weights: str, state_dict: StateDictSource | Non
     return model
 
 
+@register_family("torchvision", task="image-classification")
+def build_torchvision_family(arch: dict[str, Any], num_classes: int, **_: Any) -> nn.Module:
+    """A torchvision classifier; arch: name, weights (optional "<Enum>.<member>" it is built for).
+
+    An arch naming its weights is built as torchvision builds it with those weights (build_torchvision),
+    random weights included."""
+    kw = arch_kwargs("torchvision", arch, ("name", "weights"), num_classes)
+    if "name" not in kw:
+        raise ValueError("a torchvision arch needs the model's 'name'")
+    if kw.get("weights"):
+        return build_torchvision(str(kw["name"]), str(kw["weights"]), None, num_classes=num_classes)
+    import torchvision
+
+    return torchvision.models.get_model(str(kw["name"]), weights=None, num_classes=num_classes)
+
+
+@register_family("face-resnet", task="face-embedding")
+def build_face_resnet(arch: dict[str, Any], num_classes: int = 0, **_: Any) -> nn.Module:
+    """The project's face embedder (models.faces.net); arch: size, dim, widths, blocks, dropout."""
+    from models.faces.net import build_embedder
+
+    return build_embedder(arch)
+
+
+def _text_vocab_size(encoding: dict[str, Any]) -> int:
+    """The vocabulary size a text model's manifest encoding gives (character or, where models.text reads
+    them, word encodings)."""
+    try:
+        from models.text import text_encoding_from_dict
+    except ImportError:  # a models.text with character encodings only
+        from models.text import CharSpec
+
+        return CharSpec.from_dict(encoding).vocab_size
+    return int(text_encoding_from_dict(encoding).vocab_size)
+
+
+def _register_text_family(family: str) -> None:
+    def build_text(arch: dict[str, Any], num_classes: int, *, vocab_size: int | None = None,
+                   encoding: dict[str, Any] | None = None, **_: Any) -> nn.Module:
+        from models.text import build_text_model
+
+        if vocab_size is None:
+            if not encoding:
+                raise ValueError(f"a {family} model needs its encoding (or vocab_size)")
+            vocab_size = _text_vocab_size(encoding)
+        return build_text_model(family, arch, num_classes, vocab_size)
+
+    build_text.__doc__ = f"Text CNN {family!r} (models.text.build_text_model); context: encoding or vocab_size."
+    build_text.__qualname__ = f"build_text[{family}]"
+    register_family(family, task="text-classification")(build_text)
+
+
+for _family in TEXT_FAMILIES:
+    _register_text_family(_family)
+
+
+def build_model(family: str, arch: dict[str, Any], num_classes: int, *, task: str | None = None,
+                **context: Any) -> nn.Module:
+    """An untrained model of any registered family (see models.families.build; context: e.g. a text model's
+    `encoding`)."""
+    return build(family, arch, num_classes, task=task, **context)
+
+
+def families(task: str | None = None) -> list[str]:
+    """Every family this catalog can build (of one task)."""
+    return list_families(task)
+
+
 def build_classifier(family: str, arch: dict[str, Any], num_classes: int) -> nn.Module:
-    """An untrained classifier of the given family ("cifar-resnet", "cifar-resnet-ensemble" or "torchvision").
-
-    A torchvision arch naming its weights ({"name": ..., "weights": "<Enum>.<member>"}) is built as
-    torchvision builds it with those weights (build_torchvision), random weights included."""
-    if family == "cifar-resnet":
-        return cifar_resnet(int(arch.get("depth", 20)), num_classes, str(arch.get("shortcut", "A")))
-    if family == "cifar-resnet-ensemble":
-        from models.ensemble import cifar_resnet_ensemble
-
-        return cifar_resnet_ensemble(arch, num_classes)
-    if family == "torchvision":
-        if arch.get("weights"):
-            return build_torchvision(str(arch["name"]), str(arch["weights"]), None, num_classes=num_classes)
-        import torchvision
-
-        return torchvision.models.get_model(str(arch["name"]), weights=None, num_classes=num_classes)
-    raise ValueError(f"unknown model family {family!r}")
+    """An untrained image classifier of a registered family ("cifar-resnet", "cifar-se-resnet",
+    "cifar-wide-resnet", "cifar-resnet-ensemble", "torchvision", ...)."""
+    return build(family, arch, num_classes, task="image-classification")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,7 +33,9 @@ class TextClassifyResponse(BaseModel):
     model: str
     weights: str
     weights_source: str
-    window: int = Field(description="characters the model reads")
+    window: int = Field(description="what the model reads of a text: characters for the character-level models, "
+                        "word tokens for the word-level ones (`window_unit`)")
+    window_unit: Literal["characters", "tokens"] = Field(description="what `window` counts")
     results: list[TextResult]
 
 

@@ -33,8 +33,9 @@ def configure_torch(device: torch.device, threads: int = 0) -> None:
 
 
 def prepare_model(model: nn.Module, device: torch.device, *, compile_model: bool = False) -> nn.Module:
-    """Eval mode on the device, 4-D weights channels_last (faster convolutions on CUDA and on CPU: a CIFAR
-    ResNet-32 forward took 2.6 instead of 4.8 ms here), optional torch.compile on CUDA."""
+    """Eval mode on the device, 4-D weights channels_last (faster convolutions on CUDA and on CPU: 1.16-1.21x
+    for resnet18 and the CIFAR ResNets at batch 16 here, docs/bench/forward-layout-ab.json), optional
+    torch.compile on CUDA."""
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -7,210 +7,57 @@ Weights resolution (the same for every model, DESIGN.md):
 3. a download, only when downloads are enabled, failing fast when the network is unreachable;
 4. otherwise the model is unavailable (503 naming the file), unless untrained weights are
    explicitly allowed, in which case it runs with random weights labelled "untrained".
+
+Steps 1-3 and the manifest schema are library code in models.weights and models.manifest; the models are
+built by family through the registry of models.families (filled by models.zoo).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
-import socket
 import time
-import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
 from models.faces.identification import ImpostorTable
+
+# the manifest schema and weights resolution live with the models (models/ never imports app/); re-exported
+# here under the names the service and its tests use
+from models.manifest import MANIFEST_NAME, Manifest, ManifestEntry, PreprocessingEntry, load_manifest
 from models.preprocess import ImageSpec
-from models.zoo import (
-    build_classifier,
-    build_torchvision,
-    fix_torchvision_state_dict,
-    torchvision_classifiers,
-    torchvision_weights,
+from models.weights import (
+    ResolvedWeights,
+    WeightsRef,
+    WeightsUnavailable,
+    check_reachable,
+    download_weights,
+    hub_checkpoint_dir,
+    read_state_dict,
+    resolve_weights,
 )
+from models.weights import sha256_file as sha256_of
+from models.zoo import build_model as build_family_model
+from models.zoo import build_torchvision, fix_torchvision_state_dict, torchvision_classifiers, torchvision_weights
 
 from .device import inference_context, prepare_model, to_device_batch
 
+__all__ = [
+    "MANIFEST_NAME", "LoadedClassifier", "LoadedFaceEmbedder", "LoadedModel", "LoadedOnnxFaceEmbedder",
+    "LoadedTextClassifier", "Manifest", "ManifestEntry", "ModelRegistry", "ModelSpec", "ModelState",
+    "PreprocessingEntry", "ResolvedWeights", "WeightsRef", "WeightsUnavailable", "build_model", "check_reachable",
+    "download_weights", "fetch_torchvision_weights", "hub_checkpoint_dir", "load_manifest", "read_state_dict",
+    "resolve_weights", "sha256_of", "spec_from_manifest", "spec_from_torchvision",
+]
+
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
 Status = Literal["loading", "ready", "unavailable", "failed"]
-
-
-class PreprocessingEntry(BaseModel):
-    """How images are prepared for the model (see models.preprocess.ImageSpec)."""
-
-    model_config = ConfigDict(extra="forbid")
-    resize: int = Field(gt=0)
-    crop: int = Field(gt=0)
-    mean: list[float] = Field(min_length=3, max_length=3)
-    std: list[float] = Field(min_length=3, max_length=3)
-    interpolation: Literal["nearest", "bilinear", "bicubic"] = "bilinear"
-
-
-class ManifestEntry(BaseModel):
-    """One model in weights/manifest.json."""
-
-    model_config = ConfigDict(extra="allow")
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-    task: Literal["image-classification", "face-embedding", "text-classification", "style-features"]
-    family: str
-    arch: dict[str, Any] = Field(default_factory=dict)
-    file: str = Field(pattern=r"^[^/\\]+$")
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    labels: list[str] = Field(default_factory=list)
-    preprocessing: PreprocessingEntry | None = None
-    source: str = "project"
-    training: dict[str, Any] = Field(default_factory=dict)
-    metrics: dict[str, Any] = Field(default_factory=dict)
-    card: str | None = None
-    license: str | None = None
-
-    @model_validator(mode="after")
-    def _task_fields(self) -> ManifestEntry:
-        if self.task in ("image-classification", "text-classification") and len(self.labels) < 2:
-            raise ValueError(f"a {self.task} model needs at least two labels")
-        if self.task == "image-classification" and self.preprocessing is None:
-            raise ValueError("an image classifier needs its preprocessing")
-        if self.task == "text-classification" and not isinstance((self.model_extra or {}).get("encoding"), dict):
-            raise ValueError("a text classifier needs its character encoding ('encoding')")
-        if self.task == "face-embedding":
-            extra = self.model_extra or {}
-            if self.preprocessing is None:
-                raise ValueError("a face embedder needs its preprocessing (input size, mean, std)")
-            threshold = extra.get("threshold")
-            if not isinstance(threshold, int | float) or not 0.0 < float(threshold) < 4.0:
-                raise ValueError("a face embedder needs its calibrated 'threshold' (squared L2 on unit vectors, "
-                                 "between 0 and 4)")
-            if extra.get("identification") is not None:
-                ImpostorTable.from_manifest(extra["identification"])  # ValueError names what is wrong
-        return self
-
-
-class Manifest(BaseModel):
-    """weights/manifest.json."""
-
-    model_config = ConfigDict(extra="forbid")
-    models: list[ManifestEntry]
-
-
-def load_manifest(weights_dir: Path) -> dict[str, ManifestEntry]:
-    """Entries of the manifest in weights_dir by name (empty when there is no manifest)."""
-    path = weights_dir / MANIFEST_NAME
-    if not path.exists():
-        return {}
-    try:
-        manifest = Manifest.model_validate(json.loads(path.read_text()))
-    except (ValueError, ValidationError) as exc:
-        raise RuntimeError(f"{path}: invalid manifest: {exc}") from exc
-    names = [m.name for m in manifest.models]
-    if len(set(names)) != len(names):
-        raise RuntimeError(f"{path}: duplicate model names")
-    return {m.name: m for m in manifest.models}
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def hub_checkpoint_dir(torch_home: Path | None = None) -> Path:
-    """torch.hub's checkpoint cache ($TORCH_HOME/hub/checkpoints), honouring an override."""
-    if torch_home is not None:
-        return Path(torch_home) / "hub" / "checkpoints"
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-@dataclass(frozen=True)
-class WeightsRef:
-    """Where a model's weights should come from and how to check them."""
-
-    file_name: str
-    sha256: str | None = None  # full digest (project weights)
-    hash_prefix: str | None = None  # torchvision's file-name prefix
-    url: str | None = None
-
-    def matches(self, path: Path) -> bool:
-        """Whether the file's sha256 is the expected one."""
-        digest = sha256_of(path)
-        if self.sha256:
-            return digest == self.sha256
-        if self.hash_prefix:
-            return digest.startswith(self.hash_prefix)
-        return True
-
-
-class WeightsUnavailable(Exception):
-    """No verified weights file could be found (or fetched)."""
-
-
-@dataclass(frozen=True)
-class ResolvedWeights:
-    """A verified weights file and where it was found."""
-
-    path: Path
-    source: Literal["weights_dir", "hub_cache", "download"]
-
-
-def check_reachable(url: str, timeout: float = 4.0) -> None:
-    """Fail fast (instead of hanging) when the weights host cannot be reached."""
-    parts = urllib.parse.urlparse(url)
-    host = parts.hostname or ""
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
-    except OSError as exc:
-        raise WeightsUnavailable(f"cannot reach {host}:{port} to download {url} ({exc}); this machine is offline "
-                                 "or the host is blocked: copy the file in by hand instead") from exc
-
-
-def download_weights(ref: WeightsRef, dest_dir: Path, *, progress: bool = True) -> Path:
-    """Download a weights file into dest_dir with a progress bar, verifying its hash; fail fast offline."""
-    if not ref.url:
-        raise WeightsUnavailable(f"{ref.file_name} has no download URL")
-    check_reachable(ref.url)
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    dest = dest_dir / ref.file_name
-    try:
-        # torch.hub's own downloader: temp file, progress bar, sha256-prefix check, atomic rename
-        torch.hub.download_url_to_file(ref.url, str(dest), hash_prefix=ref.hash_prefix, progress=progress)
-    except Exception as exc:  # network or hash failure: never leave a half file behind
-        dest.unlink(missing_ok=True)
-        raise WeightsUnavailable(f"download of {ref.url} failed: {exc}") from exc
-    if not ref.matches(dest):
-        dest.unlink(missing_ok=True)
-        raise WeightsUnavailable(f"downloaded {ref.file_name} does not match its expected sha256")
-    return dest
-
-
-def resolve_weights(ref: WeightsRef, weights_dir: Path, hub_dir: Path, *, allow_download: bool) -> ResolvedWeights:
-    """Find a verified file for `ref` in the weights dir, then the hub cache, then (if allowed) by download."""
-    problems: list[str] = []
-    for where, directory in (("weights_dir", weights_dir), ("hub_cache", hub_dir)):
-        path = directory / ref.file_name
-        if path.is_file():
-            if ref.matches(path):
-                return ResolvedWeights(path, where)  # type: ignore[arg-type]
-            problems.append(f"{path} exists but its sha256 does not match")
-    if allow_download and ref.url:
-        return ResolvedWeights(download_weights(ref, hub_dir), "download")
-    hint = f"put {ref.file_name} in {weights_dir} or {hub_dir}"
-    if ref.url:
-        hint += " (fetch it with `python -m app.cli fetch-weights` on a machine with internet)"
-    raise WeightsUnavailable("; ".join([*problems, f"weights file {ref.file_name} not found: {hint}"]))
 
 
 @dataclass
@@ -318,18 +165,19 @@ class LoadedClassifier(LoadedModel):
 
 
 class LoadedTextClassifier(LoadedModel):
-    """A character-level text classifier; inputs are raw strings, encoded as the model was trained."""
+    """A text classifier (character- or word-level); inputs are raw strings, encoded as the model was trained."""
 
     task = "text-classification"
 
     def __init__(self, spec: ModelSpec, model: nn.Module, device: torch.device, weights_tag: str,
                  weights_source: str) -> None:
         super().__init__(spec, model, device, weights_tag, weights_source)
-        from models.text.encoding import CharSpec
+        from models.text import TextEncoder, text_encoder
 
         if not spec.encoding:
-            raise ValueError(f"{spec.name}: a text model needs its character encoding")
-        self.encoding = CharSpec.from_dict(spec.encoding)
+            raise ValueError(f"{spec.name}: a text model needs its encoding")
+        # a word model's vocabulary is in its state dict: the encoder is made from the manifest and the model
+        self.encoding: TextEncoder = text_encoder(spec.encoding, model)
 
     def forward(self, batch: list[str]) -> list[torch.Tensor]:
         """Class probabilities for a list of texts."""
@@ -429,12 +277,6 @@ _LOADERS: dict[str, type[LoadedModel]] = {
     c.task: c for c in (LoadedClassifier, LoadedTextClassifier, LoadedFaceEmbedder)}
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a (verified) weights file: tensors only, never arbitrary pickled objects."""
-    state: dict[str, torch.Tensor] = torch.load(path, map_location="cpu", weights_only=True)
-    return state
-
-
 def build_model(spec: ModelSpec, weights_path: Path | None = None) -> nn.Module:
     """The module for a spec (family and arch from the manifest or torchvision) with the weights of
     `weights_path` (a verified file), or random weights without one.
@@ -456,18 +298,9 @@ def build_model(spec: ModelSpec, weights_path: Path | None = None) -> nn.Module:
 
 
 def _build_untrained(spec: ModelSpec) -> nn.Module:
-    """A module with random weights (family and arch from the manifest)."""
-    if spec.task == "text-classification":
-        from models.text import build_text_model
-        from models.text.encoding import CharSpec
-
-        vocab = CharSpec.from_dict(spec.encoding or {}).vocab_size
-        return build_text_model(spec.family, spec.arch, len(spec.labels), vocab)
-    if spec.task == "face-embedding":
-        from models.faces.net import build_embedder
-
-        return build_embedder(spec.arch)
-    return build_classifier(spec.family, spec.arch, len(spec.labels))
+    """A module with random weights: the manifest's family, looked up in the family registry (models.zoo),
+    which must build models of the spec's task."""
+    return build_family_model(spec.family, spec.arch, len(spec.labels), task=spec.task, encoding=spec.encoding)
 
 
 @dataclass
@@ -604,7 +437,8 @@ def fetch_torchvision_weights(names: list[str], dest: Path, *, progress: bool = 
             echo(f"{name}: {path} already present and verified")
             continue
         try:
-            got = download_weights(ref, dest, progress=progress)
+            # probe looked up here at call time: tests replace this module's check_reachable
+            got = download_weights(ref, dest, progress=progress, probe=lambda url: check_reachable(url))
         except WeightsUnavailable as exc:
             echo(f"{name}: FAILED: {exc}")
             failures += 1

@@ -60,4 +60,4 @@ class TextService:
                 "truncated": cut,
             })
         return {"model": name, "weights": loaded.weights_tag, "weights_source": loaded.weights_source,
-                "window": window, "results": results}
+                "window": window, "window_unit": loaded.encoding.unit, "results": results}

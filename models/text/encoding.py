@@ -34,7 +34,7 @@ from __future__ import annotations
 import functools
 import unicodedata
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, cast
+from typing import Any, ClassVar, Literal, cast
 
 import numpy as np
 import torch
@@ -67,6 +67,7 @@ def _lookup_table(alphabet: str, unknown_code: int) -> np.ndarray:
 class CharSpec:
     """How texts become index tensors; travels with a checkpoint as its manifest "encoding"."""
 
+    unit: ClassVar[str] = "characters"  # what `length` counts
     alphabet: str = ZHANG_ALPHABET
     length: int = 1014
     lowercase: bool = True

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 from collections.abc import Iterable, Iterator
@@ -11,6 +10,11 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
+
+from models.weights import sha256_file  # the one sha256 helper, re-exported for the trainers
+
+__all__ = ["atomic_save", "confusion_matrix", "confusion_table", "hardware_description", "plot_confusion",
+           "progress", "resolve_device", "save_weights", "sha256_file", "start_run", "stratified_split"]
 
 T = TypeVar("T")
 
@@ -45,15 +49,6 @@ def atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> str:

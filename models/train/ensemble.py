@@ -1,11 +1,12 @@
-"""Combine trained CIFAR ResNets from a manifest into one probability-averaging ensemble model.
+"""Combine trained CIFAR models (ResNet, SE-ResNet, wide ResNet) from a manifest into one probability-averaging
+ensemble model.
 
     python -m models.train.ensemble --name cifar10-ensemble --members cifar10-resnet56 cifar10-resnet32 \\
         --data ../shared/data/cifar10/train --out runs/cifar10-ensemble --install weights
 
 Nothing is trained: the members' weights are copied into one state dict (``members.<i>.*``), the
 ensemble is measured on the members' own hold-out (the same folder, size, validation size and seed,
-all checked against their manifest entries, so no member has seen a validation image), and the
+test split, all checked against their manifest entries, so no member has seen a validation image), and the
 command writes a report (the ensemble and each member, one view and with horizontal-flip averaging),
 the weights file and its manifest entry (family ``cifar-resnet-ensemble``).
 """
@@ -21,11 +22,17 @@ from typing import Any
 
 import torch
 
-from app.runtime.registry import ManifestEntry, load_manifest
-from models.ensemble import cifar_resnet_ensemble
+from models.ensemble import MEMBER_FAMILIES, cifar_resnet_ensemble
+from models.manifest import ManifestEntry, load_manifest
 from models.preprocess import ImageSpec, normalize_uint8
 from models.train.common import hardware_description, plot_confusion, save_weights, sha256_file, start_run
-from models.train.images import holdout_metrics, load_split, publish_run, report_markdown
+from models.train.images import (
+    holdout_from_training,
+    holdout_metrics,
+    load_split,
+    publish_run,
+    report_markdown,
+)
 
 
 class EnsembleError(ValueError):
@@ -41,15 +48,15 @@ def check_members(manifest: dict[str, ManifestEntry], names: list[str]) -> list[
         raise EnsembleError(f"not in the manifest: {', '.join(missing)}")
     entries = [manifest[n] for n in names]
     for e in entries:
-        if e.family != "cifar-resnet":
-            raise EnsembleError(f"{e.name}: family {e.family!r}; only cifar-resnet members are supported")
+        if e.family not in MEMBER_FAMILIES:
+            raise EnsembleError(f"{e.name}: family {e.family!r}; members must be one of {', '.join(MEMBER_FAMILIES)}")
     first = entries[0]
     for e in entries[1:]:
         if e.labels != first.labels:
             raise EnsembleError(f"{e.name} and {first.name} have different labels")
         if e.preprocessing != first.preprocessing:
             raise EnsembleError(f"{e.name} and {first.name} have different preprocessing (one batch feeds all)")
-        for key in ("data", "val_images"):
+        for key in ("data", "val_images", "test_split"):
             if e.training.get(key) != first.training.get(key):
                 raise EnsembleError(f"{e.name} and {first.name} were trained with different {key!r}: "
                                     "their hold-outs differ, so the ensemble could not be validated fairly")
@@ -61,7 +68,8 @@ def check_members(manifest: dict[str, ManifestEntry], names: list[str]) -> list[
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", required=True, help="model name of the ensemble")
-    p.add_argument("--members", nargs="+", required=True, help="manifest names of the members (cifar-resnet)")
+    p.add_argument("--members", nargs="+", required=True,
+                   help=f"manifest names of the members ({', '.join(MEMBER_FAMILIES)})")
     p.add_argument("--member-weights", type=float, nargs="+", default=None,
                    help="weight of each member's probabilities (default: equal)")
     p.add_argument("--weights-dir", type=Path, default=Path("weights"), help="where the members are")
@@ -93,8 +101,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
 
-    arch: dict[str, Any] = {"members": [{"depth": int(e.arch.get("depth", 20)), "shortcut": str(e.arch.get(
-        "shortcut", "A"))} for e in entries], "num_classes": len(first.labels)}
+    # a cifar-resnet member is written as before (no "family" key: the ensembles already shipped read the same)
+    arch: dict[str, Any] = {"members": [({} if e.family == "cifar-resnet" else {"family": e.family})
+                                        | {k: v for k, v in e.arch.items() if k != "num_classes"} for e in entries],
+                            "num_classes": len(first.labels)}
     if args.member_weights is not None:
         arch["weights"] = args.member_weights
     try:
@@ -110,7 +120,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     pre = first.preprocessing
     spec = ImageSpec.from_dict(pre.model_dump())
-    classes, _, (val_u8, y_val) = load_split(data, pre.crop, val_size, seed, args.cache)
+    test_rule = holdout_from_training(first.training, first.name).test
+    classes, _, (val_u8, y_val) = load_split(data, pre.crop, val_size, seed, args.cache, test=test_rule)
     if classes != first.labels:
         raise SystemExit(f"ensemble: the classes of {data} ({classes}) are not the members' labels")
     x_val = normalize_uint8(val_u8, spec).to(device)
@@ -139,9 +150,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "name": args.name, "task": "image-classification", "family": "cifar-resnet-ensemble", "arch": arch,
         "file": weights_file.name, "sha256": digest, "labels": classes,
         "preprocessing": first.preprocessing.model_dump(), "source": "project",
-        "training": {"data": str(data), "train_images": first.training.get("train_images"), "val_images": val_size,
-                     "recipe": {"seed": seed, "combination": "mean of the members' softmax outputs"},
-                     "members": [{"name": e.name, "sha256": e.sha256} for e in entries]},
+        "training": {"data": str(data), "train_images": first.training.get("train_images"), "val_images": val_size}
+        | ({"test_split": first.training["test_split"]} if first.training.get("test_split") else {})
+        | {"recipe": {"seed": seed, "combination": "mean of the members' softmax outputs"},
+           "members": [{"name": e.name, "sha256": e.sha256} for e in entries]},
         "metrics": {"val_accuracy": round(m["val_accuracy"], 4),
                     "val_accuracy_hflip_tta": round(m["val_accuracy_hflip_tta"], 4), "val_images": len(y_val)},
     }

@@ -447,7 +447,7 @@ def finish(args: argparse.Namespace, model: FaceEmbedder, arch: dict[str, Any], 
           f"- validation: {len(val_pairs)} pairs of {args.pairs.name} ({rep.same} same, {rep.pairs - rep.same} "
           f"different) whose people were all held out of training",
           f"- 10-fold accuracy: **{k['mean']:.4f} ± {k['std']:.4f}**; ROC AUC {rep.auc:.4f}",
-          f"- calibrated threshold (squared L2, best accuracy on all held-out pairs): {rep.threshold:.4f} "
+          f"- calibrated threshold (squared L2, best accuracy on the validation pairs): {rep.threshold:.4f} "
           f"(accuracy {rep.accuracy_at_threshold:.4f})",
           *[f"- TAR at FAR {t['far_target']:g}: {t['tar']:.4f} (threshold {t['threshold']:.4f})"
             for t in rep.tar_at_far],

@@ -1,6 +1,15 @@
-"""Train a CIFAR-style ResNet on any ImageFolder directory (one sub-folder per class).
+"""Train a CIFAR-style network (ResNet, SE-ResNet, wide ResNet) on any ImageFolder directory.
 
-    python -m models.train.images --data ../shared/data/cifar10/train --out runs/cifar10-resnet56
+    python -m models.train.images --data ../shared/data/cifar10/train --out runs/cifar10-resnet56 --depth 56
+    python -m models.train.images --data DIR --out runs/se56 --family cifar-se-resnet --depth 56
+    python -m models.train.images --data DIR --out runs/wrn --family cifar-wide-resnet --depth 16 --width 8
+
+The folder is split three ways: a frozen test split (--test-fraction of every class, chosen by a salted
+hash of each file's path: the same images for every run on the folder, whatever the seed or validation
+size), never trained on and never used to choose anything; then a stratified validation hold-out
+(--val-size, --seed) for model selection; the rest trains. `python -m app.cli evaluate MODEL
+--test-split` scores a finished model on the test split, once. Models trained before the test split
+existed (--test-fraction 0) trained on every image outside their validation hold-out.
 
 The images are decoded once through the same preprocessing spec the service uses and kept as
 uint8 in memory (cached on disk), so an epoch costs only the augmentation and the network.
@@ -29,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from models.cifar_resnet import cifar_resnet, count_parameters
+from models.cifar_resnet import count_parameters
 from models.preprocess import ImageSpec, normalize_uint8, to_uint8_array
 from models.train.common import (
     atomic_save,
@@ -43,6 +52,7 @@ from models.train.common import (
     start_run,
     stratified_split,
 )
+from models.zoo import build_classifier
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -84,18 +94,104 @@ def load_images(files: list[Path], size: int, cache: Path | None) -> np.ndarray:
 
 Split = tuple[torch.Tensor, torch.Tensor]
 
+TEST_SPLIT_SALT = "frozen-test-split-v1"
+DEFAULT_TEST_FRACTION = 0.1
+TEST_SPLIT_RULE = "per-class-path-sha256"  # the id a manifest records; what it means:
+TEST_SPLIT_DESCRIPTION = ("in every class, the round(n * fraction) images (at most n - 2) with the smallest "
+                          "sha256(salt + NUL + path relative to the folder)")
 
-def split_files(data: Path, val_size: int, seed: int, limit_per_class: int = 0
-                ) -> tuple[list[str], list[Path], np.ndarray, np.ndarray, np.ndarray]:
-    """Classes, files, labels and the (train, validation) indices of the trainer's stratified split of an
-    ImageFolder: the same split for the same folder, val_size and seed (the input size plays no part)."""
+
+@dataclass(frozen=True)
+class FrozenTestSplit:
+    """The rule choosing a folder's frozen test split: a fraction of every class, picked by a salted hash of
+    each file's relative path, so it depends on nothing but the folder (not the seed, the validation size,
+    the input size or the order files are listed in)."""
+
+    fraction: float
+    salt: str = TEST_SPLIT_SALT
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction < 1.0:
+            raise ValueError(f"the test fraction must be in [0, 1), got {self.fraction}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The rule as the manifest records it."""
+        return {"rule": TEST_SPLIT_RULE, "description": TEST_SPLIT_DESCRIPTION, "fraction": self.fraction,
+                "salt": self.salt}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FrozenTestSplit:
+        """The rule a manifest entry records (refusing another rule than this code's)."""
+        if d.get("rule") not in (None, TEST_SPLIT_RULE):
+            raise ValueError(f"unknown test split rule {d.get('rule')!r}")
+        return cls(float(d["fraction"]), str(d.get("salt", TEST_SPLIT_SALT)))
+
+
+def _path_key(root: Path, f: Path, salt: str) -> bytes:
+    return hashlib.sha256(f"{salt}\0{f.relative_to(root).as_posix()}".encode()).digest()
+
+
+def frozen_test_indices(root: Path, files: list[Path], labels: np.ndarray, rule: FrozenTestSplit | None
+                        ) -> np.ndarray:
+    """Sorted indices (into files) of the frozen test split of an ImageFolder (see TEST_SPLIT_DESCRIPTION)."""
+    if rule is None or rule.fraction == 0.0:
+        return np.zeros(0, dtype=np.int64)
+    chosen: list[np.ndarray] = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        k = min(round(len(idx) * rule.fraction), max(0, len(idx) - 2))  # training and validation keep one each
+        keys = [_path_key(root, files[i], rule.salt) for i in idx]
+        chosen.append(idx[np.argsort(np.array(keys, dtype=object), kind="stable")[:k]])
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def files_digest(root: Path, files: list[Path]) -> str:
+    """sha256 of the sorted relative paths of a set of files (what proves a split is the same images)."""
+    return hashlib.sha256("\n".join(sorted(f.relative_to(root).as_posix() for f in files)).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class FolderSplit:
+    """An ImageFolder split three ways: frozen test, validation (hold-out for selection) and training."""
+
+    root: Path
+    classes: list[str]
+    files: list[Path]
+    labels: np.ndarray
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    def test_info(self, rule: FrozenTestSplit | None) -> dict[str, Any] | None:
+        """What a manifest entry records about the test split (None without one)."""
+        if rule is None or rule.fraction == 0.0:
+            return None
+        return rule.to_dict() | {"images": len(self.test),
+                                 "files_sha256": files_digest(self.root, [self.files[i] for i in self.test])}
+
+
+def split_folder(data: Path, val_size: int, seed: int, limit_per_class: int = 0,
+                 test: FrozenTestSplit | None = None) -> FolderSplit:
+    """The trainer's split of an ImageFolder: the frozen test split first (by `test`'s rule), then a stratified
+    validation split of the rest (val_size, seed). Without a test rule it is the split of the models trained
+    before the test split existed: the same validation images for the same folder, val_size and seed."""
     classes, files, labels = scan_image_folder(data)
     if limit_per_class:
         keep = np.concatenate([np.flatnonzero(labels == c)[:limit_per_class] for c in range(len(classes))])
         files = [files[i] for i in keep]
         labels = labels[keep]
-    train_idx, val_idx = stratified_split(labels, val_size, seed)
-    return classes, files, labels, train_idx, val_idx
+    test_idx = frozen_test_indices(data, files, labels, test)
+    rest = np.setdiff1d(np.arange(len(files)), test_idx)
+    train, val = stratified_split(labels[rest], val_size, seed)
+    return FolderSplit(data, classes, files, labels, rest[train], rest[val], test_idx)
+
+
+def split_files(data: Path, val_size: int, seed: int, limit_per_class: int = 0, test: FrozenTestSplit | None = None
+                ) -> tuple[list[str], list[Path], np.ndarray, np.ndarray, np.ndarray]:
+    """Classes, files, labels and the (train, validation) indices of the trainer's stratified split of an
+    ImageFolder: the same split for the same folder, val_size, seed and test rule (the input size plays no part)."""
+    sp = split_folder(data, val_size, seed, limit_per_class, test)
+    return sp.classes, sp.files, sp.labels, sp.train, sp.val
 
 
 @dataclass(frozen=True)
@@ -106,11 +202,15 @@ class ImageHoldout:
     val_size: int
     seed: int
     train_size: int
+    test: FrozenTestSplit | None = None  # None: trained before the frozen test split (no test images)
+    test_size: int = 0
+    test_files_sha256: str | None = None
 
 
 def holdout_from_training(training: dict[str, Any], name: str) -> ImageHoldout:
-    """The hold-out parameters a model was validated with (folder, validation size, split seed), refusing
-    when the manifest entry does not record them: without them no split can be proved to be its hold-out."""
+    """The hold-out parameters a model was validated with (folder, validation size, split seed, test split),
+    refusing when the manifest entry does not record them: without them no split can be proved to be its
+    hold-out."""
     seed: Any = (training.get("recipe") or {}).get("seed")
     data: Any = training.get("data")
     val_size: Any = training.get("val_images")
@@ -120,34 +220,67 @@ def holdout_from_training(training: dict[str, Any], name: str) -> ImageHoldout:
     if missing:
         raise SystemExit(f"{name}: its manifest entry's training info lacks {', '.join(missing)}, so its hold-out "
                          "cannot be rebuilt")
-    return ImageHoldout(Path(str(data)), int(val_size), int(seed), int(train_size))
+    info = training.get("test_split")
+    if info is None:
+        return ImageHoldout(Path(str(data)), int(val_size), int(seed), int(train_size))
+    try:
+        rule = FrozenTestSplit.from_dict(info)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SystemExit(f"{name}: its manifest entry's test_split cannot be read ({exc})") from exc
+    return ImageHoldout(Path(str(data)), int(val_size), int(seed), int(train_size), rule, int(info.get("images", 0)),
+                        info.get("files_sha256"))
+
+
+def _model_split(holdout: ImageHoldout, data: Path | None) -> FolderSplit:
+    """The split a model was trained with, refusing a folder whose counts differ from the manifest's."""
+    root = data if data is not None else holdout.data
+    if not root.is_dir():
+        raise SystemExit(f"{root}: no such folder (the model's training folder; give it with --data)")
+    sp = split_folder(root, holdout.val_size, holdout.seed, test=holdout.test)
+    if (len(sp.train), len(sp.val), len(sp.test)) != (holdout.train_size, holdout.val_size, holdout.test_size):
+        tested = f" and left {holdout.test_size} out as its test split" if holdout.test_size else ""
+        raise SystemExit(f"{root} holds {len(sp.files)} images, but the model trained on {holdout.train_size} and was "
+                         f"validated on {holdout.val_size}{tested}: not its training folder, so not its hold-out")
+    return sp
 
 
 def holdout_files(holdout: ImageHoldout, data: Path | None = None) -> tuple[list[str], list[Path], np.ndarray]:
     """Classes, files and labels of exactly the images a model was validated on (`data` overrides the folder
     recorded in the manifest, e.g. the same images elsewhere). Refuses a folder whose image count differs from
-    the model's training + validation count: the split would not be the model's hold-out."""
-    root = data if data is not None else holdout.data
-    if not root.is_dir():
-        raise SystemExit(f"{root}: no such folder (the model's training folder; give it with --data)")
-    classes, files, labels, train_idx, val_idx = split_files(root, holdout.val_size, holdout.seed)
-    if (len(train_idx), len(val_idx)) != (holdout.train_size, holdout.val_size):
-        raise SystemExit(f"{root} holds {len(files)} images, but the model trained on {holdout.train_size} and was "
-                         f"validated on {holdout.val_size}: not its training folder, so not its hold-out")
-    return classes, [files[i] for i in val_idx], labels[val_idx]
+    the model's training + validation (+ test) count: the split would not be the model's hold-out."""
+    sp = _model_split(holdout, data)
+    return sp.classes, [sp.files[i] for i in sp.val], sp.labels[sp.val]
+
+
+def frozen_test_files(holdout: ImageHoldout, data: Path | None = None, name: str = "the model"
+                     ) -> tuple[list[str], list[Path], np.ndarray]:
+    """Classes, files and labels of a model's frozen test split, checked against the file digest its manifest
+    entry records. Refused for models trained before the test split: they trained on every image outside their
+    validation hold-out, so they have no test split (their only unseen images are the hold-out)."""
+    if holdout.test is None or holdout.test_size == 0:
+        raise SystemExit(f"{name} was trained without a frozen test split: it trained on every image of its folder "
+                         f"outside its {holdout.val_size}-image validation hold-out, so the hold-out (--holdout) is "
+                         "the only data it has not seen, and it also served for model selection")
+    sp = _model_split(holdout, data)
+    files = [sp.files[i] for i in sp.test]
+    if holdout.test_files_sha256 and files_digest(sp.root, files) != holdout.test_files_sha256:
+        raise SystemExit(f"{sp.root}: the test split's files differ from those {name} was trained without "
+                         "(files_sha256 mismatch)")
+    return sp.classes, files, sp.labels[sp.test]
 
 
 def load_split(data: Path, size: int, val_size: int, seed: int, cache: Path | None,
-               limit_per_class: int = 0) -> tuple[list[str], Split, Split]:
+               limit_per_class: int = 0, test: FrozenTestSplit | None = None) -> tuple[list[str], Split, Split]:
     """Class names and the stratified (train, validation) split of an ImageFolder as uint8 NCHW images and
-    labels: the same split for the same folder, size, val_size and seed (the trainer's hold-out)."""
-    classes, files, labels, train_idx, val_idx = split_files(data, val_size, seed, limit_per_class)
-    images = load_images(files, size, cache)
+    labels, the frozen test split (by `test`'s rule) left out of both: the same split for the same folder, size,
+    val_size, seed and test rule (the trainer's hold-out)."""
+    sp = split_folder(data, val_size, seed, limit_per_class, test)
+    images = load_images(sp.files, size, cache)  # every file (the test ones too): one cache for any split
 
     def part(idx: np.ndarray) -> Split:
-        return torch.from_numpy(images[idx]).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels[idx])
+        return torch.from_numpy(images[idx]).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(sp.labels[idx])
 
-    return classes, part(train_idx), part(val_idx)
+    return sp.classes, part(sp.train), part(sp.val)
 
 
 def holdout_metrics(model: torch.nn.Module, x_val: torch.Tensor, y_val: torch.Tensor,
@@ -237,9 +370,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="ImageFolder root (one folder per class)")
     p.add_argument("--out", type=Path, required=True, help="run directory (checkpoint, log, report)")
-    p.add_argument("--name", default=None, help="model name for the manifest (default: <folder>-resnet<depth>)")
-    p.add_argument("--depth", type=int, default=20, help="6n+2: 20, 32, 44, 56, 110")
-    p.add_argument("--shortcut", choices=["A", "B"], default="A")
+    p.add_argument("--name", default=None, help="model name for the manifest (default: <folder>-resnet<depth>, "
+                                                 "<folder>-se-resnet<depth>, <folder>-wrn-<depth>-<width>)")
+    p.add_argument("--family", choices=list(FAMILY_DEFAULTS), default="cifar-resnet",
+                   help="cifar-resnet (He et al. 2016), cifar-se-resnet (the same with squeeze-and-excitation "
+                        "blocks, Hu et al. 2018), cifar-wide-resnet (WRN-d-k, Zagoruyko & Komodakis 2016)")
+    p.add_argument("--depth", type=int, default=None,
+                   help="ResNet and SE-ResNet: 6n+2 (20, 32, 44, 56, 110; default 20); wide ResNet: 6n+4 "
+                        "(16, 22, 28, 40; default 16)")
+    p.add_argument("--shortcut", choices=["A", "B"], default=None,
+                   help="ResNet and SE-ResNet: A (identity + zero padding, default) or B (1x1 projections)")
+    p.add_argument("--se-reduction", type=int, default=None, help="SE-ResNet: the SE blocks' reduction r (default 16)")
+    p.add_argument("--width", type=int, default=None, help="wide ResNet: the widening factor k (default 4)")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="wide ResNet: dropout between the two convolutions of every block (default 0; the paper: 0.3)")
     p.add_argument("--size", type=int, default=32, help="input side in pixels")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=128)
@@ -249,6 +393,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--val-size", type=int, default=5000, help="stratified hold-out size")
+    p.add_argument("--test-fraction", type=float, default=DEFAULT_TEST_FRACTION,
+                   help="the frozen test split: this fraction of every class, chosen by a salted hash of the file "
+                        "paths (the same images for every run on the folder), left out of training and validation "
+                        "and scored only by `app.cli evaluate --test-split`; 0 gives the split of the models "
+                        "trained before it existed")
     p.add_argument("--val-every", type=int, default=1,
                    help="measure validation accuracy every N epochs (always after the last); the per-epoch "
                         "check costs about 10%% of an epoch for a ResNet-56 on CPU")
@@ -271,7 +420,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init-from", type=Path, default=None,
                    help="start from these weights (a .pt state dict) with a fresh schedule: a warm restart "
                         "(SGDR, Loshchilov & Hutter 2017) or fine-tuning; recorded in the manifest recipe")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.arch = arch_from_args(args)
+    except ValueError as exc:
+        p.error(str(exc))
+    return args
+
+
+# per family: its arch options (with defaults) and how a run is named by default
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "cifar-resnet": {"depth": 20, "shortcut": "A"},
+    "cifar-se-resnet": {"depth": 20, "shortcut": "A", "reduction": 16},
+    "cifar-wide-resnet": {"depth": 16, "width": 4, "dropout": 0.0},
+}
+_ARCH_OPTIONS = {"depth": "--depth", "shortcut": "--shortcut", "reduction": "--se-reduction", "width": "--width",
+                 "dropout": "--dropout"}
+
+
+def arch_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The manifest arch of the chosen family from the command line (defaults filled in); ValueError for an option
+    the family does not take (a --width given to a ResNet must not be silently ignored)."""
+    given = {"depth": args.depth, "shortcut": args.shortcut, "reduction": args.se_reduction, "width": args.width,
+             "dropout": args.dropout}
+    defaults = FAMILY_DEFAULTS[args.family]
+    foreign = [_ARCH_OPTIONS[k] for k, v in given.items() if v is not None and k not in defaults]
+    if foreign:
+        raise ValueError(f"{', '.join(foreign)} do(es) not apply to {args.family}")
+    arch = {k: given[k] if given[k] is not None else v for k, v in defaults.items()}
+    build_classifier(args.family, arch, 2)  # invalid depth, width, ... refused before any data is read
+    return arch
+
+
+def default_name(data: Path, family: str, arch: dict[str, Any]) -> str:
+    """The run's model name when --name is not given."""
+    folder = data.name.rstrip("/") or "images"
+    if family == "cifar-wide-resnet":
+        return f"{folder}-wrn-{arch['depth']}-{arch['width']}"
+    return f"{folder}-{'se-' if family == 'cifar-se-resnet' else ''}resnet{arch['depth']}"
+
+
+def describe_arch(family: str, arch: dict[str, Any]) -> str:
+    """A short human name of the architecture (for logs)."""
+    if family == "cifar-wide-resnet":
+        return f"WRN-{arch['depth']}-{arch['width']}" + (f" (dropout {arch['dropout']})" if arch["dropout"] else "")
+    if family == "cifar-se-resnet":
+        return f"SE-ResNet-{arch['depth']} (r={arch['reduction']})"
+    return f"ResNet-{arch['depth']}"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -280,17 +475,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = start_run(args.threads, args.device, args.seed)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    name = args.name or f"{args.data.name.rstrip('/') or 'images'}-resnet{args.depth}"
+    name = args.name or default_name(args.data, args.family, args.arch)
 
+    test_rule = FrozenTestSplit(args.test_fraction) if args.test_fraction > 0 else None
+    folder_split = split_folder(args.data, args.val_size, args.seed, args.limit_per_class, test_rule)
     classes, (train_u8, y_train), (val_u8, y_val) = load_split(
-        args.data, args.size, args.val_size, args.seed, args.cache, args.limit_per_class)
+        args.data, args.size, args.val_size, args.seed, args.cache, args.limit_per_class, test_rule)
     mean = tuple(float(v) for v in (train_u8.float().mean(dim=(0, 2, 3)) / 255.0))
     std = tuple(float(v) for v in (train_u8.float().std(dim=(0, 2, 3)) / 255.0))
     spec = ImageSpec(resize=args.size, crop=args.size, mean=mean, std=std)  # type: ignore[arg-type]
     x_train = normalize_uint8(train_u8, spec)
     x_val = normalize_uint8(val_u8, spec).to(device)
 
-    model = cifar_resnet(args.depth, len(classes), args.shortcut).to(device)
+    model = build_classifier(args.family, args.arch, len(classes)).to(device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     decay = [p for n, p in model.named_parameters() if p.dim() > 1]
@@ -320,8 +517,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             swa_model.load_state_dict(ck["swa"])
         print(f"resumed from {ckpt_path} at epoch {start_epoch}", file=sys.stderr)
 
-    print(f"{name}: {len(classes)} classes, {len(x_train)} train / {len(x_val)} val, "
-          f"ResNet-{args.depth} ({count_parameters(model):,} params) on {device}", file=sys.stderr)
+    print(f"{name}: {len(classes)} classes, {len(x_train)} train / {len(x_val)} val / {len(folder_split.test)} "
+          f"frozen test (left out), {describe_arch(args.family, args.arch)} ({count_parameters(model):,} params) "
+          f"on {device}", file=sys.stderr)
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
         model.train()
@@ -373,13 +571,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         recompute_bn_statistics(final, x_train, 512, device)
         print(f"SWA: averaged the weights of the last {int(swa_model.n_averaged)} epochs", file=sys.stderr)
     return finish(args, name, final, classes, spec, x_val, y_val, history, train_seconds, t_start, device,
-                  n_train=len(x_train), init_from=init_from)
+                  n_train=len(x_train), init_from=init_from, test_split=folder_split.test_info(test_rule))
 
 
 def finish(args: argparse.Namespace, name: str, model: torch.nn.Module, classes: list[str], spec: ImageSpec,
            x_val: torch.Tensor, y_val: torch.Tensor, history: list[dict[str, Any]], train_seconds: float,
            t_start: float, device: torch.device, n_train: int,
-           init_from: dict[str, str] | None = None) -> dict[str, Any]:
+           init_from: dict[str, str] | None = None, test_split: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the weights, the report (JSON, Markdown, confusion PNG) and the manifest entry."""
     out: Path = args.out
     m = holdout_metrics(model, x_val, y_val, classes)
@@ -394,17 +592,20 @@ def finish(args: argparse.Namespace, name: str, model: torch.nn.Module, classes:
         "confusion_matrix": cm.tolist(), "epochs": len(history), "train_seconds": round(train_seconds, 1),
         "wall_seconds_this_run": round(time.time() - t_start, 1), "hardware": hardware_description(device),
         "torch": torch.__version__, "python": platform.python_version(), "val_size": len(y),
-        "train_size": n_train, "history": history, "init_from": init_from,
+        "train_size": n_train, "test_size": test_split["images"] if test_split else 0, "history": history,
+        "init_from": init_from, "family": args.family, "arch": args.arch,
+        "num_params": count_parameters(model),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(report_markdown(f"{name} training", m, classes, [
         f"- epochs: {len(history)}, training time: {train_seconds / 60:.1f} min on {report['hardware']}"]))
     entry = {
-        "name": name, "task": "image-classification", "family": "cifar-resnet",
-        "arch": {"depth": args.depth, "shortcut": args.shortcut, "num_classes": len(classes)},
+        "name": name, "task": "image-classification", "family": args.family,
+        "arch": args.arch | {"num_classes": len(classes)},
         "file": weights_file.name, "sha256": digest, "labels": classes,
         "preprocessing": spec.to_dict(), "source": "project",
-        "training": {"data": str(args.data), "train_images": n_train, "val_images": len(y), "recipe": {
+        "training": {"data": str(args.data), "train_images": n_train, "val_images": len(y)}
+        | ({"test_split": test_split} if test_split else {}) | {"recipe": {
             "epochs": args.epochs, "batch_size": args.batch_size, "optimizer": "SGD nesterov",
             "peak_lr": args.lr, "warmup": args.warmup, "schedule": "linear warm-up + cosine",
             "momentum": args.momentum, "weight_decay": args.weight_decay,

@@ -1,4 +1,4 @@
-"""Train a character-level text CNN (VDCNN or the Zhang et al. char-CNN) on CSV files.
+"""Train a text CNN (VDCNN, the Zhang et al. char-CNN, or the Kim-style word-cnn) on CSV files.
 
     python -m models.train.text --train ../shared/data/agnews/train.csv \\
         --train ../shared/data/agnews/train_extra_concat.csv --classes ../shared/data/agnews/classes.txt \\
@@ -21,6 +21,12 @@ into an index tensor kept in memory (on the GPU when training there). Every epoc
 resumable checkpoint and a line of metrics; rerunning the same command resumes. When training
 ends the command writes a report (validation accuracy, per-class precision/recall/F1, confusion
 matrix as a table and a PNG, wall time, hardware), the weights file and the manifest entry.
+
+The word-cnn (`models.text.wordcnn`) builds its vocabulary from the training rows of the split only (words
+seen --min-count times) and stores it in its state dict. --inner-val N is for choosing hyper-parameters: it
+splits the training rows again (N validation rows from the first file's training rows, de-duplicated the same
+way), trains on the rest and reports on those N rows; the model's real hold-out is not read at all, and such
+a run cannot be installed.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import platform
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +48,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.text import ALPHABETS, CharSpec, build_text_model, count_parameters
+from models.text import ALPHABETS, CharSpec, WordCNN, WordEncoder, WordSpec, build_text_model, count_parameters
 from models.text.vdcnn import BLOCKS_PER_DEPTH, POOLINGS
+from models.text.words import build_vocabulary, vocabulary_sha256
 from models.train.common import (
     atomic_save,
     confusion_matrix,
@@ -255,6 +262,7 @@ class TextSplit:
     val_keys: list[str]
     dropped: int  # training rows dropped as exact copies of a validation text
     moved: int  # validation rows moved to training as near-duplicates of a training row (dedup only)
+    first_train_rows: int = 0  # the leading training rows that come from the first file's split (val_from_first)
 
 
 def split_rows(rows: list[TextRows], val_size: str, val_from_first: bool, seed: int,
@@ -286,6 +294,7 @@ def split_rows(rows: list[TextRows], val_size: str, val_from_first: bool, seed: 
     train_texts = [t for t, k in zip(train_texts, keep, strict=True) if k]
     train_keys = [t for t, k in zip(train_keys, keep, strict=True) if k]
     y_train = y_train[keep]
+    first_train_rows = int(keep[: len(tr)].sum()) if val_from_first else 0
     moved = 0
     new_keys = train_keys
     while dedup and new_keys:
@@ -303,7 +312,20 @@ def split_rows(rows: list[TextRows], val_size: str, val_from_first: bool, seed: 
         val_keys = [t for t, k in zip(val_keys, stay, strict=True) if k]
         y_val = y_val[stay]
         moved += len(idx)
-    return TextSplit(train_texts, y_train, val_texts, y_val, train_keys, val_keys, dropped, moved)
+    return TextSplit(train_texts, y_train, val_texts, y_val, train_keys, val_keys, dropped, moved, first_train_rows)
+
+
+def inner_split(split: TextSplit, val_size: str, seed: int) -> TextSplit:
+    """A split of a split's training rows only, for choosing hyper-parameters without the hold-out: validation
+    rows drawn from the first file's training rows, de-duplicated as split_rows does (the other training rows,
+    and the rows moved out of the hold-out, only train)."""
+    n = split.first_train_rows
+    if n <= 0:
+        raise SystemExit("--inner-val needs validation from the first file (--val-from-first)")
+    gold = TextRows(Path("<first file's training rows>"), split.train_texts[:n], split.y_train[:n],
+                    split.train_keys[:n])
+    rest = TextRows(Path("<other training rows>"), split.train_texts[n:], split.y_train[n:], split.train_keys[n:])
+    return split_rows([gold, rest], val_size, True, seed, dedup=True)
 
 
 # The CSV layout of models whose manifest entry does not record one: the trainer's defaults (AG News).
@@ -375,6 +397,43 @@ def holdout_split(holdout: TextHoldout, classes: list[str]) -> TextSplit:
     return split
 
 
+class EncodedTexts:
+    """Encoded texts kept compactly in memory (character indices as uint8; for words, token-type ids and a
+    table of the types' encoder rows); `batch` gives the model's input for some rows."""
+
+    def __init__(self, data: torch.Tensor, lengths: torch.Tensor | None = None,
+                 table: torch.Tensor | None = None) -> None:
+        self.data, self.lengths, self.table = data, lengths, table
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def to(self, device: torch.device) -> EncodedTexts:
+        """The same texts on a device."""
+        move = (lambda t: None if t is None else t.to(device))  # noqa: E731
+        return EncodedTexts(self.data.to(device), move(self.lengths), move(self.table))
+
+    def batch(self, idx: torch.Tensor) -> torch.Tensor:
+        """The model's LongTensor input for rows idx (word rows cut to the longest text among them)."""
+        if self.table is None:
+            return self.data[idx].long()
+        assert self.lengths is not None
+        width = max(1, int(self.lengths[idx].max())) if len(idx) else 1
+        return self.table[self.data[idx][:, :width].long()]
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """The model's input for rows start..stop-1."""
+        return self.batch(torch.arange(start, min(stop, len(self)), device=self.data.device))
+
+
+def encode_texts(encoder: CharSpec | WordEncoder, texts: list[str]) -> EncodedTexts:
+    """Encode every text once (see EncodedTexts)."""
+    if isinstance(encoder, WordEncoder):
+        ids, lengths, table = encoder.encode_corpus(texts)
+        return EncodedTexts(ids, lengths, table)
+    return EncodedTexts(encode_all(encoder, texts))
+
+
 def encode_all(spec: CharSpec, texts: list[str]) -> torch.Tensor:
     """Encode every text once, stored as the smallest integer type that holds the vocabulary."""
     dtype = torch.uint8 if spec.vocab_size <= 256 else torch.int32
@@ -390,9 +449,33 @@ def arch_from_args(args: argparse.Namespace, num_classes: int, vocab_size: int) 
     if args.family == "vdcnn":
         arch: dict[str, Any] = {"depth": args.depth, "pool": args.pool, "shortcut": args.shortcut,
                                 "hidden": args.hidden, "embedding_dim": 16, "k": 8}
+    elif args.family == "word-cnn":
+        arch = {"buckets": args.buckets, "dim": args.word_dim, "widths": parse_ints(args.widths, "--widths"),
+                "filters": args.filters, "dropout": args.dropout, "members": args.members}
     else:
         arch = {"size": args.size, "length": args.length, "input": args.input, "dropout": 0.5}
     return arch | {"num_classes": num_classes, "vocab_size": vocab_size}
+
+
+def parse_ints(value: str, flag: str) -> list[int]:
+    """Comma-separated positive integers ("2,3,4,5")."""
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"{flag} {value!r}: give comma-separated integers") from None
+    if not out or min(out) < 1:
+        raise SystemExit(f"{flag} {value!r}: give positive integers")
+    return out
+
+
+def word_encoder(args: argparse.Namespace, train_texts: list[str]) -> WordEncoder:
+    """The word encoding with its vocabulary, built from the training texts only."""
+    n_min, n_max = parse_ints(args.ngrams, "--ngrams") if args.buckets else (3, 5)
+    base = WordSpec(max_words=args.max_words, min_n=n_min, max_n=n_max, buckets=args.buckets,
+                    max_subwords=args.max_subwords)
+    words = build_vocabulary(base, train_texts, min_count=args.min_count, max_size=args.max_vocab)
+    spec = replace(base, vocab_size=len(words) + 2, vocabulary_sha256=vocabulary_sha256(words))
+    return WordEncoder(spec, words)
 
 
 def step_lr(epoch: int, peak: float, every: int, gamma: float) -> float:
@@ -401,12 +484,12 @@ def step_lr(epoch: int, peak: float, every: int, gamma: float) -> float:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, x: torch.Tensor, batch: int, device: torch.device, amp: bool) -> torch.Tensor:
+def predict(model: torch.nn.Module, x: EncodedTexts, batch: int, device: torch.device, amp: bool) -> torch.Tensor:
     """Class probabilities (float32, on the CPU) for encoded texts."""
     model.eval()
     outs = []
     for i in range(0, len(x), batch):
-        xb = x[i : i + batch].to(device).long()
+        xb = x.rows(i, i + batch).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             outs.append(model(xb).float().softmax(-1).cpu())
     return torch.cat(outs)
@@ -443,6 +526,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--val-from-first", action=argparse.BooleanOptionalAction, default=True,
                    help="draw validation rows only from the first --train file")
     g.add_argument("--limit-per-file", type=int, default=0, help="read at most N rows per file (smoke runs)")
+    g.add_argument("--inner-val", default=None,
+                   help="hyper-parameter selection: validate on this many rows (count or fraction) split off the "
+                        "training rows; the hold-out is not read; cannot be installed")
     g = p.add_argument_group("encoding")
     g.add_argument("--alphabet", default="zhang", choices=sorted(ALPHABETS),
                    help="zhang: the 69 distinct characters of Zhang et al. 2015 incl. newline; zhang+space adds ' '")
@@ -453,13 +539,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("model")
     g.add_argument("--out", type=Path, required=True, help="run directory (checkpoint, log, report)")
     g.add_argument("--name", default=None, help="model name for the manifest (default: <data folder>-<model>)")
-    g.add_argument("--family", choices=["vdcnn", "char-cnn"], default="vdcnn")
+    g.add_argument("--family", choices=["vdcnn", "char-cnn", "word-cnn"], default="vdcnn")
     g.add_argument("--depth", type=int, choices=sorted(BLOCKS_PER_DEPTH), default=9, help="VDCNN depth")
     g.add_argument("--pool", choices=list(POOLINGS), default="max", help="VDCNN down-sampling between stages")
     g.add_argument("--shortcut", action="store_true", help="VDCNN residual shortcuts")
     g.add_argument("--hidden", type=int, default=2048, help="VDCNN fully connected width (paper: 2048)")
     g.add_argument("--size", choices=["small", "large"], default="small", help="char-CNN size")
     g.add_argument("--input", choices=["onehot", "embedding"], default="onehot", help="char-CNN input")
+    g = p.add_argument_group("word-cnn (Kim 2014 + fastText-style character n-grams)")
+    g.add_argument("--word-dim", type=int, default=64, help="word and n-gram embedding width")
+    g.add_argument("--widths", default="2,3,4,5", help="convolution widths in words (2: bigrams)")
+    g.add_argument("--filters", type=int, default=128, help="feature maps per width")
+    g.add_argument("--dropout", type=float, default=0.5, help="dropout before the classifier")
+    g.add_argument("--members", type=int, default=1, help="networks averaged in one model (probability average)")
+    g.add_argument("--min-count", type=int, default=2, help="vocabulary: words seen at least this often in training")
+    g.add_argument("--max-vocab", type=int, default=0, help="vocabulary: at most this many words (0: no limit)")
+    g.add_argument("--max-words", type=int, default=256, help="tokens read per text")
+    g.add_argument("--ngrams", default="3,5", help="character n-gram lengths: min,max")
+    g.add_argument("--buckets", type=int, default=32768, help="hash buckets for character n-grams (0: none)")
+    g.add_argument("--max-subwords", type=int, default=40, help="character n-grams per token at most")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=15)
     g.add_argument("--batch-size", type=int, default=128, help="the papers' 128")
@@ -476,7 +574,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bfloat16 autocast (default: on with CUDA)")
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="the split's seed (and, without --init-seed, the model's)")
+    g.add_argument("--init-seed", type=int, default=None,
+                   help="seed of the initialisation and batch order only (another seed on the same split)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     g.add_argument("--install", type=Path, default=None, help="copy weights + merge the manifest entry into this dir")
@@ -487,10 +587,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.weight_decay = DEFAULT_WEIGHT_DECAY[args.optimizer]
     if args.name is None:
         folder = args.train[0].resolve().parent.name or "text"
-        model = f"vdcnn{args.depth}" if args.family == "vdcnn" else f"charcnn-{args.size}"
+        model = {"vdcnn": f"vdcnn{args.depth}", "char-cnn": f"charcnn-{args.size}", "word-cnn": "wordcnn"}[args.family]
         args.name = re.sub(r"[^A-Za-z0-9._-]", "-", f"{folder}-{model}").lstrip("-._") or model
     if not NAME_PATTERN.match(args.name):
         p.error(f"--name {args.name!r}: use letters, digits, '.', '_' and '-' (at most 128, starting alphanumeric)")
+    if args.inner_val is not None and args.install is not None:
+        p.error("--inner-val runs are for choosing hyper-parameters: they cannot be installed")
+    if args.members > 1 and args.family != "word-cnn":
+        p.error("--members is a word-cnn option")
     return args
 
 
@@ -502,7 +606,9 @@ def _jsonable(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     t_start = time.time()
-    device = start_run(args.threads, args.device, args.seed)
+    # --seed fixes the split (and so the hold-out); --init-seed, when given, only the initialisation and batch order
+    init_seed = args.seed if args.init_seed is None else args.init_seed
+    device = start_run(args.threads, args.device, init_seed)
     amp = device.type == "cuda" if args.amp is None else bool(args.amp)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every batch has the same shape (fixed length)
@@ -511,20 +617,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     classes, rows = load_rows(args)
     split = split_rows(rows, args.val_size, args.val_from_first, args.seed, dedup=True)
+    if args.inner_val is not None:
+        # hyper-parameter selection: the hold-out (split.val_*) is dropped here and never encoded or scored
+        split = inner_split(split, args.inner_val, args.seed)
+        print(f"--inner-val: {len(split.val_texts)} validation rows split off the training rows; the hold-out is "
+              "not used", file=sys.stderr)
     train_texts, y_train_np, val_texts, y_val_np = split.train_texts, split.y_train, split.val_texts, split.y_val
     dropped, moved = split.dropped, split.moved
-    spec = CharSpec(alphabet=ALPHABETS[args.alphabet], length=args.length, lowercase=args.lowercase,
-                    unknown=args.unknown)
+    encoder: CharSpec | WordEncoder
+    if args.family == "word-cnn":
+        encoder = word_encoder(args, train_texts)  # the vocabulary comes from the training rows only
+        spec: CharSpec | WordSpec = encoder.spec
+    else:
+        spec = encoder = CharSpec(alphabet=ALPHABETS[args.alphabet], length=args.length, lowercase=args.lowercase,
+                                  unknown=args.unknown)
     arch = arch_from_args(args, len(classes), spec.vocab_size)
-    x_train = encode_all(spec, train_texts).to(device)
-    x_val = encode_all(spec, val_texts)
+    x_train = encode_texts(encoder, train_texts).to(device)
+    x_val = encode_texts(encoder, val_texts)
     y_train = torch.from_numpy(y_train_np).to(device)
     y_val = torch.from_numpy(y_val_np)
 
     model = build_text_model(args.family, arch, len(classes), spec.vocab_size).to(device)
-    # no weight decay on biases, BatchNorm and the character embedding (as usual for such parameters)
-    decay = [p for n, p in model.named_parameters() if p.dim() > 1 and not n.startswith("embedding")]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1 or n.startswith("embedding")]
+    if isinstance(model, WordCNN) and isinstance(encoder, WordEncoder):
+        model.set_vocabulary(encoder.words)
+    # no weight decay on biases, BatchNorm and the embeddings (as usual for such parameters)
+    decay = [p for n, p in model.named_parameters() if p.dim() > 1 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1 or "embedding" in n]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     opt: torch.optim.Optimizer
     if args.optimizer == "sgd":
@@ -537,7 +655,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # what must not change between a run and its resumption
     fingerprint = {"family": args.family, "arch": arch, "encoding": spec.to_dict(), "classes": classes,
                    "train": [str(p.resolve()) for p in args.train], "val_size": args.val_size, "seed": args.seed,
-                   "val_from_first": args.val_from_first, "optimizer": args.optimizer, "dedup": DEDUP_RULE}
+                   "val_from_first": args.val_from_first, "optimizer": args.optimizer, "dedup": DEDUP_RULE,
+                   "inner_val": args.inner_val, "init_seed": args.init_seed}
     start_epoch, history, train_seconds = 0, [], 0.0
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists():
@@ -559,7 +678,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
         model.train()
-        gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+        gen = torch.Generator().manual_seed(init_seed * 1000 + epoch)
         perm = torch.randperm(len(x_train), generator=gen).to(device)
         seen = correct = 0
         loss_sum = 0.0
@@ -571,11 +690,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for g in opt.param_groups:
                 g["lr"] = lr
             idx = perm[b * args.batch_size : (b + 1) * args.batch_size]
-            xb = x_train[idx].long()
+            xb = x_train.batch(idx)
             yb = y_train[idx]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(xb)
-            loss = F.cross_entropy(logits.float(), yb, label_smoothing=args.label_smoothing)
+                if isinstance(model, WordCNN) and len(model.members) > 1:
+                    # ensemble members train independently: one loss each, on the same batch
+                    member = model.member_logits(xb).float()
+                    logits = member.softmax(-1).mean(0)
+                    loss = torch.stack([F.cross_entropy(m, yb, label_smoothing=args.label_smoothing)
+                                        for m in member]).sum()
+                else:
+                    logits = model(xb)
+                    loss = F.cross_entropy(logits.float(), yb, label_smoothing=args.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if args.clip_grad > 0:
@@ -605,14 +731,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   amp, n_train=len(x_train), dropped=dropped, moved=moved)
 
 
-def finish(args: argparse.Namespace, model: torch.nn.Module, classes: list[str], spec: CharSpec,
-           arch: dict[str, Any], rows: list[TextRows], x_val: torch.Tensor, y_val: torch.Tensor,
+def finish(args: argparse.Namespace, model: torch.nn.Module, classes: list[str], spec: CharSpec | WordSpec,
+           arch: dict[str, Any], rows: list[TextRows], x_val: EncodedTexts, y_val: torch.Tensor,
            history: list[dict[str, Any]], train_seconds: float, t_start: float, device: torch.device, amp: bool,
            n_train: int, dropped: int, moved: int = 0) -> dict[str, Any]:
     """Write the weights, the report (JSON, Markdown, confusion PNG) and the manifest entry."""
     out: Path = args.out
     name: str = args.name
-    pred = predict(model, x_val, 512, device, amp).argmax(-1).numpy()
+    probs = predict(model, x_val, 512, device, amp)
+    np.save(out / "val_probabilities.npy", probs.numpy())  # for comparing runs (ensembles) on the same rows
+    pred = probs.argmax(-1).numpy()
     y = y_val.numpy()
     cm = confusion_matrix(y, pred, len(classes))
     per_class = per_class_metrics(cm, classes)
@@ -628,11 +756,15 @@ def finish(args: argparse.Namespace, model: torch.nn.Module, classes: list[str],
         "hardware": hardware_description(device), "torch": torch.__version__, "python": platform.python_version(),
         "parameters": count_parameters(model), "val_rows": len(y), "train_rows": n_train,
         "train_duplicates_dropped": dropped, "val_near_duplicates_moved": moved, "history": history,
+        "validation": ("inner split of the training rows (--inner-val): hyper-parameter selection, not the hold-out"
+                       if args.inner_val is not None else "the hold-out"),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     md = [f"# {name} training report", "",
           f"- validation accuracy: **{acc:.4f}**, macro F1 {macro_f1:.4f}, on {len(y)} held-out rows of "
-          f"{rows[0].path.name if args.val_from_first else 'all files'}",
+          f"{rows[0].path.name if args.val_from_first else 'all files'}"
+          + (" (an inner split of the training rows, --inner-val: not the model's hold-out)"
+             if args.inner_val is not None else ""),
           f"- model: {args.family} {json.dumps(arch)} ({report['parameters']:,} parameters), "
           f"L={spec.length}, vocabulary {spec.vocab_size}",
           f"- training rows: {n_train} ({dropped} duplicates of validation texts dropped; {moved} validation rows "
@@ -652,6 +784,7 @@ def finish(args: argparse.Namespace, model: torch.nn.Module, classes: list[str],
             "train_rows": n_train, "val_rows": len(y), "val_from": str(rows[0].path) if args.val_from_first else "all",
             "train_duplicates_dropped": dropped, "val_size": args.val_size, "dedup": DEDUP_RULE,
             "val_near_duplicates_moved": moved,
+            **({"inner_val": args.inner_val} if args.inner_val is not None else {}),
             "csv": {"label_column": args.label_column, "text_columns": args.text_columns, "header": args.header,
                     "label_base": args.label_base, "unescape_newlines": args.unescape_newlines,
                     "encoding": args.encoding, "limit_per_file": args.limit_per_file},
@@ -662,7 +795,8 @@ def finish(args: argparse.Namespace, model: torch.nn.Module, classes: list[str],
                                     else f"halved every {args.step_epochs} epochs"),
                        "warmup": args.warmup if args.schedule == "cosine" else None,
                        "label_smoothing": args.label_smoothing, "clip_grad": args.clip_grad,
-                       "bf16_autocast": amp, "seed": args.seed}},
+                       "bf16_autocast": amp, "seed": args.seed,
+                       **({"init_seed": args.init_seed} if args.init_seed is not None else {})}},
         "metrics": {"val_accuracy": round(acc, 4), "val_macro_f1": round(macro_f1, 4),
                     "per_class_f1": {c: round(m["f1"], 4) for c, m in per_class.items()}, "val_rows": len(y)},
     }

@@ -31,6 +31,7 @@ def test_classify_batch_of_texts(tclient: TestClient) -> None:
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"] == "tiny-text" and body["weights"] == "trained" and body["window"] == 64
+    assert body["window_unit"] == "characters"
     assert len(body["results"]) == 2
     for res in body["results"]:
         assert len(res["top_k"]) == 2 and {p["label"] for p in res["top_k"]} <= set(TEXT_LABELS)

@@ -124,3 +124,37 @@ def test_members_that_cannot_share_a_hold_out_are_refused(tmp_path: Path) -> Non
 def test_untrained_ensemble_module_matches_arch_of_shipped_form() -> None:
     ens = cifar_resnet_ensemble({"members": [{"depth": 20}, {"depth": 32}]}, 10)
     assert sum(p.numel() for p in ens.parameters()) == 269_722 + 464_154
+
+
+def test_ensemble_of_se_and_wide_resnet_members(tmp_path: Path) -> None:
+    """Members of the SE-ResNet and wide-ResNet families combine like ResNets; their families are recorded in the
+    ensemble's arch, and members that left out different test splits (so had different hold-outs) are refused."""
+    data = make_folder(tmp_path / "data", per_class=10)
+    weights = tmp_path / "weights"
+    common = ["--data", str(data), "--epochs", "1", "--batch-size", "8", "--val-size", "6", "--threads", "1",
+              "--cache", str(tmp_path / "cache"), "--install", str(weights)]
+    train_images.main([*common, "--out", str(tmp_path / "se"), "--name", "tiny-se", "--family", "cifar-se-resnet",
+                       "--depth", "8", "--se-reduction", "4"])
+    train_images.main([*common, "--out", str(tmp_path / "wrn"), "--name", "tiny-wrn", "--family",
+                       "cifar-wide-resnet", "--depth", "10", "--width", "1"])
+    report = train_ensemble.main(["--name", "tiny-mix", "--members", "tiny-se", "tiny-wrn", "--weights-dir",
+                                  str(weights), "--out", str(tmp_path / "ens"), "--cache", str(tmp_path / "cache"),
+                                  "--threads", "1", "--install", str(weights)])
+    assert report["val_size"] == 6
+    entry = load_manifest(weights)["tiny-mix"]
+    assert [m.get("family") for m in entry.arch["members"]] == ["cifar-se-resnet", "cifar-wide-resnet"]
+    assert entry.training["test_split"] == load_manifest(weights)["tiny-se"].training["test_split"]
+    reg = ModelRegistry(weights, tmp_path / "hub", torch.device("cpu"), allow_download=False, allow_untrained=False)
+    st = reg.load_classifier("tiny-mix")
+    assert st.status == "ready" and st.loaded is not None and st.loaded.weights_tag == "trained"
+
+    train_images.main([*common, "--out", str(tmp_path / "other"), "--name", "tiny-other", "--depth", "8",
+                       "--test-fraction", "0.2"])
+    raw = json.loads((weights / "manifest.json").read_text())
+    pre = next(m["preprocessing"] for m in raw["models"] if m["name"] == "tiny-se")
+    for m in raw["models"]:
+        if m["name"] == "tiny-other":
+            m["preprocessing"], m["training"]["val_images"] = pre, 6
+    (weights / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(train_ensemble.EnsembleError, match="different 'test_split'"):
+        train_ensemble.check_members(load_manifest(weights), ["tiny-se", "tiny-other"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -125,3 +126,32 @@ def test_real_photos_through_the_api(tmp_path: Path, label: str, model: str) -> 
         tops = [x["top_k"][0] for x in r.json()["results"]]
         assert sum(t["label"] == label for t in tops) >= 6, tops
         assert all(0.0 < t["probability"] <= 1.0 for t in tops)
+
+
+@pytest.mark.parametrize("name", [NAME, "cifar10-resnet32", LIGHT, ENSEMBLE])
+def test_shipped_models_have_no_frozen_test_split(name: str) -> None:
+    """Trained before the frozen test split existed, on every image outside their hold-out: their split is the
+    old one (no test images) and `evaluate --test-split` refuses them, pointing at the hold-out."""
+    from models.train.images import frozen_test_files, holdout_from_training
+
+    entry = load_manifest(ROOT / "weights")[name]
+    assert "test_split" not in entry.training
+    h = holdout_from_training(entry.training, name)
+    assert h.test is None and h.test_size == 0
+    with pytest.raises(SystemExit, match="only data it has not seen"):
+        frozen_test_files(h, SHARED_DATA / "cifar10" / "train", name)
+
+
+@pytest.mark.shared_data
+def test_the_frozen_test_split_of_cifar10_is_mostly_shipped_training_data() -> None:
+    """Why the shipped models cannot be scored on the frozen test split: 90% of it is in their training set.
+    New runs leave its 5,000 images (500 per class) out of training and validation."""
+    from models.train.images import DEFAULT_TEST_FRACTION, FrozenTestSplit, split_folder
+
+    root = SHARED_DATA / "cifar10" / "train"
+    new = split_folder(root, 5000, 0, test=FrozenTestSplit(DEFAULT_TEST_FRACTION))
+    old = split_folder(root, 5000, 0)
+    assert len(new.test) == 5000 and np.bincount(new.labels[new.test]).tolist() == [500] * 10
+    assert (len(new.train), len(new.val)) == (40000, 5000)
+    assert len(set(new.test) & set(old.val)) + len(set(new.test) & set(old.train)) == 5000
+    assert len(set(new.test) & set(old.train)) > 4000

@@ -62,9 +62,11 @@ def test_training_command_writes_loadable_checkpoint_and_manifest(tmp_path: Path
 
     # the manifest entry records what rebuilds the hold-out: exactly the images the run validated on
     holdout = train_images.holdout_from_training(entry.training, "tiny-rgb")
-    assert (holdout.data, holdout.val_size, holdout.train_size, holdout.seed) == (data, 6, 18, 0)
+    # 24 images: the frozen test split takes round(8 * 0.1) = 1 per class, validation 2 per class, 15 train
+    assert (holdout.data, holdout.val_size, holdout.train_size, holdout.seed) == (data, 6, 15, 0)
+    assert holdout.test == train_images.FrozenTestSplit(0.1) and holdout.test_size == 3
     classes, files, labels = train_images.holdout_files(holdout)
-    _, (_, _), (val_u8, y_val) = train_images.load_split(data, 32, 6, 0, None)
+    _, (_, _), (val_u8, y_val) = train_images.load_split(data, 32, 6, 0, None, test=holdout.test)
     assert classes == entry.labels and labels.tolist() == y_val.tolist() and len(files) == 6
     spec = ImageSpec.from_dict(entry.preprocessing.model_dump())
     decoded = np.stack([train_images.to_uint8_array(Image.open(f), spec) for f in files])

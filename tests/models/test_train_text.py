@@ -233,3 +233,86 @@ def test_dedup_split_repeats_until_no_near_duplicate_is_left(tmp_path: Path) -> 
 def test_bad_name_is_refused_before_training(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         train_text.parse_args(["--train", "x.csv", "--out", str(tmp_path), "--name", "bad name/with slash"])
+
+
+def test_word_cnn_trains_installs_and_serves_through_the_registry(tmp_path: Path,
+                                                                   data: tuple[Path, Path, Path]) -> None:
+    """The word-level family end to end: vocabulary from training rows only, stored in the weights file, the
+    manifest entry's word encoding, and the registry serving it (unknown words included) and through the app."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.runtime.registry import ModelRegistry
+    from app.settings import Settings
+    from models.text import WordCNN, WordSpec
+    from models.text.words import vocabulary_from_tensor, vocabulary_sha256
+    from tests.conftest import wait_ready
+
+    gold, extra, classes = data
+    out, weights = tmp_path / "run", tmp_path / "weights"
+    args = ["--train", str(gold), "--train", str(extra), "--classes", str(classes), "--out", str(out),
+            "--name", "tiny-words", "--family", "word-cnn", "--word-dim", "32", "--filters", "32",
+            "--buckets", "2048", "--min-count", "1", "--epochs", "12", "--batch-size", "16", "--val-size", "30",
+            "--optimizer", "adamw", "--lr", "1e-2", "--threads", "1", "--seed", "0", "--device", "cpu",
+            "--install", str(weights)]
+    report = train_text.main(args)
+    assert report["val_accuracy"] > 0.8, report["history"]
+    assert len((out / "log.jsonl").read_text().splitlines()) == 12
+    entry = load_manifest(weights)["tiny-words"]
+    enc = (entry.model_extra or {})["encoding"]
+    assert entry.family == "word-cnn" and enc["kind"] == "words"
+    spec = WordSpec.from_dict(enc)
+    sd = torch.load(weights / entry.file, weights_only=True)
+    words = vocabulary_from_tensor(sd["vocabulary"])
+    assert vocabulary_sha256(words) == spec.vocabulary_sha256 and len(words) + 2 == spec.vocab_size
+    # the vocabulary holds training words only: no word that appears only in hold-out texts
+    split = train_text.holdout_split(train_text.holdout_from_training(entry.training, "tiny-words"), CLASSES)
+    train_words = {w for t in split.train_texts for w in spec.tokens(t)}
+    assert set(words) <= train_words and "football" in words
+
+    registry = ModelRegistry(weights, tmp_path / "th", torch.device("cpu"), allow_download=False,
+                             allow_untrained=False)
+    state = registry.load("tiny-words", "text-classification")
+    assert state.status == "ready" and state.loaded is not None, state.reason
+    loaded = state.loaded
+    assert isinstance(loaded.model, WordCNN) and loaded.weights_tag == "trained"
+    probs = loaded.forward(["Football: a late goal wins the match", "Stocks fall as market shares slide",
+                            "Senate election: the vote is close", "Zzyzx qwerty unseenword"])
+    pred = [int(p.argmax()) for p in probs]
+    assert pred[:3] == [0, 1, 2], pred
+    assert all(abs(float(p.sum()) - 1.0) < 1e-5 for p in probs)
+
+    # served by the app under its name; the window is the encoding's token count
+    s = Settings(weights_dir=weights, text_models=["tiny-words"], classifiers=[], face_models=[],
+                 torch_home=tmp_path / "th", device="cpu", data_dir=tmp_path / "data", style_workers=0,
+                 ready_requires=["text"])
+    with TestClient(create_app(s)) as c:
+        wait_ready(c)
+        r = c.post("/text/classify", json={"texts": ["the football match ended with a goal", "word " * 300],
+                                           "top_k": 1})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == "tiny-words" and body["weights"] == "trained" and body["window"] == spec.max_words
+        assert body["window_unit"] == "tokens"
+        assert body["results"][0]["top_k"][0]["label"] == "Sports"
+        assert [x["truncated"] for x in body["results"]] == [False, True]
+
+
+def test_inner_val_runs_never_read_the_holdout(tmp_path: Path, data: tuple[Path, Path, Path]) -> None:
+    gold, extra, classes = data
+    common = ["--train", str(gold), "--train", str(extra), "--classes", str(classes), "--family", "word-cnn",
+              "--word-dim", "8", "--filters", "8", "--buckets", "256", "--min-count", "1", "--epochs", "1",
+              "--batch-size", "16", "--val-size", "30", "--threads", "1", "--device", "cpu"]
+    with pytest.raises(SystemExit):
+        train_text.parse_args([*common, "--out", str(tmp_path / "x"), "--inner-val", "12",
+                               "--install", str(tmp_path / "w")])
+    report = train_text.main([*common, "--out", str(tmp_path / "inner"), "--inner-val", "12"])
+    assert report["val_rows"] == 12 and "inner split" in report["validation"]
+    # the 30 hold-out rows are neither trained on nor validated on: 90 gold - 30 hold-out - 12 inner + 18 extra
+    assert report["train_rows"] == 90 - 30 - 12 + 18
+    args = train_text.parse_args([*common, "--out", str(tmp_path / "inner")])
+    _, rows = train_text.load_rows(args)
+    outer = train_text.split_rows(rows, "30", True, 0)
+    inner = train_text.inner_split(outer, "12", 0)
+    assert not set(inner.val_texts) & set(outer.val_texts) and not set(inner.train_texts) & set(outer.val_texts)
+    assert set(inner.val_texts) <= set(outer.train_texts[: outer.first_train_rows])
