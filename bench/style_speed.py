@@ -25,6 +25,12 @@ and the time to that step.
 
 Variants: ``ours`` (stylize), ``reference`` (as above), ``reference-frozen`` (the reference with frozen
 weights: shows how much of the gap is weight gradients). Pick with ``--variants``.
+
+``--repeats N`` runs N rounds of the variants, the order reversed every other round (interleaved, so drift
+in the machine's load hits each variant alike); the JSON keeps every round (``later_rounds``), the spread of
+the equal-loss speed-ups over rounds (``spread_over_rounds``) and os.getloadavg() at the start and the end.
+On a shared machine pass ``--threads 1``: with two threads competing for busy cores the times measure the
+contention (docs/number-sources.md).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import multiprocessing as mp
 import os
 import platform
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -363,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--style-weight", type=float, default=StyleParams().style_weight)
     ap.add_argument("--pool", choices=["max", "avg"], default=None, help="default: the feature network's")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="rounds of all variants, interleaved (order reversed every other round); the table is "
+                         "the first round's, the JSON holds every round and the spread of the speed-ups")
     ap.add_argument("--json", type=Path, default=None, help="write all results (per-step losses too)")
     ap.add_argument("--summarise", type=Path, default=None, metavar="JSON",
                     help="only print the table of a saved --json result")
@@ -378,26 +388,58 @@ def main(argv: list[str] | None = None) -> int:
     cfg = {k: getattr(args, k) for k in ("size", "steps", "device", "threads", "content", "style", "style_weight",
                                          "pool", "seed")}
     ctx = mp.get_context("spawn")
-    results: dict[str, dict[str, Any]] = {}
-    for v in variants:
-        q = ctx.Queue()
-        p = ctx.Process(target=worker, args=(v, cfg, q))
-        p.start()
-        results[v] = q.get()
-        p.join()
-        r = results[v]
-        msg = r.get("error") or f"{r['seconds']:.1f} s, final loss {r['losses'][-1]:.4f}"
-        print(f"{v}: {msg}", file=sys.stderr, flush=True)
+    load_start = _loadavg()
+    rounds: list[dict[str, dict[str, Any]]] = []
+    for k in range(max(1, args.repeats)):
+        results: dict[str, dict[str, Any]] = {}
+        for v in (variants if k % 2 == 0 else list(reversed(variants))):
+            q = ctx.Queue()
+            p = ctx.Process(target=worker, args=(v, cfg, q))
+            p.start()
+            results[v] = q.get()
+            p.join()
+            r = results[v]
+            msg = r.get("error") or f"{r['seconds']:.1f} s, final loss {r['losses'][-1]:.4f}"
+            print(f"round {k + 1} {v}: {msg}", file=sys.stderr, flush=True)
+        rounds.append({v: results[v] for v in variants})
+    results = rounds[0]
     summary = summarise(results)
     meta = {"size": args.size, "steps": args.steps, "device": args.device, "machine": platform.processor()
             or platform.machine(), "torch": torch.__version__, "cpus": os.cpu_count(),
-            "threads": next((r["torch_threads"] for r in results.values() if "torch_threads" in r), None)}
+            "threads": next((r["torch_threads"] for r in results.values() if "torch_threads" in r), None),
+            "repeats": len(rounds), "loadavg_1_5_15_start": load_start, "loadavg_1_5_15_end": _loadavg()}
     print(markdown(results, summary, meta))
+    spread = spread_over_rounds(rounds)
+    for name, row in spread.items():
+        print(f"- over {len(rounds)} rounds, {name}: speed-up at equal loss median {row['median']:.2f}x "
+              f"(min {row['min']:.2f}, max {row['max']:.2f}); seconds per run: {row['seconds']}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": meta, "config": cfg, "summary": summary, "results": results},
-                                        indent=1))
+        doc = {"meta": meta, "config": cfg, "summary": summary, "spread_over_rounds": spread, "results": results,
+               "later_rounds": rounds[1:]}
+        args.json.write_text(json.dumps(doc, indent=1))
     return 0
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover - not on every platform
+        return None
+
+
+def spread_over_rounds(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Per comparison: the speed-up at equal loss of every round, its median, min and max, and each run's time."""
+    per: dict[str, list[float]] = {}
+    secs: dict[str, dict[str, list[float]]] = {}
+    for results in rounds:
+        for name, row in summarise(results).items():
+            per.setdefault(name, []).append(row["speedup_at_equal_loss"])
+            s = secs.setdefault(name, {"ours": [], "reference": []})
+            s["ours"].append(round(row["ours_seconds"], 1))
+            s["reference"].append(round(row["reference_seconds"], 1))
+    return {name: {"speedups": [round(x, 3) for x in v], "median": statistics.median(v), "min": min(v),
+                   "max": max(v), "seconds": secs[name]} for name, v in per.items()}
 
 
 if __name__ == "__main__":
