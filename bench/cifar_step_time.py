@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bench.harness import write_json
 from models.cifar_resnet import count_parameters
 from models.train.images import augment
 from models.zoo import build_classifier
@@ -162,9 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{key}: {r['params']:,} params, {r['median_step_seconds']:.3f} s/step "
                   f"({r['images_per_second']} img/s) {r['step_seconds']}", flush=True)
     out["machine_after"] = machine()
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(args.json, out)
     return out
 
 

@@ -22,7 +22,6 @@ times are inflated and noisy, and only the paired ratios of one sitting are wort
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 
 from bench.cifar_step_time import step_times
+from bench.harness import loadavg, write_json
 from models.zoo import build_classifier
 
 
@@ -41,7 +41,7 @@ def machine() -> dict[str, Any]:
     """Where and under what load the numbers were taken."""
     return {"python": platform.python_version(), "torch": torch.__version__,
             "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+            "torch_threads": torch.get_num_threads(), "loadavg_1_5_15": loadavg(),
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
@@ -160,9 +160,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         out["results"] = train_step_ab(args.depth, args.batch, args.rounds, args.steps, args.warmup)
     out["machine_end"] = machine()
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(args.json, out)
     return out
 
 

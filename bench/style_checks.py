@@ -13,8 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from bench.harness import loadavg, write_json
 from models.style import ProgressInfo, StyleParams, random_vgg_features, stylize, to_tensor
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "style"
@@ -30,7 +29,7 @@ RELUS = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
 
 
 def _load() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
+    return loadavg()
 
 
 def rms_check(photo: Image.Image) -> dict[str, Any]:
@@ -131,9 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "amp" in checks:
         out["amp"] = amp_check(content, style, args.amp_steps, args.amp_size)
     out["loadavg_1_5_15_end"] = _load()
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1) + "\n")
+    write_json(args.json, out, indent=1)
     return out
 
 

@@ -11,8 +11,6 @@ the wall time (meaningful only on an idle machine; os.getloadavg() is recorded a
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from bench.harness import loadavg, write_json
 from models.style import ProgressInfo, StyleParams, random_vgg_features, stylize
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "style"
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "params": {"steps": args.steps, "size": args.size, "style_weight": args.style_weight,
                                       "seed": 0, "init": "content", "optimizer": "lbfgs"},
                            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                           "loadavg_1_5_15_start": [round(x, 2) for x in os.getloadavg()], "cells": {}}
+                           "loadavg_1_5_15_start": loadavg(), "cells": {}}
     for pool in args.pools.split(","):
         net = random_vgg_features(0, pool=pool)  # type: ignore[arg-type]
         for c in CONTENTS:
@@ -65,10 +64,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                      "seconds": round(time.perf_counter() - t0, 1), "losses": losses}
                 print(f"{key}: best {min(losses):.4f} last {losses[-1]:.4f} "
                       f"({out['cells'][key]['seconds']} s)", flush=True)
-    out["loadavg_1_5_15_end"] = [round(x, 2) for x in os.getloadavg()]
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1) + "\n")
+    out["loadavg_1_5_15_end"] = loadavg()
+    write_json(args.json, out, indent=1)
     return out
 
 

@@ -1,0 +1,22 @@
+"""What the benchmark scripts run with `python -m bench.NAME` share: the machine's load and writing the raw JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def loadavg() -> list[float]:
+    """The 1, 5 and 15 minute load averages, rounded: recorded at the start and end of every timing run, since
+    timings taken while other work shares the cores are inflated."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def write_json(path: Path | None, payload: dict[str, Any], indent: int = 2) -> None:
+    """Write a benchmark's raw result (nothing when no path was given), creating the folder."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=indent) + "\n")
