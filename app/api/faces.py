@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Path, Query, Response, UploadFile
 
+from app.api import face_schemas as fs
 from app.api.schemas import PROBLEM_RESPONSES
 from app.api.uploads import single_file
 from app.deps import Faces
@@ -31,7 +32,8 @@ async def _read(service: Any, f: UploadFile, fallback: str) -> Upload:
     return Upload(filename=f.filename or fallback, data=await f.read(service.max_image_bytes + 1))
 
 
-@router.post("/embed", responses=RESPONSES, summary="Detect faces and return their embeddings")
+@router.post("/embed", response_model=fs.EmbedResponse, responses=RESPONSES,
+             summary="Detect faces and return their embeddings")
 async def embed(
     service: Faces,
     image: Annotated[list[UploadFile], File(description="one or more images (repeat the field)")],
@@ -45,7 +47,8 @@ async def embed(
     return await service.embed(uploads, model or None, detector, max_faces)
 
 
-@router.post("/verify", responses=RESPONSES, summary="Verify two faces, or a face against an enrolled subject")
+@router.post("/verify", response_model=fs.VerifyResponse, response_model_exclude_unset=True, responses=RESPONSES,
+             summary="Verify two faces, or a face against an enrolled subject")
 async def verify(
     service: Faces,
     image_a_field: Annotated[list[UploadFile] | None, File(alias="image_a",
@@ -81,7 +84,8 @@ async def verify(
 LOCATION = {"Location": {"description": "the subject's URL", "schema": {"type": "string"}}}
 
 
-@router.post("/enroll", status_code=201, summary="Enrol faces of a subject",
+@router.post("/enroll", status_code=201, response_model=fs.EnrollResponse, response_model_exclude_unset=True,
+             summary="Enrol faces of a subject",
              responses={**RESPONSES, 201: {"description": "enrolled", "headers": LOCATION}})
 async def enroll(
     service: Faces,
@@ -108,7 +112,8 @@ async def enroll(
     return result
 
 
-@router.post("/identify", responses=RESPONSES, summary="Identify faces against the gallery")
+@router.post("/identify", response_model=fs.IdentifyResponse, response_model_exclude_unset=True, responses=RESPONSES,
+             summary="Identify faces against the gallery")
 async def identify(
     service: Faces,
     image: Annotated[list[UploadFile], File(description="one image with one or more faces")],
@@ -137,7 +142,7 @@ async def identify(
 SubjectPath = Annotated[str, Path(description="subject id")]
 
 
-@router.get("/subjects", responses=RESPONSES, summary="List enrolled subjects")
+@router.get("/subjects", response_model=fs.SubjectsPage, responses=RESPONSES, summary="List enrolled subjects")
 async def list_subjects(
     service: Faces,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -147,23 +152,25 @@ async def list_subjects(
     return await service.list_subjects(limit, offset)
 
 
-@router.get("/subjects/{subject}", responses=RESPONSES, summary="One subject and its faces")
+@router.get("/subjects/{subject}", response_model=fs.SubjectDetail, responses=RESPONSES,
+            summary="One subject and its faces")
 async def get_subject(service: Faces, subject: SubjectPath) -> dict[str, Any]:
     return await service.get_subject(subject)
 
 
-@router.delete("/subjects/{subject}", responses=RESPONSES, summary="Delete a subject and all its faces")
+@router.delete("/subjects/{subject}", response_model=fs.DeletedSubject, responses=RESPONSES,
+               summary="Delete a subject and all its faces")
 async def delete_subject(service: Faces, subject: SubjectPath) -> dict[str, Any]:
     """Deleted from SQLite and the index before the response: nothing of the subject is found afterwards."""
     return await service.delete_subject(subject)
 
 
-@router.get("/gallery", responses=RESPONSES, summary="Gallery statistics")
+@router.get("/gallery", response_model=fs.GalleryStats, responses=RESPONSES, summary="Gallery statistics")
 async def gallery(service: Faces) -> dict[str, Any]:
     """Subjects, faces, indexed faces, faces from other models, index kind and how it was opened."""
     return await service.gallery_stats()
 
 
-@router.delete("/{face_id}", responses=RESPONSES, summary="Delete one enrolled face")
+@router.delete("/{face_id}", response_model=fs.DeletedFace, responses=RESPONSES, summary="Delete one enrolled face")
 async def delete_face(service: Faces, face_id: Annotated[str, Path(max_length=64)]) -> dict[str, Any]:
     return await service.delete_face(face_id)

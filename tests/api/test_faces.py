@@ -467,3 +467,19 @@ def test_quality_reports_eye_positions_when_found(fclient: TestClient) -> None:
     face = post_enroll(fclient, "gus", [pattern(5, size=64)]).json()["faces"][0]
     assert face["quality"]["eyes"] is None  # a noise patch has no eyes (and the tiny model does not align)
     assert np.isfinite(face["quality"]["sharpness"])
+
+
+def test_every_face_route_documents_its_answer(fclient: TestClient) -> None:
+    """Each face route has a response model in /openapi.json (not an untyped object)."""
+    schema = fclient.get("/openapi.json").json()
+    routes = [(path, method, op) for path, ops in schema["paths"].items() if path.startswith("/faces")
+              for method, op in ops.items()]
+    assert len(routes) == 9
+    for path, method, op in routes:
+        ok = op["responses"].get("200") or op["responses"].get("201")
+        ref = ok["content"]["application/json"]["schema"].get("$ref", "")
+        assert ref.startswith("#/components/schemas/"), (method, path, ok)
+        name = ref.rsplit("/", 1)[1]
+        assert schema["components"]["schemas"][name]["properties"], (method, path)
+    identify = schema["components"]["schemas"]["IdentifyResponse"]["properties"]
+    assert {"threshold", "threshold_source", "fpir", "gallery_size", "faces"} <= set(identify)
