@@ -48,7 +48,7 @@ class Face:
     box: FaceBox
     tensor: torch.Tensor
     eyes: Eyes | None
-    quality: FaceQuality
+    quality: FaceQuality | None  # measured for enrolments only
 
 
 @dataclass
@@ -182,8 +182,10 @@ class FacesService:
                 "fpir_expected": round(expected, 6) if expected is not None else None,
                 "threshold_clamped": clamped}, warnings
 
-    def _find(self, upload: Upload, loaded: LoadedFaceEmbedder, detector: str, max_faces: int) -> ImageFaces:
-        """Blocking: decode, detect, keep the largest max_faces faces and make their embedder inputs."""
+    def _find(self, upload: Upload, loaded: LoadedFaceEmbedder, detector: str, max_faces: int,
+              quality: bool = False) -> ImageFaces:
+        """Blocking: decode, detect, keep the largest max_faces faces and make their embedder inputs (and, for an
+        enrolment, measure their quality)."""
         img = decode_image(upload.data, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels,
                            max_side=self.max_image_side, max_aspect_ratio=self.max_aspect_ratio, name=upload.filename)
         boxes = self.detectors.detect(detector, img)  # largest first (the Detector contract)
@@ -193,15 +195,16 @@ class FacesService:
         faces = []
         for b in boxes[:max_faces]:
             crop, eyes = face_input(img, b, spec, self.detectors.eyes)
-            faces.append(Face(b, image_to_tensor(crop, loaded.preprocessing), eyes, measure(b, crop)))
+            faces.append(Face(b, image_to_tensor(crop, loaded.preprocessing), eyes,
+                              measure(b, crop) if quality else None))
         return ImageFaces(upload.filename, faces, len(boxes))
 
     async def _embed_uploads(
-        self, uploads: list[Upload], model: str | None, detector: str | None, max_faces: int
+        self, uploads: list[Upload], model: str | None, detector: str | None, max_faces: int, quality: bool = False
     ) -> tuple[str, LoadedFaceEmbedder, list[ImageFaces], list[list[np.ndarray]]]:
         name, loaded = self.pool.resolve(model)
         det = self._detector(detector)
-        found = [await asyncio.to_thread(self._find, u, loaded, det, max_faces) for u in uploads]
+        found = [await asyncio.to_thread(self._find, u, loaded, det, max_faces, quality) for u in uploads]
         tensors = [f.tensor for img in found for f in img.faces]
         flat = await self.pool.run(name, tensors) if tensors else []
         out: list[list[np.ndarray]] = []
@@ -303,7 +306,7 @@ class FacesService:
         if quality not in QUALITY_MODES:
             raise InvalidParameters(f"quality must be one of {', '.join(QUALITY_MODES)}, not {quality!r}")
         gallery, name, loaded = self._gallery()
-        _, _, found, embs = await self._embed_uploads(uploads, name, detector, 1)
+        _, _, found, embs = await self._embed_uploads(uploads, name, detector, 1, quality=True)
         for i, img in enumerate(found):
             self._require_face(img, f"image[{i}]")
         vecs = np.stack([es[0] for es in embs])
@@ -312,6 +315,7 @@ class FacesService:
         issue_lists: list[list[str]] = []
         for i, img in enumerate(found):
             face = img.faces[0]
+            assert face.quality is not None  # measured: quality=True above
             issues = face.quality.issues(self.enroll_min_side, self.enroll_min_sharpness)
             issues += ["duplicate"] * bool(duplicates[i]) + ["unlike-subject"] * unlike[i]
             issue_lists.append(issues)
@@ -346,6 +350,7 @@ class FacesService:
 
     @staticmethod
     def _quality_json(face: Face) -> dict[str, Any]:
+        assert face.quality is not None
         return {"face_side": face.quality.face_side, "sharpness": face.quality.sharpness,
                 "eyes": face.eyes.to_dict() if face.eyes else None}
 
