@@ -9,6 +9,7 @@ different models.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,8 @@ from models.faces.crop import CropSpec
 from models.faces.detect import FaceBox, HaarDetector, HaarParams, WholeImageDetector
 from models.faces.quality import FaceQuality, measure
 from models.preprocess import image_to_tensor
+
+log = logging.getLogger("app.faces")
 
 DETECTORS = ("haar", "none")
 QUALITY_MODES = ("report", "strict")
@@ -76,6 +79,9 @@ class DetectorPool:
             self.errors["haar"] = f"{type(exc).__name__}: {exc}"
         # eye alignment (models whose crop says align=eyes); without the eye cascade faces are embedded unaligned
         self.eyes = EyeFinderPool()
+        if self.eyes.error:
+            log.warning("eye alignment unavailable (%s): models that align on the eyes get unaligned crops",
+                        self.eyes.error)
 
     def detect(self, name: str, img: Image.Image) -> list[FaceBox]:
         if name == "none":

@@ -187,3 +187,20 @@ def test_measure_and_issues() -> None:
     assert q == FaceQuality(face_side=30, sharpness=0.0)
     assert q.issues(40, 100.0) == ["small", "blurred"]
     assert FaceQuality(80, 500.0).issues(40, 100.0) == []
+
+
+def test_eye_finder_pool_without_a_cascade_embeds_unaligned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OpenCV without the eye cascade (the GPU machine's image) leaves alignment off, never a crash."""
+    import models.faces.align as align
+
+    def broken(*_a: object, **_k: object) -> None:
+        raise RuntimeError("this OpenCV build ships no Haar cascades")
+
+    monkeypatch.setattr(align, "EyeFinder", broken)
+    pool = align.EyeFinderPool()
+    assert pool.error is not None and "no Haar cascades" in pool.error
+    img, _, _ = two_dots(15.0)
+    box = FaceBox(50, 50, 100, 100, 1.0)
+    crop, eyes = face_input(img, box, CropSpec(size=64, margin=0.1, align="eyes"), pool)
+    assert eyes is None
+    assert np.array_equal(np.asarray(crop), np.asarray(crop_face(img, box, CropSpec(size=64, margin=0.1))))
