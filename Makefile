@@ -28,7 +28,7 @@ lint: install
 	$(BIN)/mypy app models
 
 bench: install
-	$(BIN)/python bench/classify_load.py --matrix
+	$(BIN)/python -m bench.classify_load --matrix
 
 lock:
 	$(BIN)/pip install -q uv

@@ -22,9 +22,16 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from app.settings import DEFAULT_IMAGENET_MODELS, Settings
+
+if TYPE_CHECKING:  # imported where used: the command line starts without torch
+    import torch
+
+    from app.runtime.registry import LoadedClassifier, LoadedFaceEmbedder
+    from app.services.classification import Upload
+    from app.services.faces import DetectorPool
 
 M = TypeVar("M")
 
@@ -50,14 +57,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from app.runtime.device import configure_torch, select_device
     from app.runtime.registry import hub_checkpoint_dir
     from app.services.style import FeatureSource, StyleWorker
-    from app.stores.jobs import JobStore
+    from app.stores.factory import open_job_store
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     s = Settings()
     device = select_device(s.device)
     configure_torch(device, s.torch_threads)
-    store = JobStore(s.data_dir / "style-jobs", stale_after=s.style_stale_seconds,
-                     max_finished=s.style_max_finished_jobs, max_finished_bytes=s.style_max_finished_bytes)
+    store = open_job_store(s)  # the same factory the server uses: both see one store
     worker = StyleWorker(store, FeatureSource(s.weights_dir, hub_checkpoint_dir(s.torch_home)), device,
                          ttl_seconds=s.style_ttl_hours * 3600)
 
@@ -68,7 +74,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     worker.recover()
-    logging.getLogger("app").info("style worker %s on %s, store %s", worker.id, device, store.root)
+    logging.getLogger("app").info("style worker %s on %s, store %s", worker.id, device, store.location)
     worker.run_forever()
     return 0
 
@@ -147,12 +153,20 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     return 2
 
 
-def _decode_file(path: Path, s: Settings) -> Any:
-    """An image file decoded and checked exactly as an upload would be."""
-    from app.runtime.images import decode_image
+def _upload(path: Path) -> Upload:
+    """A file as the services see an uploaded one (its name and bytes)."""
+    from app.services.classification import Upload
 
-    return decode_image(path.read_bytes(), max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels,
-                        max_side=s.max_image_side, max_aspect_ratio=s.max_aspect_ratio, name=path.name)
+    return Upload(filename=path.name, data=path.read_bytes())
+
+
+def _classifier_inputs(loaded: LoadedClassifier, files: list[Path], s: Settings) -> list[torch.Tensor]:
+    """The classifier's input tensors of image files, made by the classification service's own per-upload step
+    (`classifier_input`: decoded and checked within the server's limits, then the model's preprocessing)."""
+    from app.services.classification import ImageLimits, classifier_input
+
+    limits = ImageLimits.from_settings(s)
+    return [classifier_input(_upload(f), loaded, limits) for f in files]
 
 
 def _training_path(path: Path, s: Settings) -> Path:
@@ -204,7 +218,6 @@ def evaluate_classifier(name: str, data: Path | None, *, batch_size: int = 64, l
     import numpy as np
 
     from app.runtime.registry import LoadedClassifier
-    from models.preprocess import image_to_tensor
     from models.train.common import confusion_matrix
     from models.train.images import frozen_test_files, holdout_files, holdout_from_training, scan_image_folder
 
@@ -246,9 +259,8 @@ def evaluate_classifier(name: str, data: Path | None, *, batch_size: int = 64, l
     preds_one: list[int] = []
     t0 = time.perf_counter()
     for i in range(0, len(files), batch_size):
-        batch = []
-        for f in files[i : i + batch_size]:
-            batch.append(image_to_tensor(_decode_file(f, s), loaded.preprocessing))
+        batch = _classifier_inputs(loaded, files[i : i + batch_size], s)
+        # the forward the service's micro-batcher runs on a batch of requests' inputs
         preds.extend(int(p.argmax()) for p in loaded.forward(batch))
         if one_view:
             loaded.hflip_tta = False  # the same forward without the mirror image: the card's one-view number
@@ -466,35 +478,53 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _face_embeddings(loaded: Any, files: list[Path], s: Settings, batch_size: int,
+def _face_detectors(s: Settings, loaded: LoadedFaceEmbedder) -> DetectorPool:
+    """The face service's detectors with the server's Haar parameters (exit when the cascade, or the eye cascade
+    of a model that aligns on the eyes, is missing: the numbers would not be the served model's)."""
+    from app.services.faces import DetectorPool
+    from models.faces.detect import HaarParams
+
+    detectors = DetectorPool(HaarParams(scale_factor=s.face_haar_scale_factor,
+                                        min_neighbors=s.face_haar_min_neighbors, min_size=s.face_haar_min_size,
+                                        max_side=s.face_haar_max_side))
+    if "haar" in detectors.errors:
+        raise SystemExit(f"the Haar face detector is unavailable: {detectors.errors['haar']}")
+    if loaded.crop_align == "eyes" and detectors.eyes.error:
+        raise SystemExit(f"{loaded.spec.name} aligns faces on the eyes, but the eye cascade is unavailable: "
+                         f"{detectors.eyes.error}")
+    return detectors
+
+
+def _face_embeddings(loaded: LoadedFaceEmbedder, files: list[Path], s: Settings, batch_size: int,
                      misses: str) -> tuple[dict[Path, Any], set[Path]]:
-    """Each image's embedding through the served path: decoded and checked as an upload, the Haar cascade with the
-    server's parameters, the largest face, the model's crop. An image without a face gets None (misses='error':
-    /faces/verify answers 422) or the embedding of the training pipeline's centred box (misses='fallback')."""
-    from models.faces.align import EyeFinder, face_input
-    from models.faces.crop import CropSpec, largest
-    from models.faces.detect import HaarDetector, HaarParams
-    from models.preprocess import image_to_tensor
+    """Each image's embedding through the served path, the face service's own per-upload step (`find_faces`):
+    decoded and checked as an upload, the Haar cascade with the server's parameters, the largest face, the model's
+    crop. An image without a face gets None (misses='error': /faces/verify answers 422) or the embedding of the
+    training pipeline's centred box (misses='fallback')."""
+    from app.services.classification import ImageLimits
+    from app.services.faces import face_for_embedding, find_faces
     from models.train.faces import fallback_box
 
-    detector = HaarDetector(HaarParams(scale_factor=s.face_haar_scale_factor, min_neighbors=s.face_haar_min_neighbors,
-                                       min_size=s.face_haar_min_size, max_side=s.face_haar_max_side))
-    spec = CropSpec(size=loaded.crop_size, margin=loaded.crop_margin, align=loaded.crop_align)
-    eyes = EyeFinder() if spec.align == "eyes" else None
-    embeddings: dict[Path, Any] = {}
+    detectors = _face_detectors(s, loaded)
+    limits = ImageLimits.from_settings(s)
+    embeddings: dict[Path, Any] = {}  # a unit embedding (a tensor), or None for a miss
     missed: set[Path] = set()
     for i in range(0, len(files), batch_size):
-        batch, names = [], []
+        batch: list[torch.Tensor] = []
+        names: list[Path] = []
         for f in files[i : i + batch_size]:
-            img = _decode_file(f, s)
-            box = largest(detector.detect(img))
-            if box is None:
+            upload = _upload(f)
+            img = limits.decode(upload)
+            found = find_faces(img, upload.filename, loaded, detectors, "haar", 1)
+            if found.faces:
+                face = found.faces[0]
+            else:
                 missed.add(f)
                 if misses == "error":
                     embeddings[f] = None
                     continue
-                box = fallback_box(img.width, img.height)
-            batch.append(image_to_tensor(face_input(img, box, spec, eyes)[0], loaded.preprocessing))
+                face = face_for_embedding(img, fallback_box(img.width, img.height), loaded, detectors, "haar")
+            batch.append(face.tensor)
             names.append(f)
         if batch:
             for f, e in zip(names, loaded.forward(batch), strict=True):

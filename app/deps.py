@@ -34,6 +34,11 @@ Caller = Annotated[Principal, Depends(get_principal)]
 T = TypeVar("T")
 
 
+def service_of(state: AppState, application: str) -> object:
+    """Any declared application's service once started, else 503 saying why (see _loaded)."""
+    return _loaded(state, application, state.services.get(application))
+
+
 def _loaded(state: AppState, application: str, service: T | None) -> T:
     """An application's service once started, else 503: still loading (Retry-After), or why it cannot serve."""
     if service is not None:

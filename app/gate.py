@@ -45,9 +45,11 @@ class RoutePolicy:
 
 FAIL_CLOSED = RoutePolicy("admin")
 
-# (method, route template) -> policy. HEAD is looked up as GET. Inference is `read` (it changes nothing);
-# anything that stores or deletes is `write`.
-ROUTE_POLICIES: dict[tuple[str, str], RoutePolicy] = {
+# (method, route template) -> policy for the routes of the core (health, docs, models); each application declares
+# its own routes' policies (app/apps/) and create_app joins them into one table. HEAD is looked up as GET.
+# Inference is `read` (it changes nothing); anything that stores or deletes is `write`; changing which models
+# serve is `admin`.
+CORE_POLICIES: dict[tuple[str, str], RoutePolicy] = {
     ("GET", "/health/live"): RoutePolicy(OPEN),
     ("GET", "/health/ready"): RoutePolicy(OPEN),
     ("GET", "/metrics"): RoutePolicy("metrics"),
@@ -58,41 +60,30 @@ ROUTE_POLICIES: dict[tuple[str, str], RoutePolicy] = {
     ("GET", "/"): RoutePolicy(OPEN),  # the playground page; it sends the key the user types with each API call
     ("GET", "/static/{asset}"): RoutePolicy(OPEN),  # the page's and the docs' scripts and styles
     ("GET", "/models"): RoutePolicy("read"),
+    ("GET", "/models/defaults"): RoutePolicy("read"),
+    ("PUT", "/models/defaults"): RoutePolicy("admin"),
     ("GET", "/models/{name}"): RoutePolicy("read"),
-    ("POST", "/classify"): RoutePolicy("read", "classification"),
-    ("POST", "/text/classify"): RoutePolicy("read", "text"),
-    ("POST", "/faces/embed"): RoutePolicy("read", "faces"),
-    ("POST", "/faces/verify"): RoutePolicy("read", "faces"),
-    ("POST", "/faces/identify"): RoutePolicy("read", "faces"),
-    ("POST", "/faces/enroll"): RoutePolicy("write", "faces"),
-    ("GET", "/faces/subjects"): RoutePolicy("read"),
-    ("GET", "/faces/subjects/{subject}"): RoutePolicy("read"),
-    ("DELETE", "/faces/subjects/{subject}"): RoutePolicy("write"),
-    ("DELETE", "/faces/{face_id}"): RoutePolicy("write"),
-    ("GET", "/faces/gallery"): RoutePolicy("read"),
-    ("POST", "/style-transfer"): RoutePolicy("write", "style"),
-    ("GET", "/style-transfer"): RoutePolicy("read"),
-    ("GET", "/style-transfer/{job_id}"): RoutePolicy("read"),
-    ("GET", "/style-transfer/{job_id}/result"): RoutePolicy("read"),
-    ("GET", "/style-transfer/{job_id}/preview"): RoutePolicy("read"),
-    ("DELETE", "/style-transfer/{job_id}"): RoutePolicy("write"),
+    ("POST", "/models/{name}/load"): RoutePolicy("admin"),
+    ("POST", "/models/{name}/unload"): RoutePolicy("admin"),
+    ("POST", "/models/{name}/reload"): RoutePolicy("admin"),
+    ("GET", "/models/{name}/batching"): RoutePolicy("read"),
+    ("PUT", "/models/{name}/batching"): RoutePolicy("admin"),
 }
-
-APPLICATIONS = ("classification", "text", "faces", "style")
 
 
 AUTHENTICATED = RoutePolicy("")  # paths no route serves: any valid key (so a 404 reveals nothing to strangers)
 
 
-def policy_for(method: str, template: str) -> RoutePolicy:
+def policy_for(method: str, template: str, policies: dict[tuple[str, str], RoutePolicy]) -> RoutePolicy:
     """The policy of a route template (admin-only for a method the table does not know: fail closed)."""
-    return ROUTE_POLICIES.get(("GET" if method == "HEAD" else method, template), FAIL_CLOSED)
+    return policies.get(("GET" if method == "HEAD" else method, template), FAIL_CLOSED)
 
 
 class RouteTable:
     """Matches a request path against the policy table's templates, from the path alone (no routing yet)."""
 
-    def __init__(self, policies: dict[tuple[str, str], RoutePolicy] = ROUTE_POLICIES) -> None:
+    def __init__(self, policies: dict[tuple[str, str], RoutePolicy]) -> None:
+        self.policies = policies
         templates = dict.fromkeys(t for _, t in policies)
         # literal templates before parametrised ones, so /faces/subjects is not taken for /faces/{face_id}
         ordered = sorted(templates, key=lambda t: ("{" in t, t))
@@ -102,7 +93,7 @@ class RouteTable:
         """(route template or None, the policy that applies)."""
         for regex, template in self._compiled:
             if regex.match(path):
-                return template, policy_for(method, template)
+                return template, policy_for(method, template, self.policies)
         return None, AUTHENTICATED
 
 

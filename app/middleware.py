@@ -20,6 +20,7 @@ from app.gate import (
     DEADLINE_HEADER,
     Admission,
     KeyRing,
+    RoutePolicy,
     RouteTable,
     parse_timeout,
     presented_key,
@@ -39,11 +40,12 @@ class ServiceMiddleware:
     """The gate, the body cap and per-route metrics in one pass over the ASGI messages."""
 
     def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int, keys: KeyRing,
-                 admission: Admission, default_timeout: float | None) -> None:
+                 admission: Admission, default_timeout: float | None,
+                 policies: dict[tuple[str, str], RoutePolicy]) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body = max_body_bytes
-        self.table = RouteTable()
+        self.table = RouteTable(policies)
         self.keys = keys
         self.admission = admission
         self.default_timeout = default_timeout

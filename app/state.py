@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.gate import Admission
 from app.metrics import Metrics
 from app.runtime.registry import ModelRegistry
 from app.services.classification import ClassificationService
 from app.services.faces import FacesService
-from app.services.pool import ModelPool
-from app.services.style import StyleJobs, StyleWorker
+from app.services.style import StyleJobs
 from app.services.text import TextService
 from app.settings import Settings
+
+if TYPE_CHECKING:
+    from app.services.models import ModelManager
 
 
 @dataclass(frozen=True)
@@ -40,13 +43,34 @@ class AppState:
     metrics: Metrics
     executor: ThreadPoolExecutor
     registry: ModelRegistry | None = None
-    classification: ClassificationService | None = None
-    text: TextService | None = None
-    faces: FacesService | None = None
-    pools: list[ModelPool[Any]] = field(default_factory=list)
-    style: StyleJobs | None = None
-    style_worker: StyleWorker | None = None
+    models: ModelManager | None = None  # run-time model management (load, unload, reload, defaults)
+    services: dict[str, Any] = field(default_factory=dict)  # application name -> its started service
     admission: Admission | None = None
     keys_enabled: bool = False
+    declared: tuple[Any, ...] = ()  # the Application declarations this server was built with
+    pools: list[Any] = field(default_factory=list)  # every task's ModelPool, closed at shutdown
+    stops: list[Callable[[], Awaitable[None]]] = field(default_factory=list)  # applications' shutdown hooks
+    refiners: dict[str, Callable[[AppStatus], AppStatus]] = field(default_factory=dict)
     applications: dict[str, AppStatus] = field(default_factory=dict)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    # typed views of the shipped applications' services (None until started)
+    @property
+    def classification(self) -> ClassificationService | None:
+        svc: ClassificationService | None = self.services.get("classification")
+        return svc
+
+    @property
+    def text(self) -> TextService | None:
+        svc: TextService | None = self.services.get("text")
+        return svc
+
+    @property
+    def faces(self) -> FacesService | None:
+        svc: FacesService | None = self.services.get("faces")
+        return svc
+
+    @property
+    def style(self) -> StyleJobs | None:
+        svc: StyleJobs | None = self.services.get("style")
+        return svc

@@ -1,7 +1,7 @@
 """Abuse benchmark (issue 13): what a fresh server does with hostile input and with more load than it admits.
 
-    python bench/abuse.py                                   # every phase; docs/bench/abuse.{json,md}
-    python bench/abuse.py --schemathesis-examples 5 --overload-seconds 5 --json /tmp/a.json --markdown /tmp/a.md
+    python -m bench.abuse                                   # every phase; docs/bench/abuse.{json,md}
+    python -m bench.abuse --schemathesis-examples 5 --overload-seconds 5 --json /tmp/a.json --markdown /tmp/a.md
 
 Starts `python -m app.cli serve` itself (bench/classify_load.Server: a free loopback port, waits for /health/ready)
 with the shipped models from --weights-dir: the cifar10-resnet56 classifier, the agnews-vdcnn9 text model, the
@@ -51,12 +51,7 @@ from typing import Any
 
 import httpx
 
-_BENCH_DIR = Path(__file__).resolve().parent
-for _p in (_BENCH_DIR, _BENCH_DIR.parent):  # classify_load (bench/) and app, tests (project root)
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-from classify_load import (  # noqa: E402
+from bench.classify_load import (
     PROJECT_ROOT,
     Server,
     _json_safe,
@@ -67,8 +62,7 @@ from classify_load import (  # noqa: E402
     make_test_image,
     percentile,
 )
-
-from tests.crafted import ENDPOINTS, VALID, corpus, encode, memory_kb, noise, requests, run_corpus  # noqa: E402
+from tests.crafted import ENDPOINTS, VALID, corpus, encode, memory_kb, noise, requests, run_corpus
 
 CLASSIFIER, TEXT_MODEL, FACE_MODEL = "cifar10-resnet56", "agnews-vdcnn9", "lfw-face-resnet"
 DEFAULT_CIFAR_DIR = PROJECT_ROOT.parent / "shared" / "data" / "cifar10" / "train"

@@ -2,14 +2,14 @@
 
 Single run against a server that is already up:
 
-    python bench/classify_load.py --url http://127.0.0.1:8000 --model resnet18 \
+    python -m bench.classify_load --url http://127.0.0.1:8000 --model resnet18 \
         --concurrency 1,8,32 --duration 20 --warmup 3 --json runs/bench.json
 
 Matrix: start the server itself (python -m app.cli serve, free port, CNN_* env) once per
 model x batching (on: CNN_BATCH_MAX_SIZE=--batch-size, off: CNN_BATCH_MAX_SIZE=1), run every
 concurrency level against it, stop it, and print a Markdown table:
 
-    python bench/classify_load.py --matrix --model resnet18,resnet50 --concurrency 1,8,32 \
+    python -m bench.classify_load --matrix --model resnet18,resnet50 --concurrency 1,8,32 \
         --duration 20 --device cpu
 
 Each of the N workers sends requests back to back (closed loop) through one shared

@@ -7,7 +7,7 @@ sharpness (Laplacian variance) of the photo as it is and blurred with a Gaussian
 (PIL's GaussianBlur on the whole photo), the share flagged at the given limits, and how often the eye cascade finds
 a plausible pair of eyes with the angle it measures.
 
-    .venv/bin/python bench/face_quality.py            # writes docs/bench/face-quality.{json,md}
+    .venv/bin/python -m bench.face_quality            # writes docs/bench/face-quality.{json,md}
 """
 
 from __future__ import annotations

@@ -20,16 +20,16 @@ The SQLite database and the snapshot live in a temporary directory under --tmp-d
 each configuration. 1M x 512 float32 is 2 GB: expect about 2 GB for the database, 2 GB for the snapshot,
 and a rebuild from SQLite that briefly holds the rows, their concatenation and the index (several GB).
 
-    python bench/faces_gallery.py --sizes 10k,100k,1M --dims 128,512 --kinds flat,ivf --queries 1000
-    python bench/faces_gallery.py --sizes 2000 --dims 128 --queries 50 --out /tmp/gallery.json  # smoke
+    python -m bench.faces_gallery --sizes 10k,100k,1M --dims 128,512 --kinds flat,ivf --queries 1000
+    python -m bench.faces_gallery --sizes 2000 --dims 128 --queries 50 --out /tmp/gallery.json  # smoke
 
 End to end, separately: closed-loop POST /faces/identify against a loopback server whose gallery holds
 --gallery-size faces. --e2e-model seeds a temporary gallery with synthetic faces for the shipped model
 and starts the server itself; --http measures a server you started:
 
-    python bench/faces_gallery.py --e2e-model lfw-face-resnet --gallery-size 100000 \\
+    python -m bench.faces_gallery --e2e-model lfw-face-resnet --gallery-size 100000 \\
         --image ../shared/data/lfw/images/Aaron_Peirsol/Aaron_Peirsol_0001.jpg --concurrency 1,8,32
-    python bench/faces_gallery.py --http http://127.0.0.1:8000 --gallery-size 100000 --image face.jpg
+    python -m bench.faces_gallery --http http://127.0.0.1:8000 --gallery-size 100000 --image face.jpg
 """
 
 from __future__ import annotations
@@ -70,12 +70,8 @@ if __name__ == "__main__":
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
-_BENCH_DIR = Path(__file__).resolve().parent
-for _p in (_BENCH_DIR, _BENCH_DIR.parent):  # classify_load (bench/) and app (project root)
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-from classify_load import (  # noqa: E402
+from app.stores.gallery import GalleryStore, IndexKind, ModelKey, NewFace, VectorIndex  # noqa: E402
+from bench.classify_load import (  # noqa: E402
     PROJECT_ROOT,
     Server,
     _json_safe,
@@ -87,8 +83,6 @@ from classify_load import (  # noqa: E402
     parse_int_list,
     percentile,
 )
-
-from app.stores.gallery import GalleryStore, IndexKind, ModelKey, NewFace, VectorIndex  # noqa: E402
 
 MIB = 1024 * 1024
 BLOCK = 8192  # rows generated per seeded block: row i is the same whatever the gallery size

@@ -24,8 +24,8 @@ strangers (its resolution is one stranger). The 1:1 metrics use the embeddings P
 photos: genuine pairs = each mated person's enrolled photo and probe, impostor pairs = every two photos of different
 people.
 
-    .venv/bin/python bench/faces_identification.py                         # starts a server on a free port
-    .venv/bin/python bench/faces_identification.py --http http://127.0.0.1:8000   # a running server, empty gallery
+    .venv/bin/python -m bench.faces_identification                         # starts a server on a free port
+    .venv/bin/python -m bench.faces_identification --http http://127.0.0.1:8000   # a running server, empty gallery
 """
 
 from __future__ import annotations
@@ -45,12 +45,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-_BENCH_DIR = Path(__file__).resolve().parent
-for _p in (_BENCH_DIR, _BENCH_DIR.parent):  # classify_load (bench/) and models (project root)
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-from classify_load import (  # noqa: E402
+from bench.classify_load import (
     PROJECT_ROOT,
     Server,
     _json_safe,
@@ -59,16 +54,15 @@ from classify_load import (  # noqa: E402
     machine_description,
     machine_lines,
 )
-
-from models.faces.evaluation import auc, roc_curve, tar_at_far  # noqa: E402
-from models.faces.identification import (  # noqa: E402
+from models.faces.evaluation import auc, roc_curve, tar_at_far
+from models.faces.identification import (
     MatedSearch,
     fnir_at,
     fnir_at_fpir,
     fpir_at,
     rank_rate,
 )
-from models.faces.lfw import holdout_split, identity_images, read_pairs, split_by_identity  # noqa: E402
+from models.faces.lfw import holdout_split, identity_images, read_pairs, split_by_identity
 
 SALT = "faces-identification-bench/v1"
 TOP_K = 5

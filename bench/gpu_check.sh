@@ -80,7 +80,7 @@ run_step() {
     say "$name: skipped, ${left}s of the budget left"; record "$name" "" 0 "$budget" "no time left"; return
   fi
   local script
-  script=$(printf '%s\n' "$@" | grep -m1 -E '^(bench/.*[.]py|pytest)$' || true)
+  script=$(printf '%s\n' "$@" | grep -m1 -E '^(bench[.][a-z_]+|pytest)$' || true)
   say "$name: up to ${budget}s: ${script:-$1} (command and output: logs/$name.log)"
   t0=$(date +%s)
   echo "# $*" >"$OUT/logs/$name.log"
@@ -262,42 +262,42 @@ if [[ -z ${SETUP_FAILED:-} && -z ${NO_DEVICE:-} ]]; then
     --continue-on-collection-errors \
     "${PYTEST_IGNORE[@]}" --junitxml="$OUT/pytest-cuda.xml" tests
 
-  run_step forward 40 "$PY" bench/gpu_forward.py --device "$DEV" --model resnet50 "${FWD[@]}" \
+  run_step forward 40 "$PY" -m bench.gpu_forward --device "$DEV" --model resnet50 "${FWD[@]}" \
     --json "$OUT/forward.json" --markdown "$OUT/forward.md"
 
-  run_step classify 55 "${LOAD_ENV[@]}" CNN_TEXT_MODELS= "$PY" bench/classify_load.py --matrix --model resnet50 \
+  run_step classify 55 "${LOAD_ENV[@]}" CNN_TEXT_MODELS= "$PY" -m bench.classify_load --matrix --model resnet50 \
     --batching on "${CLS[@]}" --device "$DEV" --server-log-dir "$OUT/logs/classify" \
     --json "$OUT/classify.json" --markdown "$OUT/classify.md"
 
-  run_step classify16 45 "${LOAD_ENV[@]}" CNN_TEXT_MODELS= "$PY" bench/classify_load.py --matrix --model resnet50 \
+  run_step classify16 45 "${LOAD_ENV[@]}" CNN_TEXT_MODELS= "$PY" -m bench.classify_load --matrix --model resnet50 \
     --batching on --images-per-request 16 "${CLS16[@]}" --device "$DEV" \
     --server-log-dir "$OUT/logs/classify16" --json "$OUT/classify16.json" --markdown "$OUT/classify16.md"
 
-  run_step text 55 "${LOAD_ENV[@]}" "$PY" bench/text_load.py --model agnews-vdcnn9 --device "$DEV" \
+  run_step text 55 "${LOAD_ENV[@]}" "$PY" -m bench.text_load --model agnews-vdcnn9 --device "$DEV" \
     --batching on,off "${TXT[@]}" --server-log-dir "$OUT/logs/text" \
     --json "$OUT/text.json" --markdown "$OUT/text.md"
 
-  run_step style 45 "$PY" bench/style_speed.py --device "$DEV" "${STY[@]}" --json "$OUT/style.json"
+  run_step style 45 "$PY" -m bench.style_speed --device "$DEV" "${STY[@]}" --json "$OUT/style.json"
 
-  run_step faces 45 "$PY" bench/faces_gallery.py "${FACES[@]}" --tmp-dir "$WORK" --out "$OUT/faces-gallery.json"
+  run_step faces 45 "$PY" -m bench.faces_gallery "${FACES[@]}" --tmp-dir "$WORK" --out "$OUT/faces-gallery.json"
 
   # the H200 image's OpenCV has no Haar cascade: the e2e server serves detector=none (the upload is the face)
   "$PY" -c "
-import sys; sys.path.insert(0, 'bench')
-from classify_load import make_test_image
+import sys
+from bench.classify_load import make_test_image
 open(sys.argv[1], 'wb').write(make_test_image(160))" "$WORK/face.jpg"
   run_step faces_e2e 40 env CNN_DEVICE="$DEV" CNN_FACE_DETECTOR=none CNN_IN_FLIGHT_MAX="$IN_FLIGHT" \
-    "$PY" bench/faces_gallery.py --e2e-model lfw-face-resnet --image "$WORK/face.jpg" "${E2E[@]}" \
+    "$PY" -m bench.faces_gallery --e2e-model lfw-face-resnet --image "$WORK/face.jpg" "${E2E[@]}" \
     --tmp-dir "$WORK" --out "$OUT/faces-e2e.json"
 
-  run_step abuse 45 "$PY" bench/abuse.py --device "$DEV" "${ABUSE[@]}" --server-log-dir "$OUT/logs/abuse" \
+  run_step abuse 45 "$PY" -m bench.abuse --device "$DEV" "${ABUSE[@]}" --server-log-dir "$OUT/logs/abuse" \
     --json "$OUT/abuse.json" --markdown "$OUT/abuse.md"
 fi
 
 # ------------------------------------------------------------------------------------------------ summary
 SUMMARY_PY=$PY
 [[ -x $SUMMARY_PY ]] || SUMMARY_PY=$BASE_PY
-timeout 60 "$SUMMARY_PY" bench/gpu_summary.py "$OUT" --budget-seconds "$BUDGET" \
+timeout 60 "$SUMMARY_PY" -m bench.gpu_summary "$OUT" --budget-seconds "$BUDGET" \
   --elapsed-seconds $(($(date +%s) - START)) >"$OUT/logs/summary.log" 2>&1 \
   || { say "summary failed:"; tail -n 20 "$OUT/logs/summary.log"; }
 rm -rf "$WORK"

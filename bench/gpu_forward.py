@@ -13,7 +13,7 @@ These are the ceilings the end-to-end /classify numbers are compared with, measu
   times the usable cores; on CUDA also ``torchvision.io.decode_jpeg(..., device="cuda")`` on batches plus
   resize, centre crop and normalisation on the GPU.
 
-    python bench/gpu_forward.py --device cuda --batch-sizes 1,16,64,256 --seconds 2 --json runs/bench/forward.json
+    python -m bench.gpu_forward --device cuda --batch-sizes 1,16,64,256 --seconds 2 --json runs/bench/forward.json
 
 Each part is reported on its own: a part that fails records its error and the others still run.
 """
@@ -34,14 +34,7 @@ from typing import Any
 
 import torch
 
-_BENCH_DIR = Path(__file__).resolve().parent
-for _p in (_BENCH_DIR, _BENCH_DIR.parent):  # classify_load (bench/) and app, models (project root)
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-from classify_load import machine_description, make_test_image  # noqa: E402
-
-PROJECT_ROOT = _BENCH_DIR.parent
+from bench.classify_load import PROJECT_ROOT, machine_description, make_test_image
 
 
 def parse_int_list(s: str) -> list[int]:

@@ -1,6 +1,6 @@
 """Markdown summary of a bench/gpu_check.sh run: steps, tests, issue 14's goals, every benchmark's key rows.
 
-    python bench/gpu_summary.py OUT_DIR [--budget-seconds 480] [--elapsed-seconds N]
+    python -m bench.gpu_summary OUT_DIR [--budget-seconds 480] [--elapsed-seconds N]
 
 Reads what gpu_check.sh left in OUT_DIR (steps.tsv, env.json, pytest-cuda.xml, forward.json, classify.json,
 classify16.json, text.json, style.json, faces-gallery.json, faces-e2e.json, abuse.json; any may be missing) and

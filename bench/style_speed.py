@@ -21,7 +21,7 @@ torch.cuda.max_memory_allocated. "Time to result" = target set-up + all steps. E
 the reference's final loss is the bar; for ours we report the first step whose loss is at or below it
 and the time to that step.
 
-    .venv/bin/python bench/style_speed.py --size 256 --steps 300 --device cpu --json runs/bench/style.json
+    .venv/bin/python -m bench.style_speed --size 256 --steps 300 --device cpu --json runs/bench/style.json
 
 Variants: ``ours`` (stylize), ``reference`` (as above), ``reference-frozen`` (the reference with frozen
 weights: shows how much of the gap is weight gradients). Pick with ``--variants``.
@@ -53,11 +53,7 @@ import torchvision
 from PIL import Image
 from torch import Tensor, nn
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from models.style import (  # noqa: E402
+from models.style import (
     VGG19_MODULES,
     ProgressInfo,
     StyleParams,
@@ -69,6 +65,7 @@ from models.style import (  # noqa: E402
     to_tensor,
 )
 
+ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "style"
 DEFAULT_CONTENT = DATA / "content" / "tubingen.jpg"
 DEFAULT_STYLE = DATA / "style" / "starry_night_vangogh.jpg"

@@ -13,7 +13,7 @@ One run does both parts (``--skip-forward`` / ``--skip-load`` drop one):
    (delta of cnn_batch_size_sum / cnn_batch_size_count from /metrics). With ``--url`` the load goes
    to a server that is already running instead (loopback only; batching is whatever it has).
 
-    python bench/text_load.py --model agnews-vdcnn9 --concurrency 1,8,32 --duration 20 --warmup 3 \
+    python -m bench.text_load --model agnews-vdcnn9 --concurrency 1,8,32 --duration 20 --warmup 3 \
         --torch-threads 2 --json runs/bench/text.json --markdown runs/bench/text.md
 
 Texts: AG-News-style CSV rows (no header; class,title,description; title and description joined
@@ -44,12 +44,7 @@ from typing import Any
 
 import httpx
 
-_BENCH_DIR = Path(__file__).resolve().parent
-for _p in (_BENCH_DIR, _BENCH_DIR.parent):  # classify_load (bench/) and app/models (project root)
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-from classify_load import (  # noqa: E402
+from bench.classify_load import (
     PROJECT_ROOT,
     Server,
     _json_safe,
@@ -63,7 +58,7 @@ from classify_load import (  # noqa: E402
     percentile,
     scrape_batches,
 )
-from classify_load import server_env as classify_server_env  # noqa: E402
+from bench.classify_load import server_env as classify_server_env
 
 DEFAULT_CSV = PROJECT_ROOT.parent / "shared" / "data" / "agnews" / "train.csv"
 

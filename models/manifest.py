@@ -16,7 +16,9 @@ from models.faces.identification import ImpostorTable
 
 MANIFEST_NAME = "manifest.json"
 TASKS = ("image-classification", "face-embedding", "text-classification", "style-features")
-Task = Literal["image-classification", "face-embedding", "text-classification", "style-features"]
+# the tasks the shipped applications serve; an application added to the service brings its own task name
+KNOWN_TASKS = ("image-classification", "face-embedding", "text-classification", "style-features")
+TASK_PATTERN = r"^[a-z][a-z0-9-]{0,63}$"
 
 
 class PreprocessingEntry(BaseModel):
@@ -35,7 +37,7 @@ class ManifestEntry(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-    task: Task
+    task: str = Field(pattern=TASK_PATTERN)
     family: str
     arch: dict[str, Any] = Field(default_factory=dict)
     file: str = Field(pattern=r"^[^/\\]+$")

@@ -64,7 +64,7 @@ class ResolvedWeights:
     """A verified weights file and where it was found."""
 
     path: Path
-    source: Literal["weights_dir", "hub_cache", "download"]
+    source: Literal["weights_dir", "hub_cache", "download", "runtime"]  # runtime: a file given to a running server
 
 
 def check_reachable(url: str, timeout: float = 4.0) -> None:

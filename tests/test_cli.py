@@ -289,3 +289,124 @@ def test_evaluate_faces_served_path_on_real_pairs_agrees_with_verify(tmp_path: P
                 d = float((emb[p.a] - emb[p.b]).pow(2).sum())
                 assert r.json()["distance"] == pytest.approx(d, abs=1e-4)
                 assert r.json()["threshold"] == pytest.approx(loaded.threshold)
+
+
+def _decoding_cases(root: Path) -> list[Path]:
+    """Files whose decoding matters: an EXIF-rotated non-square JPEG, an RGBA PNG and a two-frame GIF."""
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    yy, xx = __import__("numpy").mgrid[0:40, 0:64]
+    pattern = Image.fromarray(__import__("numpy").stack([xx * 4, yy * 6, (xx + yy) * 2], -1).astype("uint8"))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    pattern.save(root / "rotated.jpg", "JPEG", quality=95, exif=exif)
+    rgba = pattern.convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(root / "alpha.png")
+    frames = [pattern.convert("P"), pattern.transpose(Image.Transpose.FLIP_LEFT_RIGHT).convert("P")]
+    frames[0].save(root / "animated.gif", save_all=True, append_images=frames[1:])
+    return [root / "rotated.jpg", root / "alpha.png", root / "animated.gif"]
+
+
+def test_evaluate_makes_the_same_classifier_inputs_as_the_service(tmp_path: Path) -> None:
+    """`evaluate`'s per-file step is /classify's: the same probabilities for the same files, files whose decoding
+    matters included; and the comparison sees a decoding difference (the rotated JPEG read without its EXIF
+    orientation gives other probabilities), so a CLI that decoded on its own would fail here."""
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from app.main import create_app
+    from app.runtime.registry import LoadedClassifier
+    from models.preprocess import image_to_tensor
+    from tests.conftest import wait_ready
+
+    wd = tmp_path / "w"
+    write_tiny_classifier(wd)
+    files = _decoding_cases(tmp_path / "files")
+    s = Settings(weights_dir=wd, torch_home=tmp_path / "th", device="cpu")
+    loaded = cli._load_trained("tiny-cifar", "image-classification", LoadedClassifier, s)
+    probs = loaded.forward(cli._classifier_inputs(loaded, files, s))
+    evaluated = [{i: float(v) for i, v in enumerate(p)} for p in probs]
+    app_settings = s.model_copy(update={"classifiers": ["tiny-cifar"], "text_models": [], "face_models": [],
+                                        "style_enabled": False, "warmup": False, "data_dir": tmp_path / "d"})
+    served = []
+    with TestClient(create_app(app_settings)) as c:
+        wait_ready(c)
+        for f in files:
+            r = c.post("/classify", files={"image": (f.name, f.read_bytes(), "application/octet-stream")},
+                       data={"top_k": str(len(TINY_LABELS))})
+            assert r.status_code == 200, r.text
+            served.append({p["index"]: p["probability"] for p in r.json()["results"][0]["top_k"]})
+    for f, mine, theirs in zip(files, evaluated, served, strict=True):
+        assert theirs == pytest.approx(mine, abs=1e-6), f.name
+    with Image.open(files[0]) as raw:
+        unrotated = loaded.forward([image_to_tensor(raw.convert("RGB"), loaded.preprocessing)])[0]
+    assert max(abs(served[0][i] - float(v)) for i, v in enumerate(unrotated)) > 1e-4
+
+
+def test_evaluate_text_predicts_what_the_service_answers(tmp_path: Path) -> None:
+    """`evaluate-text` scores the predictions /text/classify gives for the same rows (its confusion matrix is the
+    one built from the service's top labels)."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from models.train.text import read_csv
+    from tests.conftest import wait_ready
+
+    wd = tmp_path / "w"
+    write_tiny_text_model(wd)
+    csv_path = tmp_path / "rows.csv"
+    words = ["match", "goal", "market", "shares", "chip", "software", "election", "minister"]
+    rows = [f'"{1 + i % 3}","{words[i % 8].title()} {i}","{" ".join(words[(i * j) % 8] for j in range(i))}\\n{i}"'
+            for i in range(24)]
+    csv_path.write_text("\n".join(rows) + "\n")
+    s = Settings(weights_dir=wd, torch_home=tmp_path / "th", device="cpu")
+    report = cli.evaluate_text_model("tiny-text", csv_path, batch_size=5, settings=s)
+    raw, texts = read_csv(csv_path, label_column="1", text_columns=["2", "3"], header=False, unescape=True,
+                          encoding="utf-8")
+    app_settings = s.model_copy(update={"classifiers": [], "text_models": ["tiny-text"], "face_models": [],
+                                        "style_enabled": False, "warmup": False, "data_dir": tmp_path / "d"})
+    with TestClient(create_app(app_settings)) as c:
+        wait_ready(c)
+        r = c.post("/text/classify", json={"texts": texts, "model": "tiny-text", "top_k": 1})
+        assert r.status_code == 200, r.text
+    top = [res["top_k"][0]["index"] for res in r.json()["results"]]
+    cm = [[0] * len(TEXT_LABELS) for _ in TEXT_LABELS]
+    for label, pred in zip(raw, top, strict=True):
+        cm[int(label) - 1][pred] += 1
+    assert report["texts"] == len(texts) == 24 and report["confusion_matrix"] == cm
+
+
+@pytest.mark.shared_data
+def test_face_evaluation_embeds_each_photo_as_faces_embed_does(tmp_path: Path) -> None:
+    """The evaluation commands' per-photo step is the face service's: the embedding of the largest face of each
+    photo equals /faces/embed's (max_faces=1), and a photo where /faces/embed finds no face is a miss."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.runtime.registry import LoadedFaceEmbedder
+    from tests.conftest import ROOT, SHARED_DATA, wait_ready
+
+    model = "lfw-face-resnet"
+    if not (ROOT / "weights" / f"{model}.pt").exists():
+        pytest.skip("shipped face model not built")
+    images = SHARED_DATA / "lfw" / "images"
+    files = [images / "Kobe_Bryant" / "Kobe_Bryant_0001.jpg", images / "Darren_Clarke" / "Darren_Clarke_0001.jpg",
+             images / "Darren_Clarke" / "Darren_Clarke_0002.jpg", images / "Katie_Harman" / "Katie_Harman_0001.jpg"]
+    s = Settings(weights_dir=ROOT / "weights", torch_home=tmp_path / "th", classifiers=[], text_models=[],
+                 face_models=[model], data_dir=tmp_path / "data", style_enabled=False, device="cpu")
+    loaded = cli._load_trained(model, "face-embedding", LoadedFaceEmbedder, s)
+    emb, missed = cli._face_embeddings(loaded, files, s, 3, "error")
+    assert missed and len(missed) < len(files)  # both kinds of photo are compared
+    with TestClient(create_app(s)) as c:
+        wait_ready(c)
+        for f in files:
+            r = c.post("/faces/embed", files={"image": (f.name, f.read_bytes(), "image/jpeg")},
+                       data={"max_faces": "1", "detector": "haar"})
+            assert r.status_code == 200, r.text
+            faces = r.json()["results"][0]["faces"]
+            if f in missed:
+                assert faces == [] and emb[f] is None
+            else:
+                assert faces[0]["embedding"] == pytest.approx(emb[f].tolist(), abs=1e-6), f.name

@@ -26,5 +26,4 @@ async def classify(
         # read at most one byte past the limit: enough to know the file is too large
         data = await f.read(service.max_image_bytes + 1)
         uploads.append(Upload(filename=f.filename or f"image[{i}]", data=data))
-    result = await service.classify(uploads, model or None, top_k)
-    return ClassifyResponse.model_validate(result)
+    return await service.classify(uploads, model or None, top_k)

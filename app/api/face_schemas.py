@@ -1,192 +1,34 @@
 """Response models of the face routes: what /openapi.json promises for every face answer.
 
-The service builds plain dicts (app/services/faces.py); these models validate them on the way out, so a field the
-service adds without declaring it here is dropped (and a test that reads it fails), and one it forgets is a 500 in
-the tests, never a silent change of the API.
+They are the face service's typed results (app/services/results.py), re-exported here for the routers: the service
+builds them, so a field it sets without declaring it there is a validation error in the tests, never a silent
+change of the API. Optional fields it does not set stay absent (the routes answer with response_model_exclude_unset).
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field
-
-
-class _Out(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Box(_Out):
-    x: int
-    y: int
-    w: int
-    h: int
-
-
-class ModelInfo(_Out):
-    model: str = Field(description="the face model that made the embeddings")
-    model_sha256: str = Field(description="sha256 of its weights ('untrained' for random weights)")
-    weights: str = Field(description="'trained' or 'untrained'")
-
-
-class DetectedFace(_Out):
-    box: Box
-    score: float = Field(description="the detector's score (Haar: the cascade's level weight; 1 for detector=none)")
-
-
-class EmbeddedFace(DetectedFace):
-    embedding: list[float] = Field(description="unit-length embedding")
-
-
-class ImageEmbeddings(_Out):
-    filename: str
-    faces_detected: int
-    faces: list[EmbeddedFace] = Field(description="the largest max_faces faces, largest first")
-
-
-class EmbedResponse(ModelInfo):
-    dim: int
-    results: list[ImageEmbeddings]
-
-
-class VerifiedFace(DetectedFace):
-    faces_detected: int
-
-
-class Decision(ModelInfo):
-    match: bool
-    distance: float = Field(description="squared L2 distance between the unit embeddings (0-4)")
-    similarity: float = Field(description="cosine similarity, 1 - distance / 2")
-    threshold: float
-    threshold_source: Literal["model", "server", "request"]
-
-
-class VerifyResponse(Decision):
-    faces: dict[str, VerifiedFace] = Field(description="image_a and image_b, or image")
-    subject: str | None = Field(default=None, description="the subject verified against (image + subject)")
-    face_id: str | None = Field(default=None, description="the subject's closest enrolled face")
-    faces_compared: int | None = Field(default=None, description="the subject's enrolled faces compared")
-
-
-class Eyes(_Out):
-    left: list[float]
-    right: list[float]
-
-
-class FaceQuality(_Out):
-    face_side: int = Field(description="shorter side of the detector box in the upload, pixels")
-    sharpness: float = Field(description="variance of the Laplacian of the embedder's crop")
-    eyes: Eyes | None = Field(description="the eyes the crop was aligned on (models with face_crop.align = eyes)")
-
-
-class Duplicate(_Out):
-    subject: str
-    face_id: str
-    distance: float
-
-
-class EnrolledFace(_Out):
-    face_id: str
-    image: str
-    box: Box | None
-    score: float
-    faces_detected: int
-    quality: FaceQuality
-    issues: list[Literal["small", "blurred", "duplicate", "unlike-subject"]]
-    duplicates: list[Duplicate] = Field(description="other subjects identify would name for this photo")
-    note: str | None = None
-
-
-class EnrolLimits(_Out):
-    min_face_side: int
-    min_sharpness: float
-    duplicate_threshold: float | None = Field(description="the 1:N threshold at the gallery size before this "
-                                                          "enrolment (null: the gallery was empty)")
-    unlike_threshold: float = Field(description="the 1:1 verification threshold")
-
-
-class EnrollResponse(ModelInfo):
-    subject: str
-    quality_check: Literal["report", "strict"]
-    limits: EnrolLimits
-    faces: list[EnrolledFace]
-    warning: str | None = None
-
-
-class Candidate(_Out):
-    subject: str
-    face_id: str
-    distance: float
-    similarity: float
-    match: bool = Field(description="distance <= the identification threshold")
-
-
-class IdentifiedFace(DetectedFace):
-    subject: str | None = Field(description="the nearest subject when within the threshold, else null (a stranger)")
-    distance: float | None = Field(description="distance to the nearest subject's best face")
-    candidates: list[Candidate]
-
-
-class IdentifyResponse(ModelInfo):
-    threshold: float
-    threshold_source: Literal["identification-fpir", "request", "server", "verification"]
-    fpir: float | None = Field(description="the FPIR target the threshold was set for (null: not set from one)")
-    gallery_size: int = Field(description="enrolled faces searched")
-    fpir_expected: float | None
-    threshold_clamped: Literal["strictest", "most-lenient"] | None
-    faces_detected: int
-    faces: list[IdentifiedFace]
-    warning: str | None = None
-
-
-class SubjectSummary(_Out):
-    subject: str
-    created_at: float = Field(description="Unix time")
-    face_count: int
-    faces_from_other_models: int
-
-
-class SubjectsPage(_Out):
-    subjects: list[SubjectSummary]
-    total: int
-    limit: int
-    offset: int
-    next: str | None
-
-
-class StoredFace(_Out):
-    face_id: str
-    model: str
-    model_sha256: str
-    current_model: bool = Field(description="made by the server's face model (searched); else stored, not indexed")
-    box: Box | None
-    image: str | None
-    created_at: float
-
-
-class SubjectDetail(_Out):
-    subject: str
-    created_at: float | None
-    face_count: int
-    faces: list[StoredFace]
-
-
-class DeletedSubject(_Out):
-    subject: str
-    deleted_faces: int
-
-
-class DeletedFace(_Out):
-    face_id: str
-    subject: str
-
-
-class GalleryStats(_Out):
-    subjects: int
-    faces: int
-    indexed_faces: int
-    faces_from_other_models: int
-    index: str
-    index_source: str
-    model: str
-    model_sha256: str
+from app.services.results import Box as Box
+from app.services.results import Candidate as Candidate
+from app.services.results import Decision as Decision
+from app.services.results import DeletedFace as DeletedFace
+from app.services.results import DeletedSubject as DeletedSubject
+from app.services.results import DetectedFace as DetectedFace
+from app.services.results import Duplicate as Duplicate
+from app.services.results import EmbeddedFace as EmbeddedFace
+from app.services.results import EmbedResponse as EmbedResponse
+from app.services.results import EnrolledFace as EnrolledFace
+from app.services.results import EnrolLimits as EnrolLimits
+from app.services.results import EnrollResponse as EnrollResponse
+from app.services.results import Eyes as Eyes
+from app.services.results import FaceQuality as FaceQuality
+from app.services.results import GalleryStats as GalleryStats
+from app.services.results import IdentifiedFace as IdentifiedFace
+from app.services.results import IdentifyResponse as IdentifyResponse
+from app.services.results import ImageEmbeddings as ImageEmbeddings
+from app.services.results import ModelInfo as ModelInfo
+from app.services.results import StoredFace as StoredFace
+from app.services.results import SubjectDetail as SubjectDetail
+from app.services.results import SubjectsPage as SubjectsPage
+from app.services.results import SubjectSummary as SubjectSummary
+from app.services.results import VerifiedFace as VerifiedFace
+from app.services.results import VerifyResponse as VerifyResponse

@@ -40,7 +40,7 @@ async def embed(
     model: Annotated[str | None, Form(description="face model (default: the gallery's)")] = None,
     detector: DetectorField = None,
     max_faces: Annotated[int | None, Form(ge=1, le=100, description="largest faces kept per image")] = None,
-) -> dict[str, Any]:
+) -> fs.EmbedResponse:
     """Every detected face (largest first) with its box, detector score and unit embedding; an image without a
     face gives an empty list."""
     uploads = [await _read(service, f, f"image[{i}]") for i, f in enumerate(image)]
@@ -61,7 +61,7 @@ async def verify(
     model: Annotated[str | None, Form(description="face model for image_a/image_b (default: the gallery's)")] = None,
     detector: DetectorField = None,
     threshold: ThresholdField = None,
-) -> dict[str, Any]:
+) -> fs.VerifyResponse:
     """Same person when the squared L2 distance between the largest faces' embeddings is at most the threshold.
     Send either image_a + image_b, or image + subject."""
     image_a, image_b = single_file(image_a_field, "image_a"), single_file(image_b_field, "image_b")
@@ -97,7 +97,7 @@ async def enroll(
     quality: Annotated[Literal["report", "strict"], Form(
         description="'report' (default): enrol and list each face's quality issues; 'strict': refuse the whole "
                     "request (422, nothing stored) when any face has one")] = "report",
-) -> dict[str, Any]:
+) -> fs.EnrollResponse:
     """Store the largest face of each image for the subject (created on first use). All or nothing: an image
     without a face is a 422 naming it, and nothing is stored.
 
@@ -125,7 +125,7 @@ async def identify(
     fpir: Annotated[float | None, Form(gt=0.0, lt=1.0, description="target probability that a stranger is "
                                        "identified as someone, for this request (default: the server's, 0.01); "
                                        "not with threshold")] = None,
-) -> dict[str, Any]:
+) -> fs.IdentifyResponse:
     """For each detected face (largest first): the top-k subjects by best face distance, and `subject` = the
     nearest one when its distance is within the threshold, else null (a stranger).
 
@@ -147,30 +147,30 @@ async def list_subjects(
     service: Faces,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,  # larger: 422 (SQLite integers overflow at 2**63)
-) -> dict[str, Any]:
+) -> fs.SubjectsPage:
     """Subjects sorted by id with their face counts; `next` links the following page."""
     return await service.list_subjects(limit, offset)
 
 
 @router.get("/subjects/{subject}", response_model=fs.SubjectDetail, responses=RESPONSES,
             summary="One subject and its faces")
-async def get_subject(service: Faces, subject: SubjectPath) -> dict[str, Any]:
+async def get_subject(service: Faces, subject: SubjectPath) -> fs.SubjectDetail:
     return await service.get_subject(subject)
 
 
 @router.delete("/subjects/{subject}", response_model=fs.DeletedSubject, responses=RESPONSES,
                summary="Delete a subject and all its faces")
-async def delete_subject(service: Faces, subject: SubjectPath) -> dict[str, Any]:
+async def delete_subject(service: Faces, subject: SubjectPath) -> fs.DeletedSubject:
     """Deleted from SQLite and the index before the response: nothing of the subject is found afterwards."""
     return await service.delete_subject(subject)
 
 
 @router.get("/gallery", response_model=fs.GalleryStats, responses=RESPONSES, summary="Gallery statistics")
-async def gallery(service: Faces) -> dict[str, Any]:
+async def gallery(service: Faces) -> fs.GalleryStats:
     """Subjects, faces, indexed faces, faces from other models, index kind and how it was opened."""
     return await service.gallery_stats()
 
 
 @router.delete("/{face_id}", response_model=fs.DeletedFace, responses=RESPONSES, summary="Delete one enrolled face")
-async def delete_face(service: Faces, face_id: Annotated[str, Path(max_length=64)]) -> dict[str, Any]:
+async def delete_face(service: Faces, face_id: Annotated[str, Path(max_length=64)]) -> fs.DeletedFace:
     return await service.delete_face(face_id)

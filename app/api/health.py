@@ -10,7 +10,6 @@ from fastapi.responses import JSONResponse
 from app.api.schemas import PROBLEM_RESPONSES, Live, Ready
 from app.deps import State
 from app.errors import InvalidParameters
-from app.gate import APPLICATIONS
 
 router = APIRouter(tags=["health"])
 
@@ -34,9 +33,10 @@ async def ready(
     starts and fails on its own, so a faces-only deployment can be ready while text is unavailable."""
     if require is not None:
         wanted = [a.strip() for a in require.split(",") if a.strip()]
-        unknown = [a for a in wanted if a not in APPLICATIONS]
+        known = [a.name for a in state.declared]
+        unknown = [a for a in wanted if a not in known]
         if unknown or not wanted:
-            raise InvalidParameters(f"require: unknown applications {unknown}; known: {', '.join(APPLICATIONS)}")
+            raise InvalidParameters(f"require: unknown applications {unknown}; known: {', '.join(known)}")
     else:
         wanted = list(state.settings.ready_requires) or [
             a for a, st in state.applications.items() if st.status != "disabled"]
@@ -64,7 +64,7 @@ async def metrics(state: State) -> Response:
     """Prometheus text exposition: requests, latency, in-flight per application, queue depth and wait, batch sizes,
     rejections, style jobs."""
     if state.style is not None:
-        state.metrics.set_style_counts(state.style.store.counts())
+        state.metrics.set_style_counts(state.style.counts())
     if state.admission is not None:
         state.metrics.set_admission(state.admission.snapshot())
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -6,6 +6,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+# the services' typed results that the classification and text routes answer with (one class, one schema name)
+from app.services.results import ClassifyResponse as ClassifyResponse
+from app.services.results import ImageResult as ImageResult
+from app.services.results import Prediction as Prediction
+
 
 class Problem(BaseModel):
     """RFC 9457 problem details."""
@@ -59,59 +64,3 @@ class Ready(BaseModel):
     detail: str | None = None
     applications: dict[str, ApplicationReadiness] = Field(default_factory=dict)
     models: list[ModelReadiness] = Field(default_factory=list)
-
-
-class ModelInfo(BaseModel):
-    name: str
-    task: str
-    status: Literal["loading", "ready", "unavailable", "failed"]
-    reason: str | None = Field(None, description="why the model is not ready (names the missing weights file)")
-    family: str | None = None
-    source: str | None = Field(None, description="'project' or the torchvision weights enum")
-    weights: Literal["trained", "untrained"] | None = None
-    weights_source: Literal["weights_dir", "hub_cache", "download", "untrained"] | None = None
-    weights_file: str | None = None
-    sha256: str | None = None
-    num_labels: int | None = None
-    input_size: int | None = None
-    device: str | None = None
-    load_seconds: float | None = None
-    metrics: dict[str, Any] = Field(default_factory=dict)
-    info: dict[str, Any] = Field(default_factory=dict)
-
-
-class ModelList(BaseModel):
-    default_classifier: str | None
-    default_text_model: str | None = None
-    applications: dict[str, ApplicationInfo] = Field(default_factory=dict, description="each application's status "
-                                                     "and, when it does not serve, why")
-    models: list[ModelInfo]
-
-
-class Prediction(BaseModel):
-    label: str
-    index: int
-    probability: float = Field(ge=0.0, le=1.0)
-
-
-class ImageResult(BaseModel):
-    filename: str
-    top_k: list[Prediction]
-
-
-class ClassifyResponse(BaseModel):
-    model: str
-    weights: Literal["trained", "untrained"]
-    weights_source: str
-    results: list[ImageResult]
-
-    model_config = {
-        "json_schema_extra": {
-            "examples": [{
-                "model": "cifar10-resnet56", "weights": "trained", "weights_source": "weights_dir",
-                "results": [{"filename": "ship.jpg", "top_k": [
-                    {"label": "ship", "index": 8, "probability": 0.93},
-                    {"label": "airplane", "index": 0, "probability": 0.04}]}],
-            }]
-        }
-    }

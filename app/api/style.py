@@ -9,11 +9,12 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from fastapi.responses import JSONResponse
 from PIL import Image
-from pydantic import BaseModel
 
 from app.api.schemas import PROBLEM_RESPONSES
 from app.api.uploads import single_file
 from app.deps import Caller, StyleJobsDep
+from app.services.results import StyleJob as StyleJob
+from app.services.results import StyleJobList as StyleJobList
 from app.services.style import encode_image, read_job_file
 
 router = APIRouter(tags=["style transfer"])
@@ -23,36 +24,6 @@ JOB_RESPONSES: dict[int | str, dict[str, Any]] = {**PROBLEM_RESPONSES, 404: {
     "deleted, expired or evicted"}}
 NOT_YET: dict[int | str, dict[str, Any]] = {409: {
     **PROBLEM_RESPONSES[404], "description": "The job has no such image yet (see job_status)"}}
-
-
-class StyleJob(BaseModel):
-    id: str
-    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
-    progress: float
-    step: int
-    total_steps: int | None
-    loss: float | None
-    queue_position: int | None
-    eta_seconds: float | None
-    created_at: str | None
-    started_at: str | None
-    finished_at: str | None
-    attempts: int
-    error: str | None
-    cancel_requested: bool
-    parameters: dict[str, Any]
-    feature_weights: str | None
-    device: str | None
-    owner: str | None = None  # the principal that submitted it (null for jobs from before owners were kept)
-    links: dict[str, str]
-
-
-class StyleJobList(BaseModel):
-    jobs: list[StyleJob]
-    total: int
-    limit: int
-    offset: int
-    next: str | None
 
 
 async def _read(f: UploadFile, limit: int) -> tuple[str, bytes]:
@@ -94,7 +65,7 @@ async def submit(
     s = [await _read(f, limit) for f in style]
     # decodes the images and writes files: off the loop; the job belongs to the caller
     job = await asyncio.to_thread(lambda: jobs.submit(c, s, raw, owner=caller.name))
-    body = StyleJob.model_validate(jobs.view(job)).model_dump()
+    body = jobs.view(job).model_dump()
     return JSONResponse(body, status_code=202, headers={"Location": f"/style-transfer/{job.id}"})
 
 
@@ -107,18 +78,13 @@ async def list_jobs(
     status: Annotated[Literal["queued", "running", "succeeded", "failed", "canceled"] | None, Query()] = None,
 ) -> StyleJobList:
     """Jobs, newest first: the caller's own; every job for an admin, or when API keys are off."""
-    page, total = jobs.list(limit=limit, offset=offset, status=status, owner=caller.owner_filter)
-    nxt = f"/style-transfer?limit={limit}&offset={offset + limit}" if offset + limit < total else None
-    if nxt and status:
-        nxt += f"&status={status}"
-    return StyleJobList(jobs=[StyleJob.model_validate(jobs.view(j)) for j in page], total=total, limit=limit,
-                        offset=offset, next=nxt)
+    return jobs.page(limit=limit, offset=offset, status=status, owner=caller.owner_filter)
 
 
 @router.get("/style-transfer/{job_id}", response_model=StyleJob, responses=JOB_RESPONSES, summary="One job")
 async def get_job(job_id: str, jobs: StyleJobsDep, caller: Caller) -> StyleJob:
     """Status, progress (0..1), step, loss, queue position or ETA, timestamps, error and links."""
-    return StyleJob.model_validate(jobs.view(jobs.get(job_id, owner=caller.owner_filter)))
+    return jobs.view(jobs.get(job_id, owner=caller.owner_filter))
 
 
 @router.get("/style-transfer/{job_id}/result", responses={**JOB_RESPONSES, **NOT_YET, 200: {
@@ -161,4 +127,4 @@ async def delete_job(job_id: str, jobs: StyleJobsDep, caller: Caller) -> Respons
     job = await asyncio.to_thread(lambda: jobs.cancel_or_delete(job_id, owner=caller.owner_filter))
     if job is None:
         return Response(status_code=204)
-    return JSONResponse(StyleJob.model_validate(jobs.view(job)).model_dump())
+    return JSONResponse(jobs.view(job).model_dump())

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.api.schemas import PROBLEM_RESPONSES, Prediction
+from app.api.schemas import PROBLEM_RESPONSES
 from app.deps import Text
+from app.services.results import TextClassifyResponse as TextClassifyResponse
+from app.services.results import TextResult as TextResult
 
 router = APIRouter(tags=["text"])
 
@@ -24,24 +24,8 @@ class TextClassifyRequest(BaseModel):
     top_k: int = Field(5, ge=1, le=100, description="labels per text")
 
 
-class TextResult(BaseModel):
-    top_k: list[Prediction]
-    truncated: bool = Field(description="the text was longer than the model's window and was cut")
-
-
-class TextClassifyResponse(BaseModel):
-    model: str
-    weights: str
-    weights_source: str
-    window: int = Field(description="what the model reads of a text: characters for the character-level models, "
-                        "word tokens for the word-level ones (`window_unit`)")
-    window_unit: Literal["characters", "tokens"] = Field(description="what `window` counts")
-    results: list[TextResult]
-
-
 @router.post("/text/classify", response_model=TextClassifyResponse, responses=PROBLEM_RESPONSES,
              summary="Classify texts")
 async def classify_text(body: TextClassifyRequest, service: Text) -> TextClassifyResponse:
     """Top-k labels for each text; probabilities are softmax outputs."""
-    result = await service.classify(body.texts, body.model, body.top_k)
-    return TextClassifyResponse.model_validate(result)
+    return await service.classify(body.texts, body.model, body.top_k)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import contextvars
 import functools
 import logging
@@ -139,6 +140,8 @@ class MicroBatcher(Generic[I, O]):
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._draining = False  # drain(): no new items; the queued ones still run
+        self._idle = asyncio.Event()  # set while the collector waits on an empty queue with no batch running
         self._avg_batch_s = 0.0  # running average of batch durations, for retry_after
 
     @property
@@ -150,6 +153,16 @@ class MicroBatcher(Generic[I, O]):
     def config(self) -> BatchConfig:
         """The batcher's limits."""
         return self._config
+
+    def reconfigure(self, config: BatchConfig) -> None:
+        """New limits, applied from the next batch (a smaller queue bound refuses new items, it drops none)."""
+        self._config = config
+        self._wakeup.set()
+
+    @property
+    def accepting(self) -> bool:
+        """Whether new items are taken (False once draining or closed)."""
+        return not (self._closed or self._draining)
 
     @property
     def queue_depth(self) -> int:
@@ -174,6 +187,17 @@ class MicroBatcher(Generic[I, O]):
         if self._task is not None and not self._task.done():
             # Shielded so that a cancelled close() does not abandon callers of the running batch.
             await asyncio.shield(self._task)
+
+    async def drain(self) -> None:
+        """Stop taking new items (they get BatcherClosedError), run every queued one, then close."""
+        self._draining = True
+        while self._task is not None and not self._task.done() and (self._queue or not self._idle.is_set()):
+            if self._queue:
+                self._idle.clear()  # the collector sets it again once it has run them and waits on an empty queue
+            self._wakeup.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), 0.5)  # bounded, so a collector that died cannot hang it
+        await self.close()
 
     async def submit(self, item: I) -> O:
         """Queue one item and wait for its output."""
@@ -202,8 +226,8 @@ class MicroBatcher(Generic[I, O]):
 
     def _enqueue(self, items: Sequence[I], deadline: float | None = None) -> list[asyncio.Future[O]]:
         """Append items to the queue or raise without enqueuing any of them."""
-        if self._closed:
-            raise BatcherClosedError(f"batcher {self._name!r} is closed")
+        if self._closed or self._draining:
+            raise BatcherClosedError(f"batcher {self._name!r} is {'closed' if self._closed else 'draining'}")
         if self._task is None or self._task.done():
             # Without a running collector the caller would wait forever; fail loudly instead.
             raise RuntimeError(f"batcher {self._name!r} is not running")
@@ -286,7 +310,11 @@ class MicroBatcher(Generic[I, O]):
             if first is not None:
                 break
             self._wakeup.clear()
-            await self._wakeup.wait()
+            self._idle.set()
+            try:
+                await self._wakeup.wait()
+            finally:
+                self._idle.clear()
         batch.append(first)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + cfg.max_wait_ms / 1000.0

@@ -57,7 +57,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Status = Literal["loading", "ready", "unavailable", "failed"]
+Status = Literal["loading", "ready", "unavailable", "failed", "unloading"]
 
 
 @dataclass
@@ -314,13 +314,24 @@ class ModelState:
     spec: ModelSpec | None = None
     loaded: LoadedModel | None = None
     load_seconds: float | None = None
+    weights_override: WeightsOverride | None = None
+
+
+@dataclass(frozen=True)
+class WeightsOverride:
+    """Weights given to a running server for a model (instead of its manifest file): file and its sha256."""
+
+    path: Path
+    sha256: str
 
 
 class ModelRegistry:
     """Configured models, their status and the loaded instances."""
 
     def __init__(self, weights_dir: Path, hub_dir: Path, device: torch.device, *, allow_download: bool,
-                 allow_untrained: bool, compile_model: bool = False) -> None:
+                 allow_untrained: bool, compile_model: bool = False,
+                 adapters: dict[str, type[LoadedModel]] | None = None) -> None:
+        self.adapters = dict(_LOADERS if adapters is None else adapters)  # task -> its loaded-model adapter
         self.weights_dir = weights_dir
         self.hub_dir = hub_dir
         self.device = device
@@ -342,11 +353,21 @@ class ModelRegistry:
         """Load an image classifier (see load)."""
         return self.load(name, "image-classification", warmup=warmup)
 
-    def load(self, name: str, task: str, *, warmup: bool = True) -> ModelState:
+    def refresh_manifest(self) -> None:
+        """Read the manifest again (a reload picks up an edited entry)."""
+        self.manifest = load_manifest(self.weights_dir)
+
+    def load(self, name: str, task: str, *, warmup: bool = True, weights: WeightsOverride | None = None) -> ModelState:
         """Resolve, build and load one model of the given task, recording its status (never raises)."""
-        t0 = time.perf_counter()
-        state = ModelState(name=name, task=task)
+        state = self.build(name, task, warmup=warmup, weights=weights)
         self.states[name] = state
+        return state
+
+    def build(self, name: str, task: str, *, warmup: bool = True, weights: WeightsOverride | None = None) -> ModelState:
+        """Resolve, build and load one model without installing it (a reload builds the new copy beside the old
+        one); never raises. `weights` replaces the manifest's file with a verified other one."""
+        t0 = time.perf_counter()
+        state = ModelState(name=name, task=task, weights_override=weights)
         try:
             spec = self.spec_for(name)
         except KeyError:
@@ -358,15 +379,29 @@ class ModelRegistry:
         if spec.task != task:
             state.status, state.reason = "failed", f"{name} is a {spec.task} model, not a {task} model"
             return state
+        if task not in self.adapters:
+            state.status, state.reason = "failed", f"no application of this server serves {task} models"
+            return state
         try:
-            resolved: ResolvedWeights | None = resolve_weights(
-                spec.weights, self.weights_dir, self.hub_dir, allow_download=self.allow_download)
+            resolved: ResolvedWeights | None
+            if weights is not None:
+                ref = WeightsRef(weights.path.name, sha256=weights.sha256)
+                resolved = ResolvedWeights(resolve_weights(ref, weights.path.parent, self.hub_dir,
+                                                           allow_download=False).path, "runtime")
+                spec.weights = ref
+            else:
+                resolved = resolve_weights(spec.weights, self.weights_dir, self.hub_dir,
+                                           allow_download=self.allow_download)
         except WeightsUnavailable as exc:
             if not self.allow_untrained:
                 state.status, state.reason = "unavailable", str(exc)
                 return state
-            log.warning("%s: %s; serving UNTRAINED random weights (allow_untrained is on)", name, exc)
+            # str(exc), not exc: a log record kept by a handler would keep its traceback, this frame and the model
+            log.warning("%s: %s; serving UNTRAINED random weights (allow_untrained is on)", name, str(exc))
             resolved = None
+        if weights is not None and resolved is None:
+            state.status, state.reason = "failed", "the given weights file is missing or its sha256 does not match"
+            return state
         if spec.family == "onnx" and resolved is None:  # no random weights to fall back on
             state.status, state.reason = "unavailable", f"ONNX file {spec.weights.file_name} not found"
             return state
@@ -382,7 +417,7 @@ class ModelRegistry:
             else:
                 model = build_model(spec, resolved.path if resolved is not None else None)
                 model = prepare_model(model, self.device, compile_model=self.compile_model)
-                loaded = _LOADERS[task](
+                loaded = self.adapters[task](
                     spec, model, self.device,
                     weights_tag="trained" if resolved else "untrained",
                     weights_source=resolved.source if resolved else "untrained",

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
+from PIL import Image
 
 from app.errors import InvalidParameters
 from app.runtime.images import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_SIDE, decode_image
 from app.runtime.registry import LoadedClassifier
 from app.services.pool import ModelPool
+from app.services.results import ClassifyResponse, ImageResult, Prediction
 from models.preprocess import image_to_tensor
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -23,11 +28,37 @@ class Upload:
     data: bytes
 
 
-def top_k(probs: torch.Tensor, labels: list[str], k: int) -> list[dict[str, Any]]:
-    """The k most probable classes as {label, index, probability}."""
+@dataclass(frozen=True)
+class ImageLimits:
+    """What an uploaded image may be: bytes, decoded pixels, longest side and aspect ratio."""
+
+    max_bytes: int
+    max_pixels: int
+    max_side: int = DEFAULT_MAX_SIDE
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> ImageLimits:
+        """The server's limits (CNN_MAX_IMAGE_BYTES, CNN_MAX_IMAGE_PIXELS, ...)."""
+        return cls(s.max_image_bytes, s.max_image_pixels, s.max_image_side, s.max_aspect_ratio)
+
+    def decode(self, upload: Upload) -> Image.Image:
+        """Blocking: the upload decoded and checked (EXIF orientation applied, RGB), or the 4xx problem."""
+        return decode_image(upload.data, max_bytes=self.max_bytes, max_pixels=self.max_pixels,
+                            max_side=self.max_side, max_aspect_ratio=self.max_aspect_ratio, name=upload.filename)
+
+
+def classifier_input(upload: Upload, loaded: LoadedClassifier, limits: ImageLimits) -> torch.Tensor:
+    """Blocking: one upload as the classifier's input (decoded within `limits`, then the model's preprocessing).
+    The service and the evaluation command (`app.cli evaluate`) both make their inputs here."""
+    return image_to_tensor(limits.decode(upload), loaded.preprocessing)
+
+
+def top_k(probs: torch.Tensor, labels: list[str], k: int) -> list[Prediction]:
+    """The k most probable classes, most probable first."""
     k = min(k, probs.numel())
     values, indices = probs.topk(k)
-    return [{"label": labels[int(i)], "index": int(i), "probability": round(float(v), 6)}
+    return [Prediction(label=labels[int(i)], index=int(i), probability=round(float(v), 6))
             for v, i in zip(values, indices, strict=True)]
 
 
@@ -49,12 +80,12 @@ class ClassificationService:
         """The model used when a request names none."""
         return self.pool.default_model
 
-    def _prepare(self, upload: Upload, loaded: LoadedClassifier) -> torch.Tensor:
-        img = decode_image(upload.data, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels,
-                           max_side=self.max_image_side, max_aspect_ratio=self.max_aspect_ratio, name=upload.filename)
-        return image_to_tensor(img, loaded.preprocessing)
+    @property
+    def limits(self) -> ImageLimits:
+        """The limits uploads are decoded within."""
+        return ImageLimits(self.max_image_bytes, self.max_image_pixels, self.max_image_side, self.max_aspect_ratio)
 
-    async def classify(self, uploads: list[Upload], model: str | None, k: int) -> dict[str, Any]:
+    async def classify(self, uploads: list[Upload], model: str | None, k: int) -> ClassifyResponse:
         """Top-k classes for each upload."""
         if not uploads:
             raise InvalidParameters("at least one image is required (field 'image')")
@@ -62,14 +93,13 @@ class ClassificationService:
             raise InvalidParameters(f"{len(uploads)} images sent; at most {self.max_images} per request")
         name, loaded = self.pool.resolve(model)
         # decoding and resizing are CPU work: keep them off the event loop
-        tensors = [await asyncio.to_thread(self._prepare, u, loaded) for u in uploads]
-        probs = await self.pool.run(name, tensors)
-        return {
-            "model": name,
-            "weights": loaded.weights_tag,
-            "weights_source": loaded.weights_source,
-            "results": [
-                {"filename": u.filename, "top_k": top_k(p, loaded.spec.labels, k)}
-                for u, p in zip(uploads, probs, strict=True)
-            ],
-        }
+        limits = self.limits
+        tensors = [await asyncio.to_thread(classifier_input, u, loaded, limits) for u in uploads]
+        probs = await self.pool.run(name, tensors, loaded)
+        return ClassifyResponse(
+            model=name,
+            weights=loaded.weights_tag,  # type: ignore[arg-type]  # a str typed loosely upstream; validated here
+            weights_source=loaded.weights_source,
+            results=[ImageResult(filename=u.filename, top_k=top_k(p, loaded.spec.labels, k))
+                     for u, p in zip(uploads, probs, strict=True)],
+        )

@@ -19,12 +19,13 @@ import torch
 from PIL import Image
 
 from app.errors import Conflict, InvalidParameters, NotFound, ServiceUnavailable
-from app.runtime.images import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_SIDE, decode_image
+from app.runtime.images import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_SIDE
 from app.runtime.registry import LoadedFaceEmbedder
-from app.services.classification import Upload
+from app.services import results as r
+from app.services.classification import ImageLimits, Upload
 from app.services.pool import ModelPool
-from app.stores.gallery import (
-    GalleryStore,
+from app.stores.interfaces import (
+    GalleryProtocol,
     InvalidSubject,
     ModelMismatch,
     NewFace,
@@ -96,6 +97,31 @@ class DetectorPool:
         return det.detect(img)
 
 
+def face_crop_spec(loaded: LoadedFaceEmbedder, detector: str) -> CropSpec:
+    """The embedder's crop of a detected face (the model's margin and alignment); a cropped face (detector=none)
+    is taken as sent: no margin, no alignment."""
+    if detector == "none":
+        return CropSpec(size=loaded.crop_size, margin=0.0)
+    return CropSpec(size=loaded.crop_size, margin=loaded.crop_margin, align=loaded.crop_align)
+
+
+def face_for_embedding(img: Image.Image, box: FaceBox, loaded: LoadedFaceEmbedder, detectors: DetectorPool,
+                       detector: str, quality: bool = False) -> Face:
+    """Blocking: one face box of a decoded image as the embedder's input (crop, eye alignment, preprocessing) and,
+    for an enrolment, its quality."""
+    crop, eyes = face_input(img, box, face_crop_spec(loaded, detector), detectors.eyes)
+    return Face(box, image_to_tensor(crop, loaded.preprocessing), eyes, measure(box, crop) if quality else None)
+
+
+def find_faces(img: Image.Image, filename: str, loaded: LoadedFaceEmbedder, detectors: DetectorPool, detector: str,
+               max_faces: int, quality: bool = False) -> ImageFaces:
+    """Blocking: detect, keep the largest max_faces faces and make their embedder inputs. The service and the
+    evaluation commands (`app.cli evaluate-faces`, `calibrate-identification`) both find faces here."""
+    boxes = detectors.detect(detector, img)  # largest first (the Detector contract)
+    faces = [face_for_embedding(img, b, loaded, detectors, detector, quality) for b in boxes[:max_faces]]
+    return ImageFaces(filename, faces, len(boxes))
+
+
 def _distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(max(0.0, float(((a - b) ** 2).sum())))
 
@@ -103,7 +129,7 @@ def _distance(a: np.ndarray, b: np.ndarray) -> float:
 class FacesService:
     """The face application: embed, verify, enrol, identify and the gallery of subjects."""
 
-    def __init__(self, pool: ModelPool[LoadedFaceEmbedder], gallery: GalleryStore | None, detectors: DetectorPool, *,
+    def __init__(self, pool: ModelPool[LoadedFaceEmbedder], gallery: GalleryProtocol | None, detectors: DetectorPool, *,
                  default_detector: str, max_faces: int, threshold_override: float | None, max_image_bytes: int,
                  max_image_pixels: int, max_images: int, max_image_side: int = DEFAULT_MAX_SIDE,
                  max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO, identify_fpir: float = 0.01,
@@ -123,8 +149,13 @@ class FacesService:
         self.max_aspect_ratio = max_aspect_ratio
         self.max_images = max_images
 
+    @property
+    def limits(self) -> ImageLimits:
+        """The limits uploads are decoded within."""
+        return ImageLimits(self.max_image_bytes, self.max_image_pixels, self.max_image_side, self.max_aspect_ratio)
+
     # ----- helpers --------------------------------------------------------------------------------------
-    def _gallery(self) -> tuple[GalleryStore, str, LoadedFaceEmbedder]:
+    def _gallery(self) -> tuple[GalleryProtocol, str, LoadedFaceEmbedder]:
         if self.gallery is None:
             raise NotFound("no face model is loaded, so there is no gallery; see GET /models")
         name, loaded = self.pool.resolve(self.gallery.model.name)
@@ -192,18 +223,8 @@ class FacesService:
               quality: bool = False) -> ImageFaces:
         """Blocking: decode, detect, keep the largest max_faces faces and make their embedder inputs (and, for an
         enrolment, measure their quality)."""
-        img = decode_image(upload.data, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels,
-                           max_side=self.max_image_side, max_aspect_ratio=self.max_aspect_ratio, name=upload.filename)
-        boxes = self.detectors.detect(detector, img)  # largest first (the Detector contract)
-        # a cropped face (detector=none) is taken as sent: no margin, no alignment
-        spec = (CropSpec(size=loaded.crop_size, margin=0.0) if detector == "none" else
-                CropSpec(size=loaded.crop_size, margin=loaded.crop_margin, align=loaded.crop_align))
-        faces = []
-        for b in boxes[:max_faces]:
-            crop, eyes = face_input(img, b, spec, self.detectors.eyes)
-            faces.append(Face(b, image_to_tensor(crop, loaded.preprocessing), eyes,
-                              measure(b, crop) if quality else None))
-        return ImageFaces(upload.filename, faces, len(boxes))
+        img = self.limits.decode(upload)
+        return find_faces(img, upload.filename, loaded, self.detectors, detector, max_faces, quality)
 
     async def _embed_uploads(
         self, uploads: list[Upload], model: str | None, detector: str | None, max_faces: int, quality: bool = False
@@ -212,7 +233,7 @@ class FacesService:
         det = self._detector(detector)
         found = [await asyncio.to_thread(self._find, u, loaded, det, max_faces, quality) for u in uploads]
         tensors = [f.tensor for img in found for f in img.faces]
-        flat = await self.pool.run(name, tensors) if tensors else []
+        flat = await self.pool.run(name, tensors, loaded) if tensors else []
         out: list[list[np.ndarray]] = []
         i = 0
         for img in found:
@@ -230,6 +251,15 @@ class FacesService:
         return {"box": {"x": b.x, "y": b.y, "w": b.w, "h": b.h}, "score": round(b.score, 4)}
 
     @staticmethod
+    def _box(face: Face) -> r.Box:
+        b = face.box
+        return r.Box(x=b.x, y=b.y, w=b.w, h=b.h)
+
+    @classmethod
+    def _verified(cls, img: ImageFaces, face: Face) -> r.VerifiedFace:
+        return r.VerifiedFace(box=cls._box(face), score=round(face.box.score, 4), faces_detected=img.detected)
+
+    @staticmethod
     def _require_face(img: ImageFaces, field: str) -> Face:
         if not img.faces:
             raise InvalidParameters(f"no face found in {field} ({img.filename!r}); send a clearer frontal face, or a "
@@ -244,27 +274,28 @@ class FacesService:
 
     # ----- endpoints ------------------------------------------------------------------------------------
     async def embed(self, uploads: list[Upload], model: str | None, detector: str | None,
-                    max_faces: int | None) -> dict[str, Any]:
+                    max_faces: int | None) -> r.EmbedResponse:
         """Every detected face of every upload with its box, score and embedding."""
         self._check_count(uploads)
         name, loaded, found, embs = await self._embed_uploads(uploads, model, detector, max_faces or self.max_faces)
-        return {**self._model_info(name, loaded), "dim": loaded.dim, "results": [
-            {"filename": img.filename, "faces_detected": img.detected,
-             "faces": [{**self._face_json(f), "embedding": [round(float(v), 7) for v in e]}
-                       for f, e in zip(img.faces, es, strict=True)]}
-            for img, es in zip(found, embs, strict=True)]}
+        return r.EmbedResponse(**self._model_info(name, loaded), dim=loaded.dim, results=[
+            r.ImageEmbeddings(filename=img.filename, faces_detected=img.detected, faces=[
+                r.EmbeddedFace(box=self._box(f), score=round(f.box.score, 4),
+                               embedding=[round(float(v), 7) for v in e])
+                for f, e in zip(img.faces, es, strict=True)])
+            for img, es in zip(found, embs, strict=True)])
 
     async def verify_pair(self, a: Upload, b: Upload, model: str | None, detector: str | None,
-                          threshold: float | None) -> dict[str, Any]:
+                          threshold: float | None) -> r.VerifyResponse:
         """Are the largest faces of two images the same person?"""
         name, loaded, found, embs = await self._embed_uploads([a, b], model, detector, 1)
         fa = self._require_face(found[0], "image_a")
         fb = self._require_face(found[1], "image_b")
         tau, source = self._threshold(loaded, threshold)
         d = _distance(embs[0][0], embs[1][0])
-        return {**self._model_info(name, loaded), **self._decision(d, tau, source),
-                "faces": {"image_a": {**self._face_json(fa), "faces_detected": found[0].detected},
-                          "image_b": {**self._face_json(fb), "faces_detected": found[1].detected}}}
+        return r.VerifyResponse(**self._model_info(name, loaded), **self._decision(d, tau, source),
+                                faces={"image_a": self._verified(found[0], fa),
+                                       "image_b": self._verified(found[1], fb)})
 
     @staticmethod
     def _decision(d: float, tau: float, source: str) -> dict[str, Any]:
@@ -272,7 +303,7 @@ class FacesService:
                 "threshold": round(tau, 6), "threshold_source": source}
 
     async def verify_subject(self, upload: Upload, subject: str, detector: str | None,
-                             threshold: float | None) -> dict[str, Any]:
+                             threshold: float | None) -> r.VerifyResponse:
         """Is the largest face of an image the enrolled subject? (closest of the subject's faces)"""
         gallery, name, loaded = self._gallery()
         self._subject(subject)
@@ -289,9 +320,10 @@ class FacesService:
         dists = ((vecs - embs[0][0][None, :]) ** 2).sum(-1)
         best = int(np.argmin(dists))
         tau, source = self._threshold(loaded, threshold)
-        return {**self._model_info(name, loaded), **self._decision(float(dists[best]), tau, source),
-                "subject": subject, "face_id": face_ids[best], "faces_compared": len(face_ids),
-                "faces": {"image": {**self._face_json(face), "faces_detected": found[0].detected}}}
+        # subject, face_id and faces_compared are set here only: a pair's answer leaves them out
+        return r.VerifyResponse(**self._model_info(name, loaded), **self._decision(float(dists[best]), tau, source),
+                                subject=subject, face_id=face_ids[best], faces_compared=len(face_ids),
+                                faces={"image": self._verified(found[0], face)})
 
     @staticmethod
     def _subject(subject: str) -> str:
@@ -301,7 +333,7 @@ class FacesService:
             raise InvalidParameters(f"subject: {exc}", extra={"subject": subject[:200]}) from exc
 
     async def enroll(self, subject: str, uploads: list[Upload], detector: str | None,
-                     quality: str = "report") -> dict[str, Any]:
+                     quality: str = "report") -> r.EnrollResponse:
         """Store the largest face of each image for the subject, all or nothing, with each face's quality checks:
         'small' and 'blurred' (against the server's limits), 'duplicate' (identify would name another subject for
         this photo: within the 1:N threshold of the current gallery size) and 'unlike-subject' (farther than the
@@ -341,18 +373,22 @@ class FacesService:
         records = await asyncio.to_thread(gallery.enroll, subject, new)
         faces = []
         for rec, img, check in zip(records, found, checked, strict=True):
-            item = {"face_id": rec["face_id"], "image": img.filename, "box": rec["box"],
-                    "score": round(img.faces[0].box.score, 4), "faces_detected": img.detected,
-                    "quality": check["quality"], "issues": check["issues"], "duplicates": check["duplicates"]}
+            # optional fields are set only when they apply (unset ones are absent from the JSON)
+            note: dict[str, Any] = {}
             if img.detected > 1:
-                item["note"] = f"{img.detected} faces detected; the largest was enrolled"
-            faces.append(item)
-        out: dict[str, Any] = {**self._model_info(name, loaded), "subject": subject, "quality_check": quality,
-                               "limits": limits, "faces": faces}
+                note["note"] = f"{img.detected} faces detected; the largest was enrolled"
+            faces.append(r.EnrolledFace(
+                face_id=rec["face_id"], image=img.filename, box=rec["box"], score=round(img.faces[0].box.score, 4),
+                faces_detected=img.detected, quality=r.FaceQuality.model_validate(check["quality"]),
+                issues=check["issues"], duplicates=[r.Duplicate.model_validate(d) for d in check["duplicates"]],
+                **note))
+        warning: dict[str, Any] = {}
         if flagged:
-            out["warning"] = (f"{len(flagged)} of {len(checked)} enrolled faces have quality issues (see each face's "
-                              "`issues`); send quality=strict to refuse such enrolments")
-        return out
+            warning["warning"] = (f"{len(flagged)} of {len(checked)} enrolled faces have quality issues (see each "
+                                  "face's `issues`); send quality=strict to refuse such enrolments")
+        return r.EnrollResponse(**self._model_info(name, loaded), subject=subject,
+                                quality_check=quality,  # type: ignore[arg-type]  # one of QUALITY_MODES (checked)
+                                limits=r.EnrolLimits.model_validate(limits), faces=faces, **warning)
 
     @staticmethod
     def _quality_json(face: Face) -> dict[str, Any]:
@@ -360,7 +396,7 @@ class FacesService:
         return {"face_side": face.quality.face_side, "sharpness": face.quality.sharpness,
                 "eyes": face.eyes.to_dict() if face.eyes else None}
 
-    def _enrol_checks(self, gallery: GalleryStore, loaded: LoadedFaceEmbedder, subject: str, vecs: np.ndarray
+    def _enrol_checks(self, gallery: GalleryProtocol, loaded: LoadedFaceEmbedder, subject: str, vecs: np.ndarray
                       ) -> tuple[list[list[dict[str, Any]]], list[bool], float | None]:
         """Blocking. For each new face: the other subjects identify would name for it (duplicates), and whether it
         is farther than the verification threshold from every other face of the subject, enrolled or new."""
@@ -386,7 +422,7 @@ class FacesService:
         return duplicates, unlike, dup_threshold
 
     async def identify(self, upload: Upload, top_k: int, max_faces: int | None, detector: str | None,
-                       threshold: float | None, fpir: float | None = None) -> dict[str, Any]:
+                       threshold: float | None, fpir: float | None = None) -> r.IdentifyResponse:
         """For every detected face: the top-k subjects and the best one if it is within the 1:N threshold.
 
         The gallery size N is the number of enrolled faces searched (not subjects): the search compares the probe
@@ -405,53 +441,54 @@ class FacesService:
         results = []
         for face, cands in zip(found[0].faces, hits, strict=True):
             best = cands[0] if cands and cands[0].distance <= tau else None
-            results.append({
-                **self._face_json(face),
-                "subject": best.subject if best else None,
-                "distance": round(cands[0].distance, 6) if cands else None,
-                "candidates": [{"subject": h.subject, "face_id": h.face_id, "distance": round(h.distance, 6),
-                                "similarity": round(h.similarity, 6), "match": h.distance <= tau} for h in cands],
-            })
-        out: dict[str, Any] = {**self._model_info(name, loaded), **chosen, "faces_detected": found[0].detected,
-                               "faces": results}
+            results.append(r.IdentifiedFace(
+                box=self._box(face), score=round(face.box.score, 4),
+                subject=best.subject if best else None,
+                distance=round(cands[0].distance, 6) if cands else None,
+                candidates=[r.Candidate(subject=h.subject, face_id=h.face_id, distance=round(h.distance, 6),
+                                        similarity=round(h.similarity, 6), match=h.distance <= tau) for h in cands],
+            ))
         if gallery.foreign_faces:
             warnings.append(f"{gallery.foreign_faces} gallery faces were made by another model and were not "
                             "searched; re-enrol those subjects")
-        if warnings:
-            out["warning"] = "; ".join(warnings)
-        return out
+        warning: dict[str, Any] = {"warning": "; ".join(warnings)} if warnings else {}  # else absent from the JSON
+        return r.IdentifyResponse(**self._model_info(name, loaded), **chosen, faces_detected=found[0].detected,
+                                  faces=results, **warning)
 
     # ----- gallery management ---------------------------------------------------------------------------
-    async def list_subjects(self, limit: int, offset: int) -> dict[str, Any]:
+    async def list_subjects(self, limit: int, offset: int) -> r.SubjectsPage:
         gallery, _, _ = self._gallery()
         rows, total = await asyncio.to_thread(gallery.list_subjects, limit, offset)
         nxt = f"/faces/subjects?limit={limit}&offset={offset + limit}" if offset + limit < total else None
-        return {"subjects": rows, "total": total, "limit": limit, "offset": offset, "next": nxt}
+        return r.SubjectsPage(subjects=[r.SubjectSummary.model_validate(row) for row in rows], total=total,
+                              limit=limit, offset=offset, next=nxt)
 
-    async def get_subject(self, subject: str) -> dict[str, Any]:
+    async def get_subject(self, subject: str) -> r.SubjectDetail:
         gallery, _, _ = self._gallery()
         self._subject(subject)
         try:
-            return await asyncio.to_thread(gallery.get_subject, subject)
+            found = await asyncio.to_thread(gallery.get_subject, subject)
         except UnknownSubject as exc:
             raise NotFound(f"unknown subject {subject!r}", extra={"subject": subject}) from exc
+        return r.SubjectDetail.model_validate(found)
 
-    async def delete_subject(self, subject: str) -> dict[str, Any]:
+    async def delete_subject(self, subject: str) -> r.DeletedSubject:
         gallery, _, _ = self._gallery()
         self._subject(subject)
         try:
             n = await asyncio.to_thread(gallery.delete_subject, subject)
         except UnknownSubject as exc:
             raise NotFound(f"unknown subject {subject!r}", extra={"subject": subject}) from exc
-        return {"subject": subject, "deleted_faces": n}
+        return r.DeletedSubject(subject=subject, deleted_faces=n)
 
-    async def delete_face(self, face_id: str) -> dict[str, Any]:
+    async def delete_face(self, face_id: str) -> r.DeletedFace:
         gallery, _, _ = self._gallery()
         try:
-            return await asyncio.to_thread(gallery.delete_face, face_id)
+            deleted = await asyncio.to_thread(gallery.delete_face, face_id)
         except UnknownFace as exc:
             raise NotFound(f"unknown face {face_id!r}", extra={"face_id": face_id[:200]}) from exc
+        return r.DeletedFace.model_validate(deleted)
 
-    async def gallery_stats(self) -> dict[str, Any]:
+    async def gallery_stats(self) -> r.GalleryStats:
         gallery, _, _ = self._gallery()
-        return await asyncio.to_thread(gallery.stats)
+        return r.GalleryStats.model_validate(await asyncio.to_thread(gallery.stats))

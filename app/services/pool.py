@@ -20,26 +20,55 @@ from app.runtime.registry import LoadedModel, ModelRegistry
 M = TypeVar("M", bound=LoadedModel)
 
 
+def same_inputs(a: LoadedModel, b: LoadedModel) -> bool:
+    """Whether work prepared for model a is valid input for model b (a weights swap keeps this true)."""
+    keys = ("face_crop", "embedding")
+    return (type(a) is type(b) and a.spec.preprocessing == b.spec.preprocessing and a.spec.labels == b.spec.labels
+            and a.spec.encoding == b.spec.encoding
+            and all(a.spec.info.get(k) == b.spec.info.get(k) for k in keys))
+
+
 class ModelPool(Generic[M]):
-    """Every loaded model of one task, each with its own batcher, and the default among them."""
+    """Every loaded model of one task, each with its own batcher, and the default among them.
+
+    Models come and go while serving (the model manager adds, swaps and removes them): a request that
+    resolved a model keeps it for its whole life, and work it submits after that model was swapped out goes
+    to the new copy when the inputs are the same kind (a weights swap), so no request fails during a swap."""
 
     def __init__(self, registry: ModelRegistry, task: str, kind: type[M], *, default_model: str | None,
                  executor: Executor, observer: BatchObserver | None, batch_configs: dict[str, BatchConfig]) -> None:
         self.registry = registry
         self.task = task
         self.kind = kind
+        self.executor = executor
+        self.observer = observer
         self.batchers: dict[str, MicroBatcher[Any, Any]] = {}
+        self.models: dict[str, M] = {}  # the model each batcher serves
         for name in registry.names(task):
             loaded = registry.states[name].loaded
             if loaded is not None:
-                self.batchers[name] = MicroBatcher(name, loaded.forward, batch_configs[name], executor=executor,
-                                                   observer=observer)
-        self.default_model = default_model or self._first_ready()
+                self._install(name, loaded, batch_configs[name])  # type: ignore[arg-type]
+        self.default_model = default_model or self.first_ready()
 
-    def _first_ready(self) -> str | None:
+    def _install(self, name: str, loaded: M, config: BatchConfig) -> MicroBatcher[Any, Any]:
+        b: MicroBatcher[Any, Any] = MicroBatcher(name, loaded.forward, config, executor=self.executor,
+                                                 observer=self.observer)
+        self.batchers[name] = b
+        self.models[name] = loaded
+        return b
+
+    async def _started(self, name: str, loaded: M, config: BatchConfig) -> None:
+        """Start a batcher for `loaded`, then make it the one serving `name` (never an unstarted one)."""
+        b: MicroBatcher[Any, Any] = MicroBatcher(name, loaded.forward, config, executor=self.executor,
+                                                 observer=self.observer)
+        await b.start()
+        self.batchers[name] = b
+        self.models[name] = loaded
+
+    def first_ready(self, *, besides: str | None = None) -> str | None:
         """The first configured model that serves, preferring trained weights over untrained ones."""
-        loaded = [(n, self.registry.states[n].loaded) for n in self.registry.names(self.task)]
-        ready = [(n, m) for n, m in loaded if m is not None]
+        loaded = [(n, self.registry.states[n].loaded) for n in self.registry.names(self.task) if n != besides]
+        ready = [(n, m) for n, m in loaded if m is not None and self.registry.states[n].status == "ready"]
         names = [n for n, m in ready if m.weights_tag == "trained"] or [n for n, _ in ready]
         return names[0] if names else None
 
@@ -52,6 +81,29 @@ class ModelPool(Generic[M]):
         """Stop every batcher; queued callers get an error, running batches finish."""
         for b in self.batchers.values():
             await b.close()
+
+    async def add(self, name: str, loaded: M, config: BatchConfig) -> None:
+        """Serve a newly loaded model (the caller then installs its state in the registry and, when the task has no
+        default, makes one with first_ready)."""
+        await self._started(name, loaded, config)
+
+    async def swap(self, name: str, loaded: M, config: BatchConfig | None = None) -> M:
+        """Serve `loaded` in place of the current copy of `name` at once; the old copy runs what is already
+        queued for it, then stops. Returns the old copy (the caller frees it)."""
+        old_batcher, old = self.batchers[name], self.models[name]
+        await self._started(name, loaded, config or old_batcher.config)
+        await old_batcher.drain()
+        return old
+
+    async def remove(self, name: str) -> M | None:
+        """Stop serving `name`: no new work, queued work finishes. Returns the model (the caller frees it)."""
+        b = self.batchers.pop(name, None)
+        loaded = self.models.pop(name, None)
+        if self.default_model == name:
+            self.default_model = self.first_ready(besides=name)
+        if b is not None:
+            await b.drain()
+        return loaded
 
     def resolve(self, name: str | None) -> tuple[str, M]:
         """The loaded model a request asks for (or the default), or the problem that explains why there is none."""
@@ -66,15 +118,19 @@ class ModelPool(Generic[M]):
             available = self.registry.names(self.task)
             raise NotFound(f"unknown {self.task} model {name!r}; configured: {', '.join(available) or 'none'}",
                            extra={"available": available})
-        if st.loaded is None:
-            raise ServiceUnavailable(f"model {name!r} is {st.status}: {st.reason}", extra={"model": name})
-        assert isinstance(st.loaded, self.kind)
-        return name, st.loaded
+        loaded = self.models.get(name)
+        if loaded is None or st.status != "ready":
+            why = f": {st.reason}" if st.reason else ""
+            raise ServiceUnavailable(f"model {name!r} is {st.status}{why}", extra={"model": name},
+                                     retry_after=5 if st.status in ("loading", "unloading") else None)
+        assert isinstance(loaded, self.kind)
+        return name, loaded
 
-    async def run(self, name: str, items: Sequence[Any]) -> list[Any]:
-        """Submit one request's items to the model's batcher; overload and shutdown become 503."""
+    async def run(self, name: str, items: Sequence[Any], loaded: M | None = None) -> list[Any]:
+        """Submit one request's items to the batcher of `loaded` (the model `resolve` gave the request; during a
+        swap the old copy still serves the requests that resolved it); overload and shutdown become 503."""
         try:
-            return await self.batchers[name].submit_many(items)
+            return await self._submit(name, items, loaded)
         except QueueFullError as exc:
             raise ServiceUnavailable(f"model {name!r} is overloaded (queue full); retry later",
                                      retry_after=exc.retry_after) from exc
@@ -84,3 +140,21 @@ class ModelPool(Generic[M]):
                                    extra={"model": name}) from exc
         except BatcherClosedError as exc:
             raise ServiceUnavailable("the service is shutting down; retry shortly", retry_after=5) from exc
+
+    async def _submit(self, name: str, items: Sequence[Any], loaded: M | None) -> list[Any]:
+        """Submit to the batcher serving `loaded`; if that copy was swapped out meanwhile, to its successor."""
+        b = self.batchers.get(name)
+        current = self.models.get(name)
+        if b is None or current is None:
+            raise ServiceUnavailable(f"model {name!r} was unloaded while the request was being prepared",
+                                     extra={"model": name})
+        if loaded is not None and current is not loaded and not same_inputs(loaded, current):
+            raise ServiceUnavailable(f"model {name!r} was replaced by one with other inputs while the request was "
+                                     "being prepared; retry", retry_after=1, extra={"model": name})
+        try:
+            return await b.submit_many(items)
+        except BatcherClosedError:
+            nxt = self.batchers.get(name)
+            if nxt is None or nxt is b or not nxt.accepting:
+                raise
+            return await self._submit(name, items, loaded)  # swapped between the lookup and the submit

@@ -21,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from app.errors import Conflict, InvalidParameters, NotFound, ServiceUnavailable
 from app.runtime.images import decode_image
-from app.stores.jobs import Job, JobStore, QueueFull
+from app.services.results import StyleJob, StyleJobList
+from app.stores.interfaces import Job, JobStoreProtocol, QueueFull
 from models.style import StyleCancelled, StyleParams, plan_stylize, stylize
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def _ago(t: float | None) -> str | None:
 class StyleJobs:
     """The application side of style jobs: validate and store submissions, present and control jobs."""
 
-    def __init__(self, store: JobStore, limits: StyleLimits, *, wake: threading.Event | None = None) -> None:
+    def __init__(self, store: JobStoreProtocol, limits: StyleLimits, *, wake: threading.Event | None = None) -> None:
         self.store = store
         self.limits = limits
         self.wake = wake  # set on submission so an in-process worker starts at once
@@ -159,8 +160,16 @@ class StyleJobs:
         """A page of jobs, newest first (only `owner`'s when given), and their total."""
         return self.store.list_jobs(limit=limit, offset=offset, status=status, owner=owner)
 
-    def view(self, job: Job) -> dict[str, Any]:
-        """The job's JSON representation."""
+    def page(self, *, limit: int, offset: int, status: str | None = None, owner: str | None = None) -> StyleJobList:
+        """A page of job views, newest first (only `owner`'s when given), with the link to the next page."""
+        jobs, total = self.list(limit=limit, offset=offset, status=status, owner=owner)
+        nxt = f"/style-transfer?limit={limit}&offset={offset + limit}" if offset + limit < total else None
+        if nxt and status:
+            nxt += f"&status={status}"
+        return StyleJobList(jobs=[self.view(j) for j in jobs], total=total, limit=limit, offset=offset, next=nxt)
+
+    def view(self, job: Job) -> StyleJob:
+        """The job as clients see it."""
         base = f"/style-transfer/{job.id}"
         position = self.store.queue_position(job)
         eta: float | None = None
@@ -170,16 +179,18 @@ class StyleJobs:
                 eta = mean * (position + 1)
             elif job.status == "running":
                 eta = max(0.0, mean * (1.0 - job.progress))
-        return {
-            "id": job.id, "status": job.status, "progress": round(job.progress, 4), "step": job.step,
-            "total_steps": job.total_steps or job.params.get("steps"), "loss": _finite_or_none(job.loss),
-            "queue_position": position, "eta_seconds": None if eta is None else round(eta, 1),
-            "created_at": _ago(job.created_at), "started_at": _ago(job.started_at),
-            "finished_at": _ago(job.finished_at), "attempts": job.attempts, "error": job.error,
-            "cancel_requested": job.cancel_requested, "parameters": _json_safe(job.params),
-            "feature_weights": job.info.get("feature_weights"), "device": job.info.get("device"), "owner": job.owner,
-            "links": {"self": base, "result": f"{base}/result", "preview": f"{base}/preview"},
-        }
+        return StyleJob(
+            id=job.id,
+            status=job.status,  # type: ignore[arg-type]  # one of the store's job states; validated here
+            progress=round(job.progress, 4), step=job.step,
+            total_steps=job.total_steps or job.params.get("steps"), loss=_finite_or_none(job.loss),
+            queue_position=position, eta_seconds=None if eta is None else round(eta, 1),
+            created_at=_ago(job.created_at), started_at=_ago(job.started_at),
+            finished_at=_ago(job.finished_at), attempts=job.attempts, error=job.error,
+            cancel_requested=job.cancel_requested, parameters=_json_safe(job.params),
+            feature_weights=job.info.get("feature_weights"), device=job.info.get("device"), owner=job.owner,
+            links={"self": base, "result": f"{base}/result", "preview": f"{base}/preview"},
+        )
 
     def result(self, job_id: str, *, owner: str | None = None) -> Path:
         """The result file of a succeeded job; 409 before, 404 when unknown (or another owner's)."""
@@ -212,6 +223,10 @@ class StyleJobs:
         if updated is None:  # finished and deleted (or evicted) meanwhile
             raise NotFound(f"no style-transfer job {job_id!r}")
         return updated
+
+    def counts(self) -> dict[str, int]:
+        """Number of jobs in each state (for the metrics; routers never reach the store)."""
+        return self.store.counts()
 
 
 def read_job_file(path: Path) -> bytes:
@@ -269,7 +284,7 @@ class StyleWorker:
     or GPU style transfer can take from the inference endpoints.
     """
 
-    def __init__(self, store: JobStore, features: FeatureSource, device: torch.device, *, ttl_seconds: float,
+    def __init__(self, store: JobStoreProtocol, features: FeatureSource, device: torch.device, *, ttl_seconds: float,
                  poll_seconds: float = 1.0, on_finish: Any = None) -> None:
         self.store = store
         self.features = features

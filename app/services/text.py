@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from app.errors import InvalidParameters
 from app.runtime.registry import LoadedTextClassifier
+from app.services.classification import top_k
 from app.services.pool import ModelPool
+from app.services.results import TextClassifyResponse, TextResult
 
 
 class TextService:
@@ -36,7 +37,7 @@ class TextService:
                 raise InvalidParameters(f"texts[{i}] has {len(t)} characters; at most {self.max_text_chars}",
                                         extra={"index": i})
 
-    async def classify(self, texts: list[str], model: str | None, k: int) -> dict[str, Any]:
+    async def classify(self, texts: list[str], model: str | None, k: int) -> TextClassifyResponse:
         """Top-k labels for each text."""
         if not texts or len(texts) > self.max_texts:  # cheap, and bounds the work handed to the thread below
             self.validate(texts)
@@ -49,15 +50,10 @@ class TextService:
             return [len(loaded.encoding.prepare(t)) > window for t in texts]
 
         truncated = await asyncio.to_thread(check_and_measure)
-        probs = await self.pool.run(name, texts)
+        probs = await self.pool.run(name, texts, loaded)
         labels = loaded.spec.labels
-        results = []
-        for p, cut in zip(probs, truncated, strict=True):
-            values, indices = p.topk(min(k, p.numel()))
-            results.append({
-                "top_k": [{"label": labels[int(i)], "index": int(i), "probability": round(float(v), 6)}
-                          for v, i in zip(values, indices, strict=True)],
-                "truncated": cut,
-            })
-        return {"model": name, "weights": loaded.weights_tag, "weights_source": loaded.weights_source,
-                "window": window, "window_unit": loaded.encoding.unit, "results": results}
+        results = [TextResult(top_k=top_k(p, labels, k), truncated=cut)
+                   for p, cut in zip(probs, truncated, strict=True)]
+        return TextClassifyResponse(model=name, weights=loaded.weights_tag, weights_source=loaded.weights_source,
+                                    window=window, results=results,
+                                    window_unit=loaded.encoding.unit)  # type: ignore[arg-type]  # validated here

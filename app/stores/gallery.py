@@ -15,6 +15,9 @@
   the enrolled embeddings once there are enough, flat until then). A GPU copy is used for search when
   FAISS sees a GPU; GPU indexes cannot remove ids, so the CPU index stays the master and the GPU copy
   is rebuilt from it after a removal.
+
+The records (`ModelKey`, `NewFace`, `Hit`), errors and subject-id rule are the store-independent ones of
+`app.stores.interfaces`; `GalleryStore` satisfies its `GalleryProtocol`, and `app.stores.factory` builds it.
 """
 
 from __future__ import annotations
@@ -23,24 +26,37 @@ import hashlib
 import json
 import logging
 import os
-import re
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from models.train.common import sha256_file
+from app.stores.interfaces import (
+    GalleryError,
+    Hit,
+    InvalidSubject,
+    ModelKey,
+    ModelMismatch,
+    NewFace,
+    UnknownFace,
+    UnknownSubject,
+    validate_subject,
+)
+from models.weights import sha256_file
+
+# the records and errors are re-exported: callers that predate app.stores.interfaces import them from here
+__all__ = ["GalleryError", "GalleryStore", "Hit", "IndexKind", "InvalidSubject", "ModelKey", "ModelMismatch", "NewFace",
+           "RWLock", "UnknownFace", "UnknownSubject", "VectorIndex", "as_queries", "model_mismatch",
+           "nearest_subjects", "validate_subject"]
 
 log = logging.getLogger(__name__)
 
-SUBJECT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
 IndexKind = Literal["flat", "ivf"]
 
 _SCHEMA = """
@@ -64,62 +80,6 @@ CREATE TABLE IF NOT EXISTS faces (
 CREATE INDEX IF NOT EXISTS faces_subject ON faces(subject);
 CREATE INDEX IF NOT EXISTS faces_model ON faces(model, model_sha256);
 """
-
-
-class GalleryError(Exception):
-    """Base class of gallery errors."""
-
-
-class InvalidSubject(GalleryError):
-    """A subject id that is not 1-128 safe characters."""
-
-
-class UnknownSubject(GalleryError):
-    """No such subject."""
-
-
-class UnknownFace(GalleryError):
-    """No such face."""
-
-
-class ModelMismatch(GalleryError):
-    """Stored embeddings were made by another model than the one asked for."""
-
-
-def validate_subject(subject: str) -> str:
-    """The subject id itself, or InvalidSubject explaining the rule."""
-    if not isinstance(subject, str) or not SUBJECT_RE.fullmatch(subject):
-        raise InvalidSubject("a subject id is 1-128 characters: letters, digits and . _ @ + -, starting with a "
-                             "letter or digit")
-    return subject
-
-
-@dataclass(frozen=True)
-class ModelKey:
-    """The model that made an embedding."""
-
-    name: str
-    sha256: str
-    dim: int
-
-
-@dataclass(frozen=True)
-class NewFace:
-    """A face to enrol: its unit embedding and where it came from."""
-
-    embedding: np.ndarray
-    box: dict[str, Any] | None = None
-    image: str | None = None
-
-
-@dataclass(frozen=True)
-class Hit:
-    """One search result."""
-
-    face_id: str
-    subject: str
-    similarity: float
-    distance: float
 
 
 class RWLock:
@@ -260,6 +220,57 @@ class VectorIndex:
             index.nprobe = self.nprobe
         self.cpu = index
         self._gpu_stale = True
+
+
+def as_queries(queries: np.ndarray, dim: int) -> np.ndarray:
+    """Queries as a float32 (n, dim) array; ValueError for another dimension."""
+    q = np.asarray(queries, dtype=np.float32)
+    if q.ndim == 1:
+        q = q[None, :]
+    if q.ndim != 2 or q.shape[1] != dim:
+        raise ValueError(f"queries have {q.shape[-1]} dimensions, the model makes {dim}")
+    return q
+
+
+def nearest_subjects(index: VectorIndex, q: np.ndarray, top_k: int,
+                     face_info: Callable[[set[int]], dict[int, tuple[str, str]]]) -> list[list[Hit]]:
+    """For each query, the best face of each of the top_k nearest subjects; `face_info` maps vector ids to
+    (face id, subject) and leaves out ids no longer in the database. The caller holds the index's read lock."""
+    n = index.ntotal
+    if n == 0:
+        return [[] for _ in range(len(q))]
+    k = min(n, max(top_k * 8, top_k + 16))
+    widenings = 0
+    while True:
+        sims, ids = index.search(q, k)
+        info = face_info({int(i) for i in ids.reshape(-1) if i >= 0})
+        results = []
+        short = False
+        for row_s, row_i in zip(sims, ids, strict=True):
+            best: dict[str, Hit] = {}
+            for s, i in zip(row_s.tolist(), row_i.tolist(), strict=True):
+                if i < 0 or i not in info:
+                    continue
+                face_id, subject = info[i]
+                if subject not in best:
+                    best[subject] = Hit(face_id, subject, float(s), float(max(0.0, 2.0 - 2.0 * s)))
+            hits = sorted(best.values(), key=lambda h: h.distance)[:top_k]
+            short |= len(hits) < top_k and k < n
+            results.append(hits)
+        if not short or widenings == 3:
+            return results
+        # a few subjects own many faces: look deeper (at most 3 times, so a gallery with fewer
+        # subjects than top_k does not turn every search into a scan)
+        k = min(n, k * 4)
+        widenings += 1
+
+
+def model_mismatch(subject: str, models: Iterable[tuple[str, str]], current: ModelKey) -> ModelMismatch:
+    """The error for a subject whose faces were all made by other models (name, sha256)."""
+    others = sorted({f"{name} ({sha[:12]})" for name, sha in models})
+    return ModelMismatch(f"subject {subject!r} was enrolled with {', '.join(others)}; this server embeds with "
+                         f"{current.name} ({current.sha256[:12]}): embeddings of different models are never "
+                         "compared; re-enrol the subject")
 
 
 def _fsync(path: Path) -> None:
@@ -484,41 +495,9 @@ class GalleryStore:
     # ----- queries --------------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, top_k: int) -> list[list[Hit]]:
         """For each query, the best face of each of the top_k nearest subjects (current model only)."""
-        q = np.asarray(queries, dtype=np.float32)
-        if q.ndim == 1:
-            q = q[None, :]
-        if q.ndim != 2 or q.shape[1] != self.model.dim:
-            raise ValueError(f"queries have {q.shape[-1]} dimensions, the model makes {self.model.dim}")
+        q = as_queries(queries, self.model.dim)
         with self._rw.read():
-            n = self.index.ntotal
-            if n == 0:
-                return [[] for _ in range(len(q))]
-            k = min(n, max(top_k * 8, top_k + 16))
-            widenings = 0
-            while True:
-                sims, ids = self.index.search(q, k)
-                conn = self._reader()
-                wanted = {int(i) for i in ids.reshape(-1) if i >= 0}
-                info = self._face_info(conn, wanted)
-                results = []
-                short = False
-                for row_s, row_i in zip(sims, ids, strict=True):
-                    best: dict[str, Hit] = {}
-                    for s, i in zip(row_s.tolist(), row_i.tolist(), strict=True):
-                        if i < 0 or i not in info:
-                            continue
-                        face_id, subject = info[i]
-                        if subject not in best:
-                            best[subject] = Hit(face_id, subject, float(s), float(max(0.0, 2.0 - 2.0 * s)))
-                    hits = sorted(best.values(), key=lambda h: h.distance)[:top_k]
-                    short |= len(hits) < top_k and k < n
-                    results.append(hits)
-                if not short or widenings == 3:
-                    return results
-                # a few subjects own many faces: look deeper (at most 3 times, so a gallery with fewer
-                # subjects than top_k does not turn every search into a scan)
-                k = min(n, k * 4)
-                widenings += 1
+            return nearest_subjects(self.index, q, top_k, lambda vids: self._face_info(self._reader(), vids))
 
     @staticmethod
     def _face_info(conn: sqlite3.Connection, vids: set[int]) -> dict[int, tuple[str, str]]:
@@ -542,10 +521,7 @@ class GalleryStore:
                             (subject,)).fetchall()
         mine = [r for r in rows if (r["model"], r["model_sha256"]) == (self.model.name, self.model.sha256)]
         if rows and not mine:
-            others = sorted({f"{r['model']} ({r['model_sha256'][:12]})" for r in rows})
-            raise ModelMismatch(f"subject {subject!r} was enrolled with {', '.join(others)}; this server embeds with "
-                                f"{self.model.name} ({self.model.sha256[:12]}): embeddings of different models are "
-                                "never compared; re-enrol the subject")
+            raise model_mismatch(subject, ((r["model"], r["model_sha256"]) for r in rows), self.model)
         vecs = np.frombuffer(b"".join(r["embedding"] for r in mine), dtype=np.float32).reshape(len(mine),
                                                                                                self.model.dim)
         return [r["face_id"] for r in mine], vecs

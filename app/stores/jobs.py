@@ -10,6 +10,9 @@ Every job records its owner (the principal that submitted it); reads and deletio
 one owner. Finished jobs are bounded by count and bytes on disk: whenever a job finishes (and on
 `prune`), the oldest finished jobs beyond either bound are deleted with their files; queued and
 running jobs are never evicted.
+
+The records (`Job`) and errors (`QueueFull`) are the store-independent ones of `app.stores.interfaces`;
+`JobStore` satisfies its `JobStoreProtocol`, and `app.stores.factory` builds it from the settings.
 """
 
 from __future__ import annotations
@@ -23,12 +26,10 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-STATES = ("queued", "running", "succeeded", "failed", "canceled")
-FINISHED = ("succeeded", "failed", "canceled")
+from app.stores.interfaces import FINISHED, STATES, Job, QueueFull
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -63,51 +64,13 @@ _ADDED_INDEXES = "CREATE INDEX IF NOT EXISTS jobs_owner_created ON jobs(owner, c
 SQLITE_MAX_INT = 2**63 - 1
 
 
-@dataclass(frozen=True)
-class Job:
-    """One job record."""
-
-    id: str
-    kind: str
-    status: str
-    params: dict[str, Any]
-    created_at: float
-    started_at: float | None
-    finished_at: float | None
-    heartbeat_at: float | None
-    worker: str | None
-    attempts: int
-    cancel_requested: bool
-    progress: float
-    step: int
-    total_steps: int
-    loss: float | None
-    error: str | None
-    info: dict[str, Any]
-    owner: str | None = None
-    size_bytes: int | None = None
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Job:
-        d = dict(row)
-        d["params"] = json.loads(d["params"])
-        d["info"] = json.loads(d["info"])
-        d["cancel_requested"] = bool(d["cancel_requested"])
-        return cls(**d)
-
-    @property
-    def finished(self) -> bool:
-        """Whether the job reached a final state."""
-        return self.status in FINISHED
-
-
-class QueueFull(Exception):
-    """Too many queued jobs."""
-
-    def __init__(self, queued: int, limit: int) -> None:
-        super().__init__(f"{queued} jobs are queued (limit {limit})")
-        self.queued = queued
-        self.limit = limit
+def _job_from_row(row: sqlite3.Row) -> Job:
+    """A Job from one row of the jobs table (JSON columns decoded)."""
+    d = dict(row)
+    d["params"] = json.loads(d["params"])
+    d["info"] = json.loads(d["info"])
+    d["cancel_requested"] = bool(d["cancel_requested"])
+    return Job(**d)
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -202,6 +165,11 @@ class JobStore:
             conn.close()
             self._local.conn = None
 
+    @property
+    def location(self) -> str:
+        """The store's directory (records in jobs.db, files under files/), for logs."""
+        return str(self.root)
+
     # -- files ---------------------------------------------------------------------------------
     def job_dir(self, job_id: str) -> Path:
         """Directory of a job's files."""
@@ -248,7 +216,7 @@ class JobStore:
         """A job by id, or None (also when `owner` is given and the job is someone else's)."""
         cond, args = _owner_clause(owner)
         row = self._conn().execute(f"SELECT * FROM jobs WHERE id = ?{cond}", (job_id, *args)).fetchone()
-        return Job.from_row(row) if row else None
+        return _job_from_row(row) if row else None
 
     def list_jobs(self, *, limit: int = 20, offset: int = 0, status: str | None = None,
                   owner: str | None = None) -> tuple[list[Job], int]:
@@ -266,7 +234,7 @@ class JobStore:
             return [], total
         rows = db.execute(f"SELECT * FROM jobs {where} ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
                           [*args, min(limit, SQLITE_MAX_INT), offset]).fetchall()
-        return [Job.from_row(r) for r in rows], total
+        return [_job_from_row(r) for r in rows], total
 
     def queue_position(self, job: Job) -> int | None:
         """0-based position among queued jobs (None unless queued)."""

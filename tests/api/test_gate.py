@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from app.apps import ROUTE_POLICIES
 from app.auth import Principal
 from app.gate import (
     FAIL_CLOSED,
-    ROUTE_POLICIES,
     Admission,
     KeyFileError,
     KeyRing,
@@ -65,11 +65,11 @@ def test_every_openapi_operation_has_a_policy_and_the_table_no_stale_entry(clien
         if (method, path) in operations:
             assert paths[path][method.lower()].get("x-required-scope") == (policy.scope or None)
     # fail closed: an unknown method on a known route needs admin
-    assert policy_for("PATCH", "/classify") == FAIL_CLOSED
+    assert policy_for("PATCH", "/classify", ROUTE_POLICIES) == FAIL_CLOSED
 
 
 def test_route_table_matches_literals_before_parameters() -> None:
-    t = RouteTable()
+    t = RouteTable(ROUTE_POLICIES)
     assert t.match("GET", "/faces/subjects")[0] == "/faces/subjects"
     assert t.match("DELETE", "/faces/abc")[0] == "/faces/{face_id}"
     assert t.match("GET", "/faces/gallery")[0] == "/faces/gallery"
@@ -92,7 +92,7 @@ def test_scopes_are_enforced_on_every_route(keyed: Settings, client_factory) -> 
         checked = 0
         for path, ops in paths.items():
             for method in ops:
-                scope = policy_for(method.upper(), path).scope
+                scope = policy_for(method.upper(), path, ROUTE_POLICIES).scope
                 url = _fill(path)
                 if scope is None:
                     assert c.request(method, url).status_code not in (401, 403), (method, path)
@@ -136,7 +136,7 @@ def test_the_body_of_an_unauthenticated_or_shed_request_is_never_read() -> None:
 
     admission = Admission({"classification": 1})
     mw = ServiceMiddleware(app, metrics=Metrics(), max_body_bytes=10**9, keys=keys, admission=admission,
-                           default_timeout=None)
+                           default_timeout=None, policies=ROUTE_POLICIES)
 
     def scope(key: str | None) -> dict[str, Any]:
         headers = [(b"content-length", b"1000000")] + ([(b"x-api-key", key.encode())] if key else [])
@@ -381,12 +381,12 @@ def test_a_gallery_that_cannot_open_fails_faces_only(base_settings: Settings, cl
 
 def test_startup_failure_of_one_application_does_not_stop_the_others(base_settings: Settings, client_factory,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    import app.main as main
+    import app.apps.style as style_app
 
     def boom(*a: Any, **k: Any) -> None:
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(main, "_open_style", boom)
+    monkeypatch.setattr(style_app, "_open", boom)
     with client_factory(base_settings) as c:
         code, body = _apps(c)
         assert code == 503 and body["applications"]["style"] == {

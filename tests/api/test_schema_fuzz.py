@@ -60,6 +60,9 @@ CASES: Counter[str] = Counter()
 # ids that exist once the `live` fixture has run: DELETEs get their own, so the other operations keep theirs
 KNOWN: dict[str, list[str]] = {"name": ["tiny-cifar", "tiny-text", "tiny-face"]}
 DOOMED: dict[str, list[str]] = {}
+# run-time model management (load, unload, reload, batching) gets a spare model of its own, so the models the other
+# operations use keep serving whatever the fuzzer does to it
+MANAGED: dict[str, list[str]] = {"name": ["tiny-spare"]}
 MODELS = {"/classify": "tiny-cifar", "/text/": "tiny-text", "/faces/": "tiny-face"}
 
 IMAGE_FIELDS = {"image", "image_a", "image_b", "content", "style"}
@@ -168,7 +171,12 @@ def flatmap_path_parameters(context: schemathesis.HookContext, params: Any) -> s
     """Sometimes name a job, subject, face or model that exists, so the paths past the 404 get fuzzed too."""
     if not isinstance(params, dict):
         return st.just(params)
-    known = DOOMED if context.operation is not None and context.operation.method.lower() == "delete" else KNOWN
+    op = context.operation
+    known = KNOWN
+    if op is not None and op.method.lower() == "delete":
+        known = DOOMED
+    elif op is not None and op.path.startswith("/models/{name}/") and op.method.lower() != "get":
+        known = MANAGED
     fields = {k: _maybe(v, st.sampled_from(known[k])) if known.get(k) else st.just(v) for k, v in params.items()}
     return st.fixed_dictionaries(fields)
 
@@ -178,11 +186,13 @@ def fuzz_app(tmp_path_factory: pytest.TempPathFactory) -> FastAPI:
     tmp = tmp_path_factory.mktemp("schema-fuzz")
     weights = tmp / "weights"
     write_tiny_classifier(weights)
+    write_tiny_classifier(weights, "tiny-spare")
     write_tiny_text_model(weights)
     write_tiny_face_model(weights)
     # style_workers=0: submitted jobs stay queued, so nothing runs in the background while fuzzing
     return create_app(Settings(
-        weights_dir=weights, torch_home=tmp / "torch_home", classifiers=["tiny-cifar"], text_models=["tiny-text"],
+        weights_dir=weights, torch_home=tmp / "torch_home", classifiers=["tiny-cifar", "tiny-spare"],
+        text_models=["tiny-text"],
         face_models=["tiny-face"], allow_untrained=False, allow_downloads=False, device="cpu", warmup=False,
         data_dir=tmp / "data", style_workers=0, style_max_queue=100_000,
     ))

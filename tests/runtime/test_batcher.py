@@ -429,3 +429,53 @@ async def test_failing_observer_does_not_break_batching(executor: ThreadPoolExec
     await b.start()
     assert list(await asyncio.gather(b.submit(1), b.submit(2))) == [2, 4]
     await b.close()
+
+
+# -- drain and reconfigure (run-time model management) ---------------------------------------------
+
+
+@async_test
+async def test_drain_runs_everything_queued_refuses_new_items_then_closes(executor: ThreadPoolExecutor) -> None:
+    fn = Recorder(blocking=True)
+    b = await started(fn, executor, max_batch_size=2, max_wait_ms=0)
+    first = await block_first_batch(b, fn)
+    queued = [asyncio.create_task(b.submit(i)) for i in (1, 2, 3)]
+    await settle()
+    drain = asyncio.create_task(b.drain())
+    await settle()
+    assert not b.accepting and not drain.done()
+    with pytest.raises(BatcherClosedError, match="draining"):
+        await b.submit(9)
+    fn.release(3)  # the running batch and the two the queue makes
+    await drain
+    assert await first == 0 and [await q for q in queued] == [2, 4, 6]
+    assert fn.batches == [[0], [1, 2], [3]]
+    with pytest.raises(BatcherClosedError, match="closed"):
+        await b.submit(9)
+
+
+@async_test
+async def test_drain_of_an_idle_or_unstarted_batcher_returns_at_once(executor: ThreadPoolExecutor) -> None:
+    b = await started(Recorder(), executor)
+    await settle()
+    await b.drain()
+    assert not b.accepting
+    unstarted: MicroBatcher[int, int] = MicroBatcher("u", double, BatchConfig())
+    await unstarted.drain()
+    assert not unstarted.accepting
+
+
+@async_test
+async def test_reconfigure_applies_from_the_next_batch(executor: ThreadPoolExecutor) -> None:
+    fn = Recorder(blocking=True)
+    b = await started(fn, executor, max_batch_size=1, max_wait_ms=0, max_queue=8)
+    first = await block_first_batch(b, fn)
+    b.reconfigure(BatchConfig(max_batch_size=3, max_wait_ms=0, max_queue=3))
+    queued = [asyncio.create_task(b.submit(i)) for i in (1, 2, 3)]
+    await settle()
+    with pytest.raises(QueueFullError):  # the new, smaller queue bound
+        await b.submit(4)
+    fn.release(2)
+    assert await first == 0 and [await q for q in queued] == [2, 4, 6]
+    assert fn.batches == [[0], [1, 2, 3]]
+    await b.close()

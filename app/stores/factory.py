@@ -1,0 +1,39 @@
+"""The one place stores are built from the settings: the server (`serve`) and the worker use these, nothing else
+constructs a store, so choosing another implementation is a change here only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from app.settings import Settings
+from app.stores.gallery import GalleryStore
+from app.stores.interfaces import GalleryProtocol, JobStoreProtocol, ModelKey
+from app.stores.jobs import JobStore
+
+
+def job_store_dir(settings: Settings) -> Path:
+    """Directory of the style-job store (records and files) under the data directory."""
+    return settings.data_dir / "style-jobs"
+
+
+def gallery_dir(settings: Settings) -> Path:
+    """Directory of the face gallery (database and index snapshot) under the data directory."""
+    return settings.data_dir / "gallery"
+
+
+def open_job_store(settings: Settings) -> JobStoreProtocol:
+    """The style-job store the settings describe (shared by the server's workers and `app.cli worker`): on
+    PostgreSQL when CNN_DATABASE_URL is set (files under CNN_DATA_DIR/style-jobs/files, which every replica must
+    share), else SQLite under CNN_DATA_DIR/style-jobs."""
+    return JobStore(job_store_dir(settings), stale_after=settings.style_stale_seconds,
+                    max_finished=settings.style_max_finished_jobs,
+                    max_finished_bytes=settings.style_max_finished_bytes)
+
+
+def open_gallery(settings: Settings, key: ModelKey) -> GalleryProtocol:
+    """The face gallery of the embedding model `key` (blocking: it builds or loads the search index): on
+    PostgreSQL when CNN_DATABASE_URL is set (each replica keeps its own index in step through the change feed),
+    else SQLite + FAISS under CNN_DATA_DIR/gallery."""
+    return GalleryStore(gallery_dir(settings), key, index_kind=settings.gallery_index,
+                        nlist=settings.gallery_ivf_nlist, nprobe=settings.gallery_ivf_nprobe,
+                        use_gpu=settings.gallery_gpu)
