@@ -108,7 +108,7 @@ async def _start_application(state: AppState, app: Application, manager: ModelMa
     log.info("application %s: %s%s", app.name, st.status, f" ({st.reason})" if st.reason else "")
 
 
-async def _start(state: AppState) -> None:
+async def start_applications(state: AppState) -> None:
     """Load models off the event loop, then start each application on its own: one that fails is reported
     with its reason while the others serve."""
     s = state.settings
@@ -151,7 +151,7 @@ def create_app(settings: Settings | None = None, applications: Sequence[Applicat
         executor = ThreadPoolExecutor(max_workers=settings.inference_threads, thread_name_prefix="inference")
         state = AppState(settings=settings, metrics=metrics, executor=executor, admission=admission,
                          keys_enabled=keys.enabled, declared=apps)
-        loader = asyncio.create_task(_start(state))
+        loader = asyncio.create_task(start_applications(state))
         try:
             yield {"app_state": state}
         finally:

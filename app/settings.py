@@ -81,6 +81,10 @@ class Settings(BaseSettings):
 
     style_enabled: bool = Field(default=True, description="serve /style-transfer")
     data_dir: Path = Field(default=PROJECT_ROOT / "data", description="stores: face gallery and style jobs")
+    database_url: str | None = Field(
+        default=None, description="PostgreSQL URL (postgresql://user@host/db): the job store and the face gallery "
+        "live there, shared by every replica; unset: the embedded SQLite stores under CNN_DATA_DIR. Style-job files "
+        "stay under CNN_DATA_DIR/style-jobs, which replicas on several hosts must share (a common volume)")
     style_workers: int = Field(default=1, ge=0, le=16,
                                description="style jobs run at once inside the server (0: only external workers)")
     style_max_queue: int = Field(default=32, ge=1)

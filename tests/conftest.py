@@ -181,3 +181,24 @@ def write_news_csvs(root: Path, filler: list[str]) -> tuple[Path, Path, Path]:
             csv.writer(fh, quoting=csv.QUOTE_ALL).writerows(rows)
     paths[2].write_text("Sports\nBusiness\nPolitics\n")
     return paths
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[object]:
+    """A throwaway PostgreSQL server for the whole test run (tests/pgserver.py); skips where one cannot start."""
+    from tests.pgserver import running_server, unavailable_reason
+
+    why = unavailable_reason()
+    if why:
+        pytest.skip(f"POSTGRES TESTS SKIPPED: {why}")
+    with running_server() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(pg_server: object) -> str:
+    """A fresh empty database on the throwaway server."""
+    from tests.pgserver import PgServer
+
+    assert isinstance(pg_server, PgServer)
+    return pg_server.new_database()

@@ -41,6 +41,10 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 def _manager(state: AppState) -> ModelManager:
+    if state.ready.is_set() and state.declared and not any(a.task for a in state.declared):
+        # no application of this process loads models: a Ray Serve ingress, whose models live in the deployments
+        raise ServiceUnavailable("this process holds no models: on Ray Serve each application's deployment holds "
+                                 "its own (docs/scale-out.md)")
     if state.models is None or state.registry is None:
         raise ServiceUnavailable("models are still loading; retry shortly", retry_after=5)
     return state.models

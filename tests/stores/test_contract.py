@@ -30,6 +30,8 @@ from app.stores.interfaces import (
     UnknownSubject,
 )
 from app.stores.jobs import JobStore
+from app.stores.pg_gallery import PgGalleryStore
+from app.stores.pg_jobs import PgJobStore
 
 # an opener: (directory it may use, a function giving one fresh database URL per test, store options) -> a fresh
 # store; called again on the same directory (and URL) it reopens. The URL function starts the throwaway PostgreSQL
@@ -40,9 +42,11 @@ Url = Callable[[], str]
 
 JOB_STORES: dict[str, Callable[[Path, Url], JobOpener]] = {
     "sqlite": lambda d, url: lambda **kw: JobStore(d / "jobs", **kw),
+    "postgres": lambda d, url: lambda **kw: PgJobStore(url(), d / "files", **kw),
 }
 GALLERIES: dict[str, Callable[[Path, Url], GalleryOpener]] = {
     "sqlite-faiss": lambda d, url: lambda key, **kw: GalleryStore(d / "gallery", key, **kw),
+    "postgres": lambda d, url: lambda key, **kw: PgGalleryStore(url(), key, **kw),
 }
 
 
