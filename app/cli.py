@@ -45,7 +45,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = Settings()
     host = args.host or settings.host
     port = args.port or settings.port
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level, workers=1)
+    # h11, not httptools (which the Ray extra installs): httptools refuses an unknown method with a bare-text 400
+    # before the app sees it; with h11 the app answers every request, with problem details
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level, workers=1, http="h11")
     return 0
 
 

@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from app.stores.common import box_json, face_record, gallery_stats, new_embeddings, subject_record
 from app.stores.interfaces import (
     GalleryError,
     Hit,
@@ -427,16 +428,9 @@ class GalleryStore:
     def enroll(self, subject: str, faces: Sequence[NewFace]) -> list[dict[str, Any]]:
         """Store faces for a subject (created on first use) in one transaction; returns the new face records."""
         validate_subject(subject)
-        if not faces:
-            raise ValueError("nothing to enrol")
+        vecs = new_embeddings(faces, self.model.dim)
         now = time.time()
         records = []
-        vecs = []
-        for f in faces:
-            v = np.asarray(f.embedding, dtype=np.float32).reshape(-1)
-            if v.shape[0] != self.model.dim:
-                raise ValueError(f"embedding has {v.shape[0]} dimensions, the model makes {self.model.dim}")
-            vecs.append(v)
         with self._rw.write():
             with self._transaction() as conn:
                 conn.execute("INSERT OR IGNORE INTO subjects(subject, created_at) VALUES (?, ?)", (subject, now))
@@ -447,10 +441,9 @@ class GalleryStore:
                         "INSERT INTO faces(face_id, subject, model, model_sha256, dim, embedding, box, image, "
                         "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (face_id, subject, self.model.name, self.model.sha256, self.model.dim, v.tobytes(),
-                         json.dumps(f.box) if f.box is not None else None, f.image, now))
+                         box_json(f), f.image, now))
                     vids.append(int(cur.lastrowid or 0))
-                    records.append({"face_id": face_id, "subject": subject, "box": f.box, "image": f.image,
-                                    "model": self.model.name, "created_at": now})
+                    records.append(face_record(face_id, subject, f, self.model, now))
             # committed (durable); now the derived index
             self.index.add(np.asarray(vids, dtype=np.int64), np.stack(vecs))
             if (self.index.kind == "ivf" and self.index.trained_kind == "flat"
@@ -530,13 +523,7 @@ class GalleryStore:
         faces = conn.execute("SELECT face_id, model, model_sha256, box, image, created_at FROM faces "
                              "WHERE subject = ? ORDER BY vid", (subject,)).fetchall()
         row = conn.execute("SELECT created_at FROM subjects WHERE subject = ?", (subject,)).fetchone()
-        return {
-            "subject": subject, "created_at": row["created_at"] if row else None, "face_count": len(faces),
-            "faces": [{"face_id": f["face_id"], "model": f["model"], "model_sha256": f["model_sha256"],
-                       "current_model": (f["model"], f["model_sha256"]) == (self.model.name, self.model.sha256),
-                       "box": json.loads(f["box"]) if f["box"] else None, "image": f["image"],
-                       "created_at": f["created_at"]} for f in faces],
-        }
+        return subject_record(subject, row["created_at"] if row else None, faces, self.model)
 
     def get_subject(self, subject: str) -> dict[str, Any]:
         validate_subject(subject)
@@ -566,6 +553,5 @@ class GalleryStore:
         with self._rw.read():
             indexed = self.index.ntotal
             kind = self.index.trained_kind
-        return {"subjects": subjects, "faces": faces, "indexed_faces": indexed,
-                "faces_from_other_models": faces - indexed, "index": kind, "index_source": self.index_source,
-                "model": self.model.name, "model_sha256": self.model.sha256}
+        return gallery_stats(subjects=subjects, faces=faces, indexed=indexed, index_kind=kind,
+                             index_source=self.index_source, model=self.model)

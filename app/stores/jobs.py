@@ -18,18 +18,17 @@ The records (`Job`) and errors (`QueueFull`) are the store-independent ones of `
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from app.stores.interfaces import FINISHED, STATES, Job, QueueFull
+from app.stores.common import JobFiles, check_page, equal_conditions, new_job_fields, state_counts
+from app.stores.common import dir_bytes as _dir_bytes
+from app.stores.interfaces import FINISHED, Job, QueueFull
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -59,6 +58,10 @@ _ADDED_COLUMNS = (
     ("owner", "TEXT"),  # the principal that submitted the job (NULL: made before owners were recorded)
     ("size_bytes", "INTEGER"),  # bytes of the job's files, measured when it finished
 )
+# stale recovery (`JobFiles._recover`): back to the queue (id), or finished (status, finished_at, error, size_bytes, id)
+_REQUEUE_STALE = ("UPDATE jobs SET status = 'queued', worker = NULL, heartbeat_at = NULL, progress = 0, step = 0 "
+                  "WHERE id = ?")
+_FINISH_STALE = "UPDATE jobs SET status = ?, finished_at = ?, error = ?, size_bytes = ? WHERE id = ?"
 _ADDED_INDEXES = "CREATE INDEX IF NOT EXISTS jobs_owner_created ON jobs(owner, created_at);"
 # SQLite integers are signed 64-bit: a larger LIMIT or OFFSET is an OverflowError, not an empty page
 SQLITE_MAX_INT = 2**63 - 1
@@ -73,37 +76,12 @@ def _job_from_row(row: sqlite3.Row) -> Job:
     return Job(**d)
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _dir_bytes(path: Path) -> int:
-    """Total size of the files in a job's directory (0 when it is gone)."""
-    total = 0
-    try:
-        entries = list(os.scandir(path))
-    except FileNotFoundError:
-        return 0
-    for entry in entries:
-        try:
-            if entry.is_file(follow_symlinks=False):
-                total += entry.stat(follow_symlinks=False).st_size
-        except FileNotFoundError:
-            continue
-    return total
-
-
 def _owner_clause(owner: str | None) -> tuple[str, list[Any]]:
     """SQL condition (with a leading AND) restricting rows to one owner; nothing when owner is None."""
-    return (" AND owner = ?", [owner]) if owner is not None else ("", [])
+    return equal_conditions("?", owner=owner)
 
 
-class JobStore:
+class JobStore(JobFiles):
     """Jobs in SQLite under `root/jobs.db`, their files under `root/files/<id>/`.
 
     `max_finished` and `max_finished_bytes` bound the finished jobs kept (None: unbounded); the
@@ -170,19 +148,6 @@ class JobStore:
         """The store's directory (records in jobs.db, files under files/), for logs."""
         return str(self.root)
 
-    # -- files ---------------------------------------------------------------------------------
-    def job_dir(self, job_id: str) -> Path:
-        """Directory of a job's files."""
-        return self.files_root / job_id
-
-    def write_file(self, job_id: str, name: str, data: bytes) -> Path:
-        """Write one of a job's files atomically (temp file, fsync, rename)."""
-        d = self.job_dir(job_id)
-        d.mkdir(parents=True, exist_ok=True)
-        path = d / name
-        _fsync_write(path, data)
-        return path
-
     # -- lifecycle -----------------------------------------------------------------------------
     def create(self, kind: str, params: dict[str, Any], files: dict[str, bytes], *, max_queued: int,
                info: dict[str, Any] | None = None, owner: str | None = None) -> Job:
@@ -190,9 +155,7 @@ class JobStore:
 
         All or nothing: when the record cannot be stored, the files written for it are removed.
         """
-        job_id = uuid.uuid4().hex
-        # allow_nan=False: a NaN or infinity is no valid parameter, and would break every JSON view of the job
-        params_json, info_json = json.dumps(params, allow_nan=False), json.dumps(info or {}, allow_nan=False)
+        job_id, params_json, info_json = new_job_fields(params, info)
         try:
             with self._tx() as db:
                 queued = db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
@@ -206,7 +169,7 @@ class JobStore:
                     (job_id, kind, params_json, time.time(), info_json, owner),
                 )
         except BaseException:
-            shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+            self.remove_files(job_id)
             raise
         job = self.get(job_id)
         assert job is not None
@@ -221,13 +184,9 @@ class JobStore:
     def list_jobs(self, *, limit: int = 20, offset: int = 0, status: str | None = None,
                   owner: str | None = None) -> tuple[list[Job], int]:
         """Jobs newest first (only `owner`'s when given), and the total count (for pagination)."""
-        if limit < 0 or offset < 0:
-            raise ValueError(f"limit and offset must be >= 0, got {limit} and {offset}")
-        where, args = "WHERE 1 = 1", []
-        if status:
-            where, args = where + " AND status = ?", [status]
-        cond, owner_args = _owner_clause(owner)
-        where, args = where + cond, [*args, *owner_args]
+        check_page(limit, offset)
+        cond, args = equal_conditions("?", status=status or None, owner=owner)
+        where = "WHERE 1 = 1" + cond
         db = self._conn()
         total = db.execute(f"SELECT COUNT(*) FROM jobs {where}", args).fetchone()[0]
         if offset >= total:  # also keeps offsets beyond SQLite's 64-bit integers out of the query
@@ -247,9 +206,7 @@ class JobStore:
     def counts(self) -> dict[str, int]:
         """Number of jobs in each state."""
         rows = self._conn().execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
-        out = dict.fromkeys(STATES, 0)
-        out.update({r[0]: r[1] for r in rows})
-        return out
+        return state_counts((r[0], r[1]) for r in rows)
 
     def mean_duration(self, kind: str, last: int = 20) -> float | None:
         """Mean run time of the last successful jobs of a kind (for ETAs)."""
@@ -323,10 +280,7 @@ class JobStore:
                              "status = 'running' AND cancel_requested = 0", (job_id, worker))
             return cur.rowcount == 1
 
-    def cancel(self, job_id: str, *, owner: str | None = None) -> Job | None:
-        """Cancel a queued job at once; ask a running one to stop (its worker sees it at the next step).
-
-        With `owner`, only that owner's job is touched (None is returned for anyone else's)."""
+    def _cancel_rows(self, job_id: str, owner: str | None) -> bool:
         cond, args = _owner_clause(owner)
         with self._tx() as db:
             cur = db.execute("UPDATE jobs SET status = 'canceled', finished_at = ?, error = 'canceled by request', "
@@ -335,46 +289,20 @@ class JobStore:
             finished = cur.rowcount == 1
             db.execute(f"UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = 'running'{cond}",
                        (job_id, *args))
-        job = self.get(job_id, owner=owner)
-        if finished:
-            self.prune()
-        return job
+        return finished
 
-    def delete(self, job_id: str, *, owner: str | None = None) -> bool:
-        """Remove a finished job's record and files (only `owner`'s when given)."""
+    def _delete_row(self, job_id: str, owner: str | None) -> bool:
         cond, args = _owner_clause(owner)
         with self._tx() as db:
             cur = db.execute(f"DELETE FROM jobs WHERE id = ? AND status IN {FINISHED}{cond}", (job_id, *args))
-            deleted = cur.rowcount == 1
-        if deleted:
-            shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
-        return deleted
+            return cur.rowcount == 1
 
-    def recover_stale(self, *, now: float | None = None) -> list[tuple[str, str]]:
-        """Requeue running jobs whose heartbeat stopped, or fail them once their attempts are used up."""
+    def _recover_stale_rows(self, now: float | None) -> list[tuple[str, str]]:
         now = now or time.time()
-        changed: list[tuple[str, str]] = []
         with self._tx() as db:
             rows = db.execute("SELECT id, attempts, cancel_requested, worker FROM jobs WHERE status = 'running' "
                               "AND (heartbeat_at IS NULL OR heartbeat_at < ?)", (now - self.stale_after,)).fetchall()
-            for r in rows:
-                size = _dir_bytes(self.job_dir(r["id"]))
-                if r["cancel_requested"]:
-                    db.execute("UPDATE jobs SET status = 'canceled', finished_at = ?, error = 'canceled by request', "
-                               "size_bytes = ? WHERE id = ?", (now, size, r["id"]))
-                    changed.append((r["id"], "canceled"))
-                elif r["attempts"] >= self.max_attempts:
-                    db.execute("UPDATE jobs SET status = 'failed', finished_at = ?, error = ?, size_bytes = ? "
-                               "WHERE id = ?", (now, f"worker {r['worker']} stopped while running the job "
-                                                     f"({r['attempts']} attempts); giving up", size, r["id"]))
-                    changed.append((r["id"], "failed"))
-                else:
-                    db.execute("UPDATE jobs SET status = 'queued', worker = NULL, heartbeat_at = NULL, "
-                               "progress = 0, step = 0 WHERE id = ?", (r["id"],))
-                    changed.append((r["id"], "queued"))
-        if any(status != "queued" for _, status in changed):
-            self.prune()
-        return changed
+            return self._recover(db.execute, rows, now, requeue_sql=_REQUEUE_STALE, finish_sql=_FINISH_STALE)
 
     def requeue_worker(self, worker: str) -> int:
         """Requeue the running jobs of a worker that is known to be gone (e.g. this process at start-up)."""
@@ -391,8 +319,7 @@ class JobStore:
             ids = [r[0] for r in db.execute(
                 f"SELECT id FROM jobs WHERE status IN {FINISHED} AND finished_at < ?", (cutoff,)).fetchall()]
             db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in ids])
-        for i in ids:
-            shutil.rmtree(self.job_dir(i), ignore_errors=True)
+        self.remove_files(*ids)
         return len(ids)
 
     def prune(self) -> int:
@@ -425,8 +352,7 @@ class JobStore:
                 else:
                     kept, kept_bytes = kept + 1, kept_bytes + size
             db.executemany(f"DELETE FROM jobs WHERE id = ? AND status IN {FINISHED}", [(i,) for i in evict])
-        for i in evict:
-            shutil.rmtree(self.job_dir(i), ignore_errors=True)
+        self.remove_files(*evict)
         return len(evict)
 
     def finished_usage(self) -> tuple[int, int]:

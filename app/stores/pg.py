@@ -1,4 +1,4 @@
-"""PostgreSQL plumbing shared by the PostgreSQL stores: connections and versioned schema migrations.
+"""PostgreSQL plumbing shared by the PostgreSQL stores: connections, a connection pool and versioned migrations.
 
 Chosen by one setting, CNN_DATABASE_URL (for example postgresql://user@host/db); without it the stores are the
 embedded SQLite ones. Each store names its component and lists its migrations in order; `migrate` applies the
@@ -8,8 +8,10 @@ migration exactly once and never see a half-made schema.
 
 from __future__ import annotations
 
+import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from typing import Any
 
 MIGRATIONS_TABLE = """
@@ -67,3 +69,74 @@ def migrate(url: str, component: str, steps: Sequence[str]) -> int:
             conn.execute("INSERT INTO schema_migrations (component, version) VALUES (%s, %s)", (component, version))
         conn.commit()
         return len(steps)
+
+
+class Pool:
+    """At most `size` autocommit connections shared by the threads, each lent to one thread at a time; a broken one
+    (closed, or left inside a transaction) is dropped, not reused.
+
+    `close_idle()` closes the connections nobody is using now and the pool stays usable (it reconnects when
+    asked); `close()` also refuses every later `connection()` with RuntimeError(`closed_message`)."""
+
+    def __init__(self, url: str, size: int, *, closed_message: str = "the connection pool is closed") -> None:
+        self.url, self.size = url, size
+        self.closed_message = closed_message
+        self._idle: list[Any] = []
+        self._count = 0  # connections open: idle or lent
+        self._cond = threading.Condition()
+        self._closed = False
+
+    @contextmanager
+    def connection(self) -> Iterator[Any]:
+        with self._cond:
+            while not self._idle and self._count >= self.size and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                raise RuntimeError(self.closed_message)
+            conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                self._count += 1
+        if conn is not None and conn.closed:  # closed while idle: a new one takes its place
+            conn = None
+        if conn is None:
+            try:
+                conn = connect(self.url, autocommit=True)
+            except BaseException:
+                self._give_back(None)
+                raise
+        try:
+            yield conn
+        finally:
+            self._give_back(conn)
+
+    def _give_back(self, conn: Any) -> None:
+        from psycopg import pq
+
+        keep = conn is not None and not conn.closed and not conn.broken and not self._closed
+        if keep and conn.info.transaction_status != pq.TransactionStatus.IDLE:  # an interrupted transaction
+            keep = False
+        if conn is not None and not keep:
+            with suppress(Exception):
+                conn.close()
+        with self._cond:
+            if keep:
+                self._idle.append(conn)
+            else:
+                self._count -= 1
+            self._cond.notify()
+
+    def close_idle(self) -> None:
+        """Close the connections nobody is using now (the pool stays usable: it reconnects when asked)."""
+        with self._cond:
+            idle, self._idle = self._idle, []
+            self._count -= len(idle)
+            self._cond.notify_all()
+        for conn in idle:
+            with suppress(Exception):
+                conn.close()
+
+    def close(self) -> None:
+        """Close the idle connections and refuse new loans; lent ones are closed when given back."""
+        with self._cond:
+            self._closed = True
+        self.close_idle()

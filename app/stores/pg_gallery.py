@@ -32,20 +32,20 @@ database at start-up.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Sequence
+from contextlib import suppress
 from typing import Any
 
 import numpy as np
 
+from app.stores.common import box_json, face_record, gallery_stats, new_embeddings, subject_record
 from app.stores.gallery import IndexKind, RWLock, VectorIndex, as_queries, model_mismatch, nearest_subjects
 from app.stores.interfaces import Hit, ModelKey, NewFace, UnknownFace, UnknownSubject, validate_subject
-from app.stores.pg import connect, migrate, redact
+from app.stores.pg import Pool, connect, migrate, redact
 
 log = logging.getLogger(__name__)
 
@@ -115,64 +115,6 @@ WHERE f.model = %(model)s AND f.model_sha256 = %(sha)s
 """
 
 
-class _Pool:
-    """At most `size` autocommit connections shared by the threads; a broken one is dropped, not reused."""
-
-    def __init__(self, url: str, size: int) -> None:
-        self.url, self.size = url, size
-        self._idle: list[Any] = []
-        self._count = 0
-        self._cond = threading.Condition()
-        self._closed = False
-
-    @contextmanager
-    def connection(self) -> Iterator[Any]:
-        with self._cond:
-            while not self._idle and self._count >= self.size and not self._closed:
-                self._cond.wait()
-            if self._closed:
-                raise RuntimeError("the gallery is closed")
-            conn = self._idle.pop() if self._idle else None
-            if conn is None:
-                self._count += 1
-        if conn is None:
-            try:
-                conn = connect(self.url, autocommit=True)
-            except BaseException:
-                self._give_back(None)
-                raise
-        try:
-            yield conn
-        finally:
-            self._give_back(conn)
-
-    def _give_back(self, conn: Any) -> None:
-        from psycopg import pq
-
-        keep = conn is not None and not conn.closed and not conn.broken and not self._closed
-        if keep and conn.info.transaction_status != pq.TransactionStatus.IDLE:  # an interrupted transaction
-            keep = False
-        if conn is not None and not keep:
-            with suppress(Exception):
-                conn.close()
-        with self._cond:
-            if keep:
-                self._idle.append(conn)
-            else:
-                self._count -= 1
-            self._cond.notify()
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            idle, self._idle = self._idle, []
-            self._count -= len(idle)
-            self._cond.notify_all()
-        for conn in idle:
-            with suppress(Exception):
-                conn.close()
-
-
 class PgGalleryStore:
     """Subjects and faces in PostgreSQL, a FAISS index of one model's embeddings per instance (module docstring)."""
 
@@ -191,7 +133,7 @@ class PgGalleryStore:
         self.notify = notify
         self.log_keep = log_keep
         self.schema_version = migrate(url, COMPONENT, MIGRATIONS)
-        self._pool = _Pool(url, pool_size)
+        self._pool = Pool(url, pool_size, closed_message="the gallery is closed")
         self._rw = RWLock()
         self._sync_lock = threading.Lock()  # one catch-up at a time; the index write lock is taken inside it
         self.index = VectorIndex(model.dim, index_kind, nlist=nlist, nprobe=nprobe, use_gpu=use_gpu)
@@ -371,14 +313,7 @@ class PgGalleryStore:
     def enroll(self, subject: str, faces: Sequence[NewFace]) -> list[dict[str, Any]]:
         """Store faces for a subject (created on first use) in one transaction; returns the new face records."""
         validate_subject(subject)
-        if not faces:
-            raise ValueError("nothing to enrol")
-        vecs = []
-        for f in faces:
-            v = np.asarray(f.embedding, dtype=np.float32).reshape(-1)
-            if v.shape[0] != self.model.dim:
-                raise ValueError(f"embedding has {v.shape[0]} dimensions, the model makes {self.model.dim}")
-            vecs.append(v)
+        vecs = new_embeddings(faces, self.model.dim)
         now = time.time()
         records = []
         vids: list[int] = []
@@ -391,11 +326,10 @@ class PgGalleryStore:
                 row = conn.execute(
                     "INSERT INTO gallery_faces (face_id, subject, model, model_sha256, dim, embedding, box, image, "
                     "created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING vid",
-                    (face_id, subject, self.model.name, self.model.sha256, self.model.dim, v.tobytes(),
-                     json.dumps(f.box) if f.box is not None else None, f.image, now)).fetchone()
+                    (face_id, subject, self.model.name, self.model.sha256, self.model.dim, v.tobytes(), box_json(f),
+                     f.image, now)).fetchone()
                 vids.append(int(row["vid"]))
-                records.append({"face_id": face_id, "subject": subject, "box": f.box, "image": f.image,
-                                "model": self.model.name, "created_at": now})
+                records.append(face_record(face_id, subject, f, self.model, now))
             faces_total = self._log_change(conn, generation, "add", vids)
         # committed; now the derived index of this replica
         self._apply_own(generation, faces_total, add=(np.asarray(vids, dtype=np.int64), np.stack(vecs)))
@@ -468,13 +402,7 @@ class PgGalleryStore:
                 raise UnknownSubject(subject)
             faces = conn.execute("SELECT face_id, model, model_sha256, box, image, created_at FROM gallery_faces "
                                  "WHERE subject = %s ORDER BY vid", (subject,)).fetchall()
-        return {
-            "subject": subject, "created_at": row["created_at"], "face_count": len(faces),
-            "faces": [{"face_id": f["face_id"], "model": f["model"], "model_sha256": f["model_sha256"],
-                       "current_model": (f["model"], f["model_sha256"]) == (self.model.name, self.model.sha256),
-                       "box": json.loads(f["box"]) if f["box"] else None, "image": f["image"],
-                       "created_at": f["created_at"]} for f in faces],
-        }
+        return subject_record(subject, row["created_at"], faces, self.model)
 
     def list_subjects(self, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
         """A page of subjects (sorted by id) with face counts, and the total number of subjects."""
@@ -500,6 +428,5 @@ class PgGalleryStore:
         with self._rw.read():
             indexed = self.index.ntotal
             kind = self.index.trained_kind
-        return {"subjects": subjects, "faces": faces, "indexed_faces": indexed,
-                "faces_from_other_models": faces - indexed, "index": kind, "index_source": self.index_source,
-                "model": self.model.name, "model_sha256": self.model.sha256}
+        return gallery_stats(subjects=subjects, faces=faces, indexed=indexed, index_kind=kind,
+                             index_source=self.index_source, model=self.model)

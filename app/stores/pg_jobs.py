@@ -22,17 +22,13 @@ finished jobs), for several servers and workers on several hosts over one databa
 from __future__ import annotations
 
 import json
-import shutil
-import threading
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from app.stores.interfaces import FINISHED, STATES, Job, QueueFull
-from app.stores.jobs import _dir_bytes, _fsync_write
-from app.stores.pg import connect, migrate, redact
+from app.stores.common import JobFiles, check_page, equal_conditions, new_job_fields, state_counts
+from app.stores.common import dir_bytes as _dir_bytes
+from app.stores.interfaces import FINISHED, Job, QueueFull
+from app.stores.pg import Pool, migrate, redact
 
 COMPONENT = "jobs"
 # steps[i] is schema version i + 1; never edit a released step, append a new one
@@ -69,6 +65,10 @@ MIGRATIONS: tuple[str, ...] = (
 # the server's clock in epoch seconds; now() is the transaction's start, so one statement sees one time
 _NOW = "EXTRACT(EPOCH FROM now())::double precision"
 _FINISHED_SQL = "('" + "', '".join(FINISHED) + "')"
+# stale recovery (`JobFiles._recover`): back to the queue (id), or finished (status, finished_at, error, size_bytes, id)
+_REQUEUE_STALE = ("UPDATE jobs SET status = 'queued', worker = NULL, heartbeat_at = NULL, progress = 0, step = 0 "
+                  "WHERE id = %s")
+_FINISH_STALE = "UPDATE jobs SET status = %s, finished_at = %s, error = %s, size_bytes = %s WHERE id = %s"
 PG_MAX_BIGINT = 2**63 - 1
 # creates take this transaction-level advisory lock around "count queued, insert", so the queue bound holds
 # across replicas (SQLite gets the same from BEGIN IMMEDIATE)
@@ -82,48 +82,10 @@ def _job(row: dict[str, Any]) -> Job:
 
 def _owner_clause(owner: str | None) -> tuple[str, list[Any]]:
     """SQL condition (with a leading AND) restricting rows to one owner; nothing when owner is None."""
-    return (" AND owner = %s", [owner]) if owner is not None else ("", [])
+    return equal_conditions("%s", owner=owner)
 
 
-class _Pool:
-    """At most `size` connections (autocommit), each lent to one thread at a time; broken ones are dropped."""
-
-    def __init__(self, url: str, size: int) -> None:
-        self.url = url
-        self._idle: list[Any] = []
-        self._lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(size)
-
-    @contextmanager
-    def conn(self) -> Iterator[Any]:
-        from psycopg.pq import TransactionStatus
-
-        self._slots.acquire()
-        try:
-            with self._lock:
-                conn = self._idle.pop() if self._idle else None
-            if conn is None or conn.closed:
-                conn = connect(self.url, autocommit=True)
-            try:
-                yield conn
-            finally:
-                if conn.closed or conn.broken or conn.info.transaction_status != TransactionStatus.IDLE:
-                    conn.close()
-                else:
-                    with self._lock:
-                        self._idle.append(conn)
-        finally:
-            self._slots.release()
-
-    def close_idle(self) -> None:
-        """Close the connections nobody is using now (the pool stays usable: it reconnects when asked)."""
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
-
-
-class PgJobStore:
+class PgJobStore(JobFiles):
     """Jobs in PostgreSQL at `url`, their files under `files_root/<id>/` (a directory every replica shares).
 
     Options as `JobStore`: `max_attempts` runs before a job whose worker keeps dying is failed, `stale_after`
@@ -141,7 +103,7 @@ class PgJobStore:
         self.max_finished = max_finished
         self.max_finished_bytes = max_finished_bytes
         self.schema_version = migrate(url, COMPONENT, MIGRATIONS)
-        self._pool = _Pool(url, pool_size)
+        self._pool = Pool(url, pool_size)
 
     def close(self) -> None:
         """Close the connections no thread is using (safe while other threads still use the store)."""
@@ -152,33 +114,15 @@ class PgJobStore:
         """The database (without password) and the files directory, for logs."""
         return f"{redact(self.url)} (files under {self.files_root})"
 
-    # -- files ---------------------------------------------------------------------------------
-    def job_dir(self, job_id: str) -> Path:
-        """Directory of a job's files."""
-        return self.files_root / job_id
-
-    def write_file(self, job_id: str, name: str, data: bytes) -> Path:
-        """Write one of a job's files atomically (temp file, fsync, rename)."""
-        d = self.job_dir(job_id)
-        d.mkdir(parents=True, exist_ok=True)
-        path = d / name
-        _fsync_write(path, data)
-        return path
-
     # -- lifecycle -----------------------------------------------------------------------------
     def _queued(self, db: Any) -> int:
         return int(db.execute("SELECT COUNT(*) AS n FROM jobs WHERE status = 'queued'").fetchone()["n"])
 
     def create(self, kind: str, params: dict[str, Any], files: dict[str, bytes], *, max_queued: int,
                info: dict[str, Any] | None = None, owner: str | None = None) -> Job:
-        """Store the input files, then the queued record; QueueFull when too many jobs wait.
-
-        All or nothing: when the record cannot be stored, the files written for it are removed.
-        """
-        job_id = uuid.uuid4().hex
-        # allow_nan=False: a NaN or infinity is no valid parameter, and would break every JSON view of the job
-        params_json, info_json = json.dumps(params, allow_nan=False), json.dumps(info or {}, allow_nan=False)
-        with self._pool.conn() as db:
+        """Store the input files, then the queued record (all or nothing); QueueFull when too many jobs wait."""
+        job_id, params_json, info_json = new_job_fields(params, info)
+        with self._pool.connection() as db:
             queued = self._queued(db)  # a full queue is refused before any file is written (cheap shedding)
             if queued >= max_queued:
                 raise QueueFull(queued, max_queued)
@@ -195,28 +139,24 @@ class PgJobStore:
                         "(%s, %s, 'queued', %s::jsonb, EXTRACT(EPOCH FROM clock_timestamp())::double precision, "
                         "%s::jsonb, %s) RETURNING *", (job_id, kind, params_json, info_json, owner)).fetchone()
             except BaseException:
-                shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+                self.remove_files(job_id)
                 raise
         return _job(row)
 
     def get(self, job_id: str, *, owner: str | None = None) -> Job | None:
         """A job by id, or None (also when `owner` is given and the job is someone else's)."""
         cond, args = _owner_clause(owner)
-        with self._pool.conn() as db:
+        with self._pool.connection() as db:
             row = db.execute(f"SELECT * FROM jobs WHERE id = %s{cond}", (job_id, *args)).fetchone()
         return _job(row) if row else None
 
     def list_jobs(self, *, limit: int = 20, offset: int = 0, status: str | None = None,
                   owner: str | None = None) -> tuple[list[Job], int]:
         """Jobs newest first (only `owner`'s when given), and the total count (for pagination)."""
-        if limit < 0 or offset < 0:
-            raise ValueError(f"limit and offset must be >= 0, got {limit} and {offset}")
-        where, args = "WHERE TRUE", []
-        if status:
-            where, args = where + " AND status = %s", [status]
-        cond, owner_args = _owner_clause(owner)
-        where, args = where + cond, [*args, *owner_args]
-        with self._pool.conn() as db:
+        check_page(limit, offset)
+        cond, args = equal_conditions("%s", status=status or None, owner=owner)
+        where = "WHERE TRUE" + cond
+        with self._pool.connection() as db:
             total = int(db.execute(f"SELECT COUNT(*) AS n FROM jobs {where}", args).fetchone()["n"])
             if offset >= total:  # also keeps offsets beyond PostgreSQL's 64-bit integers out of the query
                 return [], total
@@ -228,7 +168,7 @@ class PgJobStore:
         """0-based position among queued jobs (None unless queued)."""
         if job.status != "queued":
             return None
-        with self._pool.conn() as db:
+        with self._pool.connection() as db:
             row = db.execute(
                 "SELECT COUNT(*) AS n FROM jobs WHERE status = 'queued' AND (created_at < %s OR "
                 "(created_at = %s AND id < %s))", (job.created_at, job.created_at, job.id)).fetchone()
@@ -236,15 +176,13 @@ class PgJobStore:
 
     def counts(self) -> dict[str, int]:
         """Number of jobs in each state."""
-        with self._pool.conn() as db:
+        with self._pool.connection() as db:
             rows = db.execute("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status").fetchall()
-        out = dict.fromkeys(STATES, 0)
-        out.update({r["status"]: int(r["n"]) for r in rows})
-        return out
+        return state_counts((r["status"], r["n"]) for r in rows)
 
     def mean_duration(self, kind: str, last: int = 20) -> float | None:
         """Mean run time of the last successful jobs of a kind (for ETAs)."""
-        with self._pool.conn() as db:
+        with self._pool.connection() as db:
             row = db.execute(
                 "SELECT AVG(finished_at - started_at) AS d FROM (SELECT finished_at, started_at FROM jobs "
                 "WHERE kind = %s AND status = 'succeeded' ORDER BY finished_at DESC LIMIT %s) AS recent",
@@ -256,7 +194,7 @@ class PgJobStore:
 
         SKIP LOCKED: rows another claimer holds are passed over, not waited for; a row that stopped being
         queued while this statement waited for it fails the re-check and the next one is taken."""
-        with self._pool.conn() as db:
+        with self._pool.connection() as db:
             row = db.execute(
                 f"UPDATE jobs SET status = 'running', worker = %s, started_at = {_NOW}, heartbeat_at = {_NOW}, "
                 "attempts = attempts + 1, progress = 0, step = 0, error = NULL "
@@ -269,7 +207,7 @@ class PgJobStore:
                   info: dict[str, Any] | None = None) -> bool:
         """Record progress; returns False when the job was canceled (or taken away) and should stop."""
         progress = min(1.0, step / total) if total else 0.0
-        with self._pool.conn() as db:
+        with self._pool.connection() as db:
             cur = db.execute(
                 f"UPDATE jobs SET heartbeat_at = {_NOW}, step = %s, total_steps = %s, progress = %s, loss = %s, "
                 "info = info || %s::jsonb WHERE id = %s AND status = 'running' AND worker = %s "
@@ -278,7 +216,7 @@ class PgJobStore:
 
     def still_wanted(self, job_id: str, worker: str) -> bool:
         """A read-only check: the job is still this worker's and nobody asked to cancel it."""
-        with self._pool.conn() as db:
+        with self._pool.connection() as db:
             row = db.execute("SELECT 1 FROM jobs WHERE id = %s AND status = 'running' AND worker = %s "
                              "AND NOT cancel_requested", (job_id, worker)).fetchone()
         return row is not None
@@ -290,7 +228,7 @@ class PgJobStore:
             raise ValueError(f"not a final state: {status}")
         size = _dir_bytes(self.job_dir(job_id))  # the result is written before the job finishes
         progress_sql = ", progress = 1" if status == "succeeded" else ""
-        with self._pool.conn() as db:
+        with self._pool.connection() as db:
             cur = db.execute(
                 f"UPDATE jobs SET status = %s, finished_at = {_NOW}, error = %s, info = info || %s::jsonb, "
                 f"size_bytes = %s{progress_sql} WHERE id = %s AND status = 'running' AND worker = %s",
@@ -302,75 +240,45 @@ class PgJobStore:
 
     def release(self, job_id: str, worker: str) -> bool:
         """Give a running job back to the queue (its worker is shutting down); the attempt does not count."""
-        with self._pool.conn() as db:
+        with self._pool.connection() as db:
             cur = db.execute(
                 "UPDATE jobs SET status = 'queued', worker = NULL, heartbeat_at = NULL, progress = 0, step = 0, "
                 "attempts = GREATEST(attempts - 1, 0) WHERE id = %s AND worker = %s AND status = 'running' "
                 "AND NOT cancel_requested", (job_id, worker))
             return cur.rowcount == 1
 
-    def cancel(self, job_id: str, *, owner: str | None = None) -> Job | None:
-        """Cancel a queued job at once; ask a running one to stop (its worker sees it at the next step).
-
-        With `owner`, only that owner's job is touched (None is returned for anyone else's)."""
+    def _cancel_rows(self, job_id: str, owner: str | None) -> bool:
         cond, args = _owner_clause(owner)
         size = _dir_bytes(self.job_dir(job_id))
-        with self._pool.conn() as db, db.transaction():
+        with self._pool.connection() as db, db.transaction():
             cur = db.execute(
                 f"UPDATE jobs SET status = 'canceled', finished_at = {_NOW}, error = 'canceled by request', "
                 f"size_bytes = %s WHERE id = %s AND status = 'queued'{cond}", (size, job_id, *args))
             finished = cur.rowcount == 1
             db.execute(f"UPDATE jobs SET cancel_requested = TRUE WHERE id = %s AND status = 'running'{cond}",
                        (job_id, *args))
-        job = self.get(job_id, owner=owner)
-        if finished:
-            self.prune()
-        return job
+        return finished
 
-    def delete(self, job_id: str, *, owner: str | None = None) -> bool:
-        """Remove a finished job's record and files (only `owner`'s when given)."""
+    def _delete_row(self, job_id: str, owner: str | None) -> bool:
         cond, args = _owner_clause(owner)
-        with self._pool.conn() as db:
+        with self._pool.connection() as db:
             cur = db.execute(f"DELETE FROM jobs WHERE id = %s AND status IN {_FINISHED_SQL}{cond}", (job_id, *args))
-            deleted = cur.rowcount == 1
-        if deleted:
-            shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
-        return deleted
+            return cur.rowcount == 1
 
-    def recover_stale(self, *, now: float | None = None) -> list[tuple[str, str]]:
-        """Requeue running jobs whose heartbeat stopped, or fail them once their attempts are used up.
-
-        `now` defaults to the database server's clock. Rows another replica is recovering (locked) are skipped."""
-        changed: list[tuple[str, str]] = []
-        with self._pool.conn() as db, db.transaction():
+    def _recover_stale_rows(self, now: float | None) -> list[tuple[str, str]]:
+        """`now` defaults to the database server's clock. Rows another replica is recovering (locked) are skipped."""
+        with self._pool.connection() as db, db.transaction():
             if now is None:
                 now = float(db.execute(f"SELECT {_NOW} AS t").fetchone()["t"])
             rows = db.execute(
                 "SELECT id, attempts, cancel_requested, worker FROM jobs WHERE status = 'running' "
                 "AND (heartbeat_at IS NULL OR heartbeat_at < %s) ORDER BY created_at, id FOR UPDATE SKIP LOCKED",
                 (now - self.stale_after,)).fetchall()
-            for r in rows:
-                size = _dir_bytes(self.job_dir(r["id"]))
-                if r["cancel_requested"]:
-                    db.execute("UPDATE jobs SET status = 'canceled', finished_at = %s, error = 'canceled by request', "
-                               "size_bytes = %s WHERE id = %s", (now, size, r["id"]))
-                    changed.append((r["id"], "canceled"))
-                elif r["attempts"] >= self.max_attempts:
-                    db.execute("UPDATE jobs SET status = 'failed', finished_at = %s, error = %s, size_bytes = %s "
-                               "WHERE id = %s", (now, f"worker {r['worker']} stopped while running the job "
-                                                      f"({r['attempts']} attempts); giving up", size, r["id"]))
-                    changed.append((r["id"], "failed"))
-                else:
-                    db.execute("UPDATE jobs SET status = 'queued', worker = NULL, heartbeat_at = NULL, "
-                               "progress = 0, step = 0 WHERE id = %s", (r["id"],))
-                    changed.append((r["id"], "queued"))
-        if any(status != "queued" for _, status in changed):
-            self.prune()
-        return changed
+            return self._recover(db.execute, rows, now, requeue_sql=_REQUEUE_STALE, finish_sql=_FINISH_STALE)
 
     def requeue_worker(self, worker: str) -> int:
         """Requeue the running jobs of a worker that is known to be gone (e.g. this process at start-up)."""
-        with self._pool.conn() as db:
+        with self._pool.connection() as db:
             n = db.execute("UPDATE jobs SET heartbeat_at = NULL WHERE status = 'running' AND worker = %s",
                            (worker,)).rowcount
         self.recover_stale()
@@ -378,13 +286,12 @@ class PgJobStore:
 
     def expire(self, ttl_seconds: float, *, now: float | None = None) -> int:
         """Delete finished jobs (records and files) older than the time to live (`now`: the server's clock)."""
-        with self._pool.conn() as db:
+        with self._pool.connection() as db:
             rows = db.execute(
                 f"DELETE FROM jobs WHERE status IN {_FINISHED_SQL} "
                 f"AND finished_at < COALESCE(%s::double precision, {_NOW}) - %s::double precision RETURNING id",
                 (now, ttl_seconds)).fetchall()
-        for r in rows:
-            shutil.rmtree(self.job_dir(r["id"]), ignore_errors=True)
+        self.remove_files(*(r["id"] for r in rows))
         return len(rows)
 
     def prune(self) -> int:
@@ -398,7 +305,7 @@ class PgJobStore:
         max_n, max_bytes = self.max_finished, self.max_finished_bytes
         if max_n is None and max_bytes is None:
             return 0
-        with self._pool.conn() as db:
+        with self._pool.connection() as db:
             if max_bytes is not None:
                 unmeasured = db.execute(f"SELECT id FROM jobs WHERE status IN {_FINISHED_SQL} "
                                         "AND size_bytes IS NULL").fetchall()
@@ -413,13 +320,12 @@ class PgJobStore:
                 ") AS ranked WHERE (%(n)s::bigint IS NOT NULL AND n > %(n)s::bigint) "
                 "OR (%(b)s::bigint IS NOT NULL AND b > %(b)s::bigint)) RETURNING id",
                 {"n": max_n, "b": max_bytes}).fetchall()
-        for r in rows:
-            shutil.rmtree(self.job_dir(r["id"]), ignore_errors=True)
+        self.remove_files(*(r["id"] for r in rows))
         return len(rows)
 
     def finished_usage(self) -> tuple[int, int]:
         """(number of finished jobs, bytes their files took when they finished; unmeasured ones count 0)."""
-        with self._pool.conn() as db:
+        with self._pool.connection() as db:
             row = db.execute(f"SELECT COUNT(*) AS n, COALESCE(SUM(size_bytes), 0) AS b FROM jobs "
                              f"WHERE status IN {_FINISHED_SQL}").fetchone()
         return int(row["n"]), int(row["b"])

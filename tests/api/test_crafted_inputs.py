@@ -129,6 +129,9 @@ def test_a_real_server_stays_small_and_never_fails_under_the_corpus(tmp_path: Pa
         elapsed = time.monotonic() - started
         after = memory_kb(proc.pid)
         assert proc.poll() is None, "the server died"
+        # an unknown method reaches the app (h11, not a parser that refuses it in bare text): 405 problem details
+        r = client.request("FOO", "/classify")
+        assert r.status_code == 405 and r.headers["content-type"] == "application/problem+json", r.text
     grew_mb = (after["VmRSS"] - before["VmRSS"]) / 1024
     peak_over_mb = (after["VmHWM"] - before["VmRSS"]) / 1024
     print(f"\n{out.requests} requests in {elapsed:.1f}s; statuses {dict(sorted(out.statuses.items()))}; "

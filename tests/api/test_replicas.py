@@ -89,7 +89,7 @@ def test_style_job_of_a_killed_replica_is_finished_by_the_other(tmp_path: Path, 
     with ExitStack() as stack:
         pa, a = stack.enter_context(server(tmp_path, {"CNN_DATABASE_URL": pg_url, "CNN_CLASSIFIERS": "",
                                                       "CNN_TEXT_MODELS": "", "CNN_DATA_DIR": str(tmp_path / "d"),
-                                                      **style}, probe="/health/live"))
+                                                      **style}, probe="/health/ready"))
         job = httpx.post(f"{a}/style-transfer", data={"steps": "150", "size": "48"},
                          files=[("content", ("c.png", png)), ("style", ("s.png", png))], timeout=30)
         assert job.status_code == 202, job.text
@@ -99,7 +99,7 @@ def test_style_job_of_a_killed_replica_is_finished_by_the_other(tmp_path: Path, 
         pa.wait(timeout=30)
         _, b = stack.enter_context(server(tmp_path, {"CNN_DATABASE_URL": pg_url, "CNN_CLASSIFIERS": "",
                                                      "CNN_TEXT_MODELS": "", "CNN_DATA_DIR": str(tmp_path / "d"),
-                                                     **style}, probe="/health/live"))
+                                                     **style}, probe="/health/ready"))
         _within(180, lambda: httpx.get(f"{b}/style-transfer/{job_id}", timeout=10).json()["status"] == "succeeded")
         body = httpx.get(f"{b}/style-transfer/{job_id}", timeout=10).json()
         assert body["attempts"] == 2, body

@@ -32,6 +32,7 @@ from app.stores.interfaces import (
 from app.stores.jobs import JobStore
 from app.stores.pg_gallery import PgGalleryStore
 from app.stores.pg_jobs import PgJobStore
+from tests.stores.helpers import opened_stores
 
 # an opener: (directory it may use, a function giving one fresh database URL per test, store options) -> a fresh
 # store; called again on the same directory (and URL) it reopens. The URL function starts the throwaway PostgreSQL
@@ -68,17 +69,8 @@ OTHER_KEY = ModelKey("face-b", "b" * 64, DIM)
 
 @pytest.fixture(params=sorted(JOB_STORES))
 def job_impl(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobOpener]:
-    opened: list[JobStoreProtocol] = []
     url = _database(request)
-
-    def open_store(**kw: Any) -> JobStoreProtocol:
-        store = JOB_STORES[request.param](tmp_path, url)(**kw)
-        opened.append(store)
-        return store
-
-    yield open_store
-    for s in opened:
-        s.close()
+    yield from opened_stores(lambda **kw: JOB_STORES[request.param](tmp_path, url)(**kw))
 
 
 @pytest.fixture
@@ -88,17 +80,13 @@ def jobs(job_impl: JobOpener) -> JobStoreProtocol:
 
 @pytest.fixture(params=sorted(GALLERIES))
 def gallery_impl(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[GalleryOpener]:
-    opened: list[GalleryProtocol] = []
     url = _database(request)
 
-    def open_gallery(key: ModelKey = KEY, **kw: Any) -> GalleryProtocol:
-        store = GALLERIES[request.param](tmp_path, url)(key, **kw)
-        opened.append(store)
-        return store
+    def make(key: ModelKey = KEY, **kw: Any) -> GalleryProtocol:
+        return GALLERIES[request.param](tmp_path, url)(key, **kw)
 
-    yield open_gallery
-    for s in opened:
-        s.close(snapshot=False)  # closing twice is harmless: tests may close a store to reopen it
+    # closing twice is harmless: tests may close a store to reopen it
+    yield from opened_stores(make, lambda s: s.close(snapshot=False))
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ import pytest
 from app.stores.interfaces import ModelKey, NewFace
 from app.stores.pg import DatabaseUnavailable, connect
 from app.stores.pg_gallery import COMPONENT, MIGRATIONS, PgGalleryStore
+from tests.stores.helpers import opened_stores
 
 pytestmark = pytest.mark.postgres
 
@@ -125,16 +126,7 @@ def url(pg_url: str) -> str:
 
 @pytest.fixture
 def stores(url: str) -> Iterator[Callable[..., PgGalleryStore]]:
-    opened: list[PgGalleryStore] = []
-
-    def open_store(**kw: Any) -> PgGalleryStore:
-        store = PgGalleryStore(url, KEY, **kw)
-        opened.append(store)
-        return store
-
-    yield open_store
-    for s in opened:
-        s.close()
+    yield from opened_stores(lambda **kw: PgGalleryStore(url, KEY, **kw))
 
 
 @pytest.fixture
