@@ -37,12 +37,14 @@ class AppContext:
 class Started:
     """What a start function returns: the service routers reach through the dependencies, its status (None: the
     pool decides, ready when the default model serves), how to refine a pool-derived status later (faces: a
-    broken detector), and what to run at shutdown."""
+    broken detector), what to run at shutdown, and where its other processes' metrics come from."""
 
     service: Any
     status: AppStatus | None = None
     refine: Callable[[AppStatus], AppStatus] | None = None
     stop: Callable[[], Awaitable[None]] | None = None
+    # metrics the application's other processes hold (Ray Serve: its replicas), merged into /metrics
+    metrics: Callable[[], Awaitable[list[tuple[dict[str, str], str]]]] | None = None
 
 
 def _no_models(settings: Settings) -> Sequence[str]:

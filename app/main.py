@@ -89,6 +89,8 @@ async def _start_application(state: AppState, app: Application, manager: ModelMa
         state.services[app.name] = started.service
         if started.stop is not None:
             state.stops.append(started.stop)
+        if started.metrics is not None:
+            state.metrics_sources.append(started.metrics)
         if started.refine is not None:
             state.refiners[app.name] = started.refine
         if app.guard is not None:

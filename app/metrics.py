@@ -85,3 +85,38 @@ class Metrics:
     def render(self) -> bytes:
         """Prometheus text exposition."""
         return generate_latest(self.registry)
+
+
+def merge_expositions(own: str, others: list[tuple[dict[str, str], str]]) -> str:
+    """One exposition from this process's and other processes' (each with labels added to its samples, e.g. the
+    replica it came from): every family once, with the samples of all (Prometheus refuses a family twice)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, tuple[str, str, list[str]]] = {}
+    for extra, text in [({}, own), *others]:
+        for fam in text_string_to_metric_families(text):
+            _, _, lines = families.setdefault(fam.name, (fam.type, fam.documentation, []))
+            for sample in fam.samples:
+                labels = {**sample.labels, **extra}
+                body = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+                lines.append(f"{sample.name}{{{body}}} {_number(sample.value)}" if body
+                             else f"{sample.name} {_number(sample.value)}")
+    out = []
+    for name, (kind, doc, lines) in families.items():
+        exposed = f"{name}_total" if kind == "counter" else name  # the text format names a counter by its samples
+        out.append(f"# HELP {exposed} {doc}")
+        out.append(f"# TYPE {exposed} {kind}")
+        out.extend(lines)
+    return "\n".join(out) + "\n"
+
+
+def _escape(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(v: float) -> str:
+    if v != v:
+        return "NaN"
+    if v in (float("inf"), float("-inf")):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(float(v)) if not float(v).is_integer() else f"{float(v):.1f}"

@@ -10,8 +10,10 @@ service. In the ingress it is replaced by a remote twin: same routers, route pol
 service that forwards each call to the deployment through a Ray handle (`RemoteService`); a problem raised there
 (404, 413, 422, 503 ...) crosses back as the same problem details. The gate (keys, scopes, in-flight bounds,
 deadlines), readiness and request metrics run in the ingress; the micro-batcher runs in each application replica,
-so batches form per replica. Stores must be shared by every replica: set CNN_DATABASE_URL (PostgreSQL) for the
-gallery and the jobs, and give every host the same CNN_DATA_DIR/style-jobs (style-job files).
+so batches form per replica, and the ingress's /metrics adds every replica's batcher and model metrics (one
+`replica` label each, collected by a broadcast at scrape time). Stores must be shared by every replica: set
+CNN_DATABASE_URL (PostgreSQL) for the gallery and the jobs, and give every host the same CNN_DATA_DIR/style-jobs
+(style-job files).
 
 Ray is an optional extra (`pip install -e '.[ray]'`); nothing else imports this module.
 """
@@ -122,6 +124,13 @@ class ApplicationReplica:
         except ProblemError as e:
             return RemoteProblem.of(e)
 
+    async def metrics(self) -> tuple[dict[str, str], str]:
+        """This replica's Prometheus exposition (batchers, models) and the labels that tell it apart."""
+        from ray import serve
+
+        replica = serve.get_replica_context().replica_id.unique_id
+        return {"application": self.name, "replica": replica}, self.state.metrics.render().decode()
+
     async def check_health(self) -> None:
         """Ray Serve's health check: a replica whose start-up failed is replaced."""
         st = self.state.applications[self.name]
@@ -159,7 +168,14 @@ def remote_twin(app: Application, handle: Any) -> Application:
         info = await handle.describe.remote()
         st = AppStatus(**info["status"])
         service = RemoteService(handle, info["attributes"], frozenset(info["methods"]))
-        return Started(service if st.status in ("ready", "degraded", "unavailable") else None, status=st)
+
+        async def metrics() -> list[tuple[dict[str, str], str]]:
+            # every live replica's, one `replica` label each (a replica that fails to answer is left out)
+            results = await handle.broadcast("metrics").results_async(timeout_s=5, return_exceptions=True)
+            return [r for r in results if isinstance(r, tuple)]
+
+        return Started(service if st.status in ("ready", "degraded", "unavailable") else None, status=st,
+                       metrics=metrics)
 
     def enabled(settings: Settings) -> bool:
         return app.is_enabled(settings)  # as configured, though the twin itself loads no model

@@ -106,6 +106,15 @@ def test_serve_run_splits_the_applications_into_deployments(tmp_path: Path) -> N
 
         metrics = httpx.get(f"{url}/metrics", headers=key, timeout=10).text
         assert 'route="/classify"' in metrics
+        # the application replicas' batcher metrics, one `replica` label each, in one valid exposition
+        from prometheus_client.parser import text_string_to_metric_families
+
+        families = {f.name: f for f in text_string_to_metric_families(metrics)}
+        assert len(families) == len(list(text_string_to_metric_families(metrics)))
+        batches = [s for s in families["cnn_batch_size"].samples if s.name == "cnn_batch_size_count"]
+        per_model = {(s.labels["application"], s.labels["model"]): s.value for s in batches if s.labels.get("replica")}
+        assert per_model[("classification", "tiny-cifar")] >= 1 and per_model[("text", "tiny-text")] >= 1
+        assert per_model[("faces", "tiny-face")] >= 2
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:

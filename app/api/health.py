@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
@@ -10,6 +11,7 @@ from fastapi.responses import JSONResponse
 from app.api.schemas import PROBLEM_RESPONSES, Live, Ready
 from app.deps import State
 from app.errors import InvalidParameters
+from app.metrics import merge_expositions
 
 router = APIRouter(tags=["health"])
 
@@ -67,4 +69,10 @@ async def metrics(state: State) -> Response:
         state.metrics.set_style_counts(state.style.counts())
     if state.admission is not None:
         state.metrics.set_admission(state.admission.snapshot())
-    return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    own = state.metrics.render()
+    body: bytes | str = own
+    if state.metrics_sources:  # e.g. the application replicas of a Ray Serve deployment, one label per replica
+        parts = await asyncio.gather(*(source() for source in state.metrics_sources), return_exceptions=True)
+        others = [p for part in parts if not isinstance(part, BaseException) for p in part]
+        body = await asyncio.to_thread(merge_expositions, own.decode(), others)
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
