@@ -37,7 +37,7 @@ class AppContext:
 class Started:
     """What a start function returns: the service routers reach through the dependencies, its status (None: the
     pool decides, ready when the default model serves), how to refine a pool-derived status later (faces: a
-    broken detector), what to run at shutdown, and where its other processes' metrics come from."""
+    broken detector), what to run at shutdown, and where its other processes' metrics and models come from."""
 
     service: Any
     status: AppStatus | None = None
@@ -45,6 +45,8 @@ class Started:
     stop: Callable[[], Awaitable[None]] | None = None
     # metrics the application's other processes hold (Ray Serve: its replicas), merged into /metrics
     metrics: Callable[[], Awaitable[list[tuple[dict[str, str], str]]]] | None = None
+    # the model listing its other processes hold (Ray Serve: its deployment), shown by /models
+    models: Callable[[], Awaitable[dict[str, Any]]] | None = None
 
 
 def _no_models(settings: Settings) -> Sequence[str]:

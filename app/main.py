@@ -91,6 +91,8 @@ async def _start_application(state: AppState, app: Application, manager: ModelMa
             state.stops.append(started.stop)
         if started.metrics is not None:
             state.metrics_sources.append(started.metrics)
+        if started.models is not None:
+            state.model_sources[app.name] = started.models
         if started.refine is not None:
             state.refiners[app.name] = started.refine
         if app.guard is not None:

@@ -124,6 +124,11 @@ class ApplicationReplica:
         except ProblemError as e:
             return RemoteProblem.of(e)
 
+    async def models(self) -> dict[str, Any]:
+        """This replica's models as /models shows them (its defaults and run-time changes too)."""
+        manager = self.state.models
+        return manager.listing() if manager is not None else {"models": [], "defaults": {}, "changes": []}
+
     async def metrics(self) -> tuple[dict[str, str], str]:
         """This replica's Prometheus exposition (batchers, models) and the labels that tell it apart."""
         from ray import serve
@@ -174,8 +179,12 @@ def remote_twin(app: Application, handle: Any) -> Application:
             results = await handle.broadcast("metrics").results_async(timeout_s=5, return_exceptions=True)
             return [r for r in results if isinstance(r, tuple)]
 
+        async def models() -> dict[str, Any]:
+            listing: dict[str, Any] = await handle.models.remote()
+            return listing
+
         return Started(service if st.status in ("ready", "degraded", "unavailable") else None, status=st,
-                       metrics=metrics)
+                       metrics=metrics, models=models)
 
     def enabled(settings: Settings) -> bool:
         return app.is_enabled(settings)  # as configured, though the twin itself loads no model

@@ -53,6 +53,8 @@ class AppState:
     refiners: dict[str, Callable[[AppStatus], AppStatus]] = field(default_factory=dict)
     # expositions other processes contribute to /metrics, each as (labels to add, Prometheus text) pairs
     metrics_sources: list[Callable[[], Awaitable[list[tuple[dict[str, str], str]]]]] = field(default_factory=list)
+    # model listings other processes hold (Ray Serve: each application's deployment), by application
+    model_sources: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = field(default_factory=dict)
     applications: dict[str, AppStatus] = field(default_factory=dict)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 

@@ -91,6 +91,17 @@ def test_serve_run_splits_the_applications_into_deployments(tmp_path: Path) -> N
         assert r.status_code == 200 and r.json()["faces"][0]["subject"] == "alice", r.text
         assert httpx.get(f"{url}/faces/subjects/alice", headers=key, timeout=10).status_code == 200
 
+        # /models lists what the application deployments hold; changing them is a redeployment on Ray
+        listing = httpx.get(f"{url}/models", headers=key, timeout=30).json()
+        assert {(m["name"], m["status"]) for m in listing["models"]} == {
+            ("tiny-cifar", "ready"), ("tiny-text", "ready"), ("tiny-face", "ready")}
+        assert listing["defaults"] == {"image-classification": "tiny-cifar", "text-classification": "tiny-text",
+                                       "face-embedding": "tiny-face"}
+        assert httpx.get(f"{url}/models/tiny-text", headers=key, timeout=30).json()["task"] == "text-classification"
+        assert httpx.get(f"{url}/models/nope", headers=key, timeout=30).status_code == 404
+        # plain keys have no admin scope: the gate refuses management before it reaches the 503 it would get
+        assert httpx.post(f"{url}/models/tiny-cifar/unload", headers=key, timeout=30).status_code == 403
+
         # a style job submitted at the ingress is run by the style-workers deployment (the offline random VGG-19)
         job = httpx.post(f"{url}/style-transfer", data={"steps": "3", "size": "32"}, headers=key, timeout=30,
                          files=[("content", ("c.png", image_bytes(size=(40, 30)))), ("style", ("s.png", png))])

@@ -40,11 +40,28 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+async def _remote(state: AppState) -> dict[str, Any] | None:
+    """The listing of the models other processes hold (a Ray Serve ingress: each application's deployment), merged;
+    None when this process holds its models itself."""
+    if not state.model_sources:
+        return None
+    parts = await asyncio.gather(*(source() for source in state.model_sources.values()), return_exceptions=True)
+    merged: dict[str, Any] = {"models": [], "defaults": {}, "changes": []}
+    for part in parts:
+        if isinstance(part, BaseException):
+            continue  # an application whose deployment does not answer: its status in /health/ready says more
+        merged["models"] += part["models"]
+        merged["defaults"].update(part["defaults"])
+        merged["changes"] += part["changes"]
+    merged["changes"] = sorted(merged["changes"], key=lambda c: -float(c["at"]))[:50]
+    return merged
+
+
 def _manager(state: AppState) -> ModelManager:
     if state.ready.is_set() and state.declared and not any(a.task for a in state.declared):
         # no application of this process loads models: a Ray Serve ingress, whose models live in the deployments
         raise ServiceUnavailable("this process holds no models: on Ray Serve each application's deployment holds "
-                                 "its own (docs/scale-out.md)")
+                                 "its own, and is changed by redeploying it (docs/scale-out.md)")
     if state.models is None or state.registry is None:
         raise ServiceUnavailable("models are still loading; retry shortly", retry_after=5)
     return state.models
@@ -59,22 +76,23 @@ def _info(state: AppState, name: str) -> ModelInfo:
 async def list_models(state: State) -> ModelList:
     """Every model: task, status, where its weights came from, metrics from its card, its batching, the default of
     each task, and the run-time changes (newest first)."""
-    manager = _manager(state)
+    listing = await _remote(state) or _manager(state).listing()
     apps = {a: {"status": st.status, "reason": st.reason, "default_model": st.default_model}
             for a, st in state.applications.items()}
-    defaults = manager.defaults()
+    defaults = listing["defaults"]
     return ModelList(default_classifier=defaults.get("image-classification"),
                      default_text_model=defaults.get("text-classification"), defaults=defaults,
                      applications=apps,  # type: ignore[arg-type]
-                     models=[_info(state, n) for n in list(manager.registry.states)],
-                     changes=[ModelChange.model_validate(c) for c in manager.history()])
+                     models=[ModelInfo.model_validate(m) for m in listing["models"]],
+                     changes=[ModelChange.model_validate(c) for c in listing["changes"]])
 
 
 @router.get("/models/defaults", response_model=Defaults, responses=PROBLEM_RESPONSES,
             summary="The default model of each task")
 async def get_defaults(state: State) -> Defaults:
     """The model each task uses when a request names none."""
-    return Defaults(defaults=_manager(state).defaults())
+    remote = await _remote(state)
+    return Defaults(defaults=remote["defaults"] if remote is not None else _manager(state).defaults())
 
 
 @router.put("/models/defaults", response_model=Defaults, responses=RESPONSES, summary="Set default models")
@@ -90,6 +108,12 @@ async def put_defaults(
 @router.get("/models/{name}", response_model=ModelInfo, responses=PROBLEM_RESPONSES, summary="One model")
 async def get_model(name: str, state: State) -> ModelInfo:
     """One model (its status while it loads, after a load at run time)."""
+    remote = await _remote(state)
+    if remote is not None:
+        found = [m for m in remote["models"] if m["name"] == name]
+        if not found:
+            raise NotFound(f"unknown model {name!r}")
+        return ModelInfo.model_validate(found[0])
     if name not in _manager(state).registry.states:
         raise NotFound(f"unknown model {name!r}")
     return _info(state, name)

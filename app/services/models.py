@@ -130,6 +130,11 @@ class ModelManager:
 
     # -- views ----------------------------------------------------------------------------------------------
 
+    def listing(self) -> dict[str, Any]:
+        """What /models shows of this process's models: each one's view, the defaults, the changes."""
+        return {"models": [{**self.registry.describe(n), **self.describe(n)} for n in list(self.registry.states)],
+                "defaults": self.defaults(), "changes": self.history()}
+
     def history(self, limit: int = 50) -> list[dict[str, Any]]:
         """The run-time changes, newest first."""
         return self.store.history(limit=limit)
