@@ -68,8 +68,7 @@ def _manager(state: AppState) -> ModelManager:
 
 
 def _info(state: AppState, name: str) -> ModelInfo:
-    manager = _manager(state)
-    return ModelInfo.model_validate({**manager.registry.describe(name), **manager.describe(name)})
+    return ModelInfo.model_validate(_manager(state).view(name))
 
 
 @router.get("/models", response_model=ModelList, responses=PROBLEM_RESPONSES, summary="List models")

@@ -73,6 +73,9 @@ class ClassificationService:
         self.max_image_pixels = max_image_pixels
         self.max_image_side = max_image_side
         self.max_aspect_ratio = max_aspect_ratio
+        # the limits uploads are decoded within, made once (the max_* values above stay plain attributes: routers
+        # read max_image_bytes, and Ray Serve's ingress twins copy plain attributes)
+        self.limits = ImageLimits(max_image_bytes, max_image_pixels, max_image_side, max_aspect_ratio)
         self.max_images = max_images
 
     @property
@@ -80,10 +83,6 @@ class ClassificationService:
         """The model used when a request names none."""
         return self.pool.default_model
 
-    @property
-    def limits(self) -> ImageLimits:
-        """The limits uploads are decoded within."""
-        return ImageLimits(self.max_image_bytes, self.max_image_pixels, self.max_image_side, self.max_aspect_ratio)
 
     async def classify(self, uploads: list[Upload], model: str | None, k: int) -> ClassifyResponse:
         """Top-k classes for each upload."""

@@ -147,12 +147,11 @@ class FacesService:
         self.max_image_pixels = max_image_pixels
         self.max_image_side = max_image_side
         self.max_aspect_ratio = max_aspect_ratio
+        # the limits uploads are decoded within, made once (the max_* values above stay plain attributes: routers
+        # read max_image_bytes, and Ray Serve's ingress twins copy plain attributes)
+        self.limits = ImageLimits(max_image_bytes, max_image_pixels, max_image_side, max_aspect_ratio)
         self.max_images = max_images
 
-    @property
-    def limits(self) -> ImageLimits:
-        """The limits uploads are decoded within."""
-        return ImageLimits(self.max_image_bytes, self.max_image_pixels, self.max_image_side, self.max_aspect_ratio)
 
     # ----- helpers --------------------------------------------------------------------------------------
     def _gallery(self) -> tuple[GalleryProtocol, str, LoadedFaceEmbedder]:

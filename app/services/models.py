@@ -130,9 +130,13 @@ class ModelManager:
 
     # -- views ----------------------------------------------------------------------------------------------
 
+    def view(self, name: str) -> dict[str, Any]:
+        """One model as /models shows it: the registry's description and what run-time management adds."""
+        return {**self.registry.describe(name), **self.describe(name)}
+
     def listing(self) -> dict[str, Any]:
         """What /models shows of this process's models: each one's view, the defaults, the changes."""
-        return {"models": [{**self.registry.describe(n), **self.describe(n)} for n in list(self.registry.states)],
+        return {"models": [self.view(n) for n in list(self.registry.states)],
                 "defaults": self.defaults(), "changes": self.history()}
 
     def history(self, limit: int = 50) -> list[dict[str, Any]]:

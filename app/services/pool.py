@@ -47,23 +47,12 @@ class ModelPool(Generic[M]):
         for name in registry.names(task):
             loaded = registry.states[name].loaded
             if loaded is not None:
-                self._install(name, loaded, batch_configs[name])  # type: ignore[arg-type]
+                self.batchers[name] = self._batcher(name, loaded, batch_configs[name])  # type: ignore[arg-type]
+                self.models[name] = loaded  # type: ignore[assignment]
         self.default_model = default_model or self.first_ready()
 
-    def _install(self, name: str, loaded: M, config: BatchConfig) -> MicroBatcher[Any, Any]:
-        b: MicroBatcher[Any, Any] = MicroBatcher(name, loaded.forward, config, executor=self.executor,
-                                                 observer=self.observer)
-        self.batchers[name] = b
-        self.models[name] = loaded
-        return b
-
-    async def _started(self, name: str, loaded: M, config: BatchConfig) -> None:
-        """Start a batcher for `loaded`, then make it the one serving `name` (never an unstarted one)."""
-        b: MicroBatcher[Any, Any] = MicroBatcher(name, loaded.forward, config, executor=self.executor,
-                                                 observer=self.observer)
-        await b.start()
-        self.batchers[name] = b
-        self.models[name] = loaded
+    def _batcher(self, name: str, loaded: M, config: BatchConfig) -> MicroBatcher[Any, Any]:
+        return MicroBatcher(name, loaded.forward, config, executor=self.executor, observer=self.observer)
 
     def first_ready(self, *, besides: str | None = None) -> str | None:
         """The first configured model that serves, preferring trained weights over untrained ones."""
@@ -84,14 +73,17 @@ class ModelPool(Generic[M]):
 
     async def add(self, name: str, loaded: M, config: BatchConfig) -> None:
         """Serve a newly loaded model (the caller then installs its state in the registry and, when the task has no
-        default, makes one with first_ready)."""
-        await self._started(name, loaded, config)
+        default, makes one with first_ready). The batcher starts before it serves: never an unstarted one."""
+        b = self._batcher(name, loaded, config)
+        await b.start()
+        self.batchers[name] = b
+        self.models[name] = loaded
 
     async def swap(self, name: str, loaded: M, config: BatchConfig | None = None) -> M:
         """Serve `loaded` in place of the current copy of `name` at once; the old copy runs what is already
         queued for it, then stops. Returns the old copy (the caller frees it)."""
         old_batcher, old = self.batchers[name], self.models[name]
-        await self._started(name, loaded, config or old_batcher.config)
+        await self.add(name, loaded, config or old_batcher.config)
         await old_batcher.drain()
         return old
 
