@@ -124,7 +124,7 @@ async def start_applications(state: AppState) -> None:
         try:
             store = await asyncio.to_thread(ModelSetStore, s.data_dir / "models")
             manager = await asyncio.get_running_loop().run_in_executor(None, _load_models, state, apps, store)
-        except Exception as exc:  # no device, no manifest, an unreadable model set: nothing with a model starts
+        except Exception as exc:  # no device, no manifest: nothing with a model starts
             log.exception("loading models failed")
             reason = f"loading models failed: {type(exc).__name__}: {exc}"
             for name in enabled:

@@ -27,7 +27,7 @@ class BatchingUpdate(BaseModel):
 
 class ModelChange(BaseModel):
     at: float = Field(description="unix time of the change")
-    action: Literal["load", "unload", "reload", "defaults", "batching"]
+    action: Literal["load", "unload", "reload", "defaults", "batching", "set-aside"]
     model: str | None = None
     by: str = Field(description="the principal who made it")
     detail: str

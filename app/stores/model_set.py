@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -13,6 +14,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 VERSION = 1
 MAX_CHANGES = 200  # the history /models shows is bounded; the oldest entries go first
@@ -54,18 +57,29 @@ class ModelSetStore:
         self.defaults: dict[str, str] = {}
         self.changes: list[Change] = []
         if self.path.exists():
-            self._read()
+            try:
+                self._read()
+            except (OSError, ValueError, TypeError, AttributeError) as exc:
+                self._set_aside(exc)
 
     def _read(self) -> None:
-        try:
-            raw = json.loads(self.path.read_text())
-            if raw.get("version") != VERSION:
-                raise ValueError(f"version {raw.get('version')!r}, expected {VERSION}")
-            self.models = {n: ModelRecord(**r) for n, r in raw.get("models", {}).items()}
-            self.defaults = {str(k): str(v) for k, v in raw.get("defaults", {}).items()}
-            self.changes = [Change(**c) for c in raw.get("changes", [])]
-        except (OSError, ValueError, TypeError) as exc:  # never start on a half-understood model set
-            raise ValueError(f"cannot read the run-time model set {self.path}: {exc}") from exc
+        raw = json.loads(self.path.read_text())
+        if raw.get("version") != VERSION:
+            raise ValueError(f"version {raw.get('version')!r}, expected {VERSION}")
+        self.models = {n: ModelRecord(**r) for n, r in raw.get("models", {}).items()}
+        self.defaults = {str(k): str(v) for k, v in raw.get("defaults", {}).items()}
+        self.changes = [Change(**c) for c in raw.get("changes", [])]
+
+    def _set_aside(self, exc: BaseException) -> None:
+        """A file this server cannot read is never half-applied, nor allowed to stop every application: it is kept
+        beside (for the operator), the configured model set serves, and the first change /models lists says so."""
+        kept = self.path.with_name(f"models.json.unreadable-{int(time.time())}")
+        os.replace(self.path, kept)
+        self.models, self.defaults, self.changes = {}, {}, []
+        log.error("run-time model set %s unreadable (%s): moved to %s; serving the configured models", self.path,
+                  exc, kept)
+        self.record("set-aside", None, "server", f"{self.path.name} could not be read ({type(exc).__name__}: "
+                    f"{exc}); kept as {kept.name}; the configured models serve")
 
     def _write(self) -> None:
         data = {"version": VERSION, "models": {n: asdict(r) for n, r in self.models.items()},

@@ -232,14 +232,21 @@ def test_changes_survive_a_restart(two_models: Settings, client_factory) -> None
         assert {ch["action"] for ch in listing["changes"]} == {"load", "reload", "defaults", "batching", "unload"}
 
 
-def test_a_damaged_model_set_fails_start_up_visibly(base_settings: Settings, client_factory) -> None:
+def test_a_damaged_model_set_is_set_aside_and_the_applications_serve(base_settings: Settings, client_factory) -> None:
+    """A run-time model set the server cannot read stops no application: it is kept beside for the operator, the
+    configured models serve, and /models says what happened."""
     path = base_settings.data_dir / "models" / "models.json"
     path.parent.mkdir(parents=True)
     path.write_text("{not json")
     with client_factory(base_settings) as c:
-        body = c.get("/health/ready").json()
-        assert body["applications"]["classification"]["status"] == "failed"
-        assert "models.json" in body["applications"]["classification"]["reason"]
+        assert c.get("/health/ready").status_code == 200
+        assert _classify(c).json()["model"] == "tiny-cifar"
+        change = c.get("/models").json()["changes"][0]
+        assert change["action"] == "set-aside" and "JSONDecodeError" in change["detail"]
+        kept = [p for p in path.parent.iterdir() if p.name.startswith("models.json.unreadable-")]
+        assert len(kept) == 1 and kept[0].read_text() == "{not json"
+        assert c.put("/models/tiny-cifar/batching", json={"max_queue": 7}).status_code == 200  # writes work again
+    assert json.loads(path.read_text())["models"]["tiny-cifar"]["batching"]["max_queue"] == 7
 
 
 def test_management_needs_admin(base_settings: Settings, client_factory, tmp_path: Path) -> None:
