@@ -298,7 +298,8 @@ class ModelManager:
             build = functools.partial(self.registry.build, name, st.task, warmup=self.warmup, weights=weights)
             new = await loop.run_in_executor(self._loader, build)
             if new.status != "ready" or new.loaded is None:
-                raise InvalidParameters(f"the new copy of {name!r} did not load ({new.status}: {new.reason}); "
+                why = (new.reason or "").splitlines()[0][:200]  # torch's unpickling errors run to paragraphs
+                raise InvalidParameters(f"the new copy of {name!r} did not load ({new.status}: {why}); "
                                         "the serving copy is unchanged", extra={"model": name})
             self._guard("reload", name, new.loaded)
             old_sha = _sha(st)
