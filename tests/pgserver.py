@@ -75,6 +75,11 @@ class PgServer:
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "log"), "-o", opts,
                   "-w", "-t", "60", "start")
 
+    def restart(self) -> None:
+        """Stop the server at once (every connection is cut, as in a crash or a failover) and start it again."""
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "log"), "-m", "immediate",
+                  "-w", "-t", "60", "restart")
+
     def stop(self) -> None:
         try:
             self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")

@@ -9,6 +9,7 @@ migration exactly once and never see a half-made schema.
 from __future__ import annotations
 
 import threading
+import time
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -71,20 +72,37 @@ def migrate(url: str, component: str, steps: Sequence[str]) -> int:
         return len(steps)
 
 
+def _alive(conn: Any) -> bool:
+    """Whether an idle connection still reaches its server (one empty query: a round trip, no work)."""
+    try:
+        conn.execute("")
+        return True
+    except Exception:
+        return False
+
+
 class Pool:
     """At most `size` autocommit connections shared by the threads, each lent to one thread at a time; a broken one
     (closed, or left inside a transaction) is dropped, not reused.
 
+    Surviving a database restart: a connection that sat idle longer than `check_after` seconds is checked with an
+    empty query before it is lent, and replaced when the check fails; when a lent connection comes back broken (the
+    server went away under it), every idle connection is dropped too, since they died with it. So after a restart
+    only the operations that were running on the old connections fail; later ones get new connections.
+
     `close_idle()` closes the connections nobody is using now and the pool stays usable (it reconnects when
     asked); `close()` also refuses every later `connection()` with RuntimeError(`closed_message`)."""
 
-    def __init__(self, url: str, size: int, *, closed_message: str = "the connection pool is closed") -> None:
+    def __init__(self, url: str, size: int, *, closed_message: str = "the connection pool is closed",
+                 check_after: float = 1.0) -> None:
         self.url, self.size = url, size
         self.closed_message = closed_message
-        self._idle: list[Any] = []
+        self.check_after = check_after
+        self._idle: list[tuple[Any, float]] = []  # (connection, monotonic time it was given back)
         self._count = 0  # connections open: idle or lent
         self._cond = threading.Condition()
         self._closed = False
+        self.replaced = 0  # idle connections found dead (failed their check, or dropped after a broken one)
 
     @contextmanager
     def connection(self) -> Iterator[Any]:
@@ -93,10 +111,13 @@ class Pool:
                 self._cond.wait()
             if self._closed:
                 raise RuntimeError(self.closed_message)
-            conn = self._idle.pop() if self._idle else None
+            conn, since = self._idle.pop() if self._idle else (None, 0.0)
             if conn is None:
                 self._count += 1
-        if conn is not None and conn.closed:  # closed while idle: a new one takes its place
+        if conn is not None and (conn.closed or (time.monotonic() - since > self.check_after and not _alive(conn))):
+            # closed or dead while idle: a new one takes its place, and the other idle ones, which most likely
+            # died with it (a restart), are dropped too
+            self._drop_idle(also=conn)
             conn = None
         if conn is None:
             try:
@@ -120,10 +141,24 @@ class Pool:
                 conn.close()
         with self._cond:
             if keep:
-                self._idle.append(conn)
+                self._idle.append((conn, time.monotonic()))
             else:
                 self._count -= 1
             self._cond.notify()
+        if conn is not None and conn.broken:  # the server went away under it: the idle ones went with it
+            self._drop_idle()
+
+    def _drop_idle(self, also: Any = None) -> None:
+        """Close and forget the idle connections (and `also`, a lent one that is not coming back)."""
+        with self._cond:
+            stale = [c for c, _ in self._idle] + ([also] if also is not None else [])
+            self._idle = []
+            self._count -= len(stale) - (1 if also is not None else 0)  # `also` is still counted as lent
+            self.replaced += len(stale)
+            self._cond.notify_all()
+        for old in stale:
+            with suppress(Exception):
+                old.close()
 
     def close_idle(self) -> None:
         """Close the connections nobody is using now (the pool stays usable: it reconnects when asked)."""
@@ -131,7 +166,7 @@ class Pool:
             idle, self._idle = self._idle, []
             self._count -= len(idle)
             self._cond.notify_all()
-        for conn in idle:
+        for conn, _ in idle:
             with suppress(Exception):
                 conn.close()
 
