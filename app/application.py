@@ -47,6 +47,8 @@ class Started:
     metrics: Callable[[], Awaitable[list[tuple[dict[str, str], str]]]] | None = None
     # the model listing its other processes hold (Ray Serve: its deployment), shown by /models
     models: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    # the status its other processes report now (Ray Serve: its deployment), asked again at each readiness check
+    status_source: Callable[[], Awaitable[AppStatus]] | None = None
 
 
 def _no_models(settings: Settings) -> Sequence[str]:

@@ -95,6 +95,8 @@ async def _start_application(state: AppState, app: Application, manager: ModelMa
             state.model_sources[app.name] = started.models
         if started.refine is not None:
             state.refiners[app.name] = started.refine
+        if started.status_source is not None and enabled:
+            state.status_sources[app.name] = started.status_source
         if app.guard is not None:
             manager.guards.append(functools.partial(app.guard, started.service))
         st = started.status

@@ -68,16 +68,33 @@ def _plain_attributes(service: object) -> dict[str, Any]:
 
 
 class RemoteService:
-    """Stands in for an application's service in the ingress: plain attributes copied once, every coroutine method
-    forwarded to the application's deployment; a problem raised there is raised here."""
+    """Stands in for an application's service in the ingress: plain attributes copied from the deployment, every
+    coroutine method forwarded to it; a problem raised there is raised here. While the deployment has no service
+    (its start failed), every use is a 503 that says why; `update` takes what the deployment describes later."""
 
-    def __init__(self, handle: Any, attributes: Mapping[str, Any], methods: frozenset[str]) -> None:
+    def __init__(self, application: str, handle: Any, info: Mapping[str, Any]) -> None:
+        self._application = application
         self._handle = handle
-        self._methods = methods
-        self.__dict__.update(attributes)
+        self._methods: frozenset[str] = frozenset()
+        self._status = AppStatus("loading")
+        self.update(info)
+
+    def update(self, info: Mapping[str, Any]) -> AppStatus:
+        """Take the deployment's description (status, attributes, methods); returns the status."""
+        self.__dict__.update(info["attributes"])
+        self._methods = frozenset(info["methods"])
+        self._status = AppStatus(**info["status"])
+        return self._status
 
     def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
-        if name.startswith("_") or name not in self._methods:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if not self._methods:  # the deployment has no service: say why, as the single process does
+            st = self._status
+            raise ProblemError(f"the {self._application} application is {st.status}: {st.reason}", status=503,
+                               title="Service unavailable", slug="service-unavailable",
+                               extra={"application": self._application})
+        if name not in self._methods:
             raise AttributeError(name)
 
         async def call(*args: Any, **kwargs: Any) -> Any:
@@ -170,9 +187,12 @@ def remote_twin(app: Application, handle: Any) -> Application:
     to the deployment behind `handle`."""
 
     async def start(ctx: AppContext) -> Started:
-        info = await handle.describe.remote()
-        st = AppStatus(**info["status"])
-        service = RemoteService(handle, info["attributes"], frozenset(info["methods"]))
+        service = RemoteService(app.name, handle, await handle.describe.remote())
+        st = service._status
+
+        async def status() -> AppStatus:
+            # how the deployment is now (a replica replaced after a failure, or gone): readiness asks each time
+            return service.update(await handle.describe.remote())
 
         async def metrics() -> list[tuple[dict[str, str], str]]:
             # every live replica's, one `replica` label each (a replica that fails to answer is left out)
@@ -183,8 +203,7 @@ def remote_twin(app: Application, handle: Any) -> Application:
             listing: dict[str, Any] = await handle.models.remote()
             return listing
 
-        return Started(service if st.status in ("ready", "degraded", "unavailable") else None, status=st,
-                       metrics=metrics, models=models)
+        return Started(service, status=st, metrics=metrics, models=models, status_source=status)
 
     def enabled(settings: Settings) -> bool:
         return app.is_enabled(settings)  # as configured, though the twin itself loads no model

@@ -51,6 +51,8 @@ class AppState:
     pools: list[Any] = field(default_factory=list)  # every task's ModelPool, closed at shutdown
     stops: list[Callable[[], Awaitable[None]]] = field(default_factory=list)  # applications' shutdown hooks
     refiners: dict[str, Callable[[AppStatus], AppStatus]] = field(default_factory=dict)
+    # applications whose status lives in other processes (Ray Serve deployments): asked at each readiness check
+    status_sources: dict[str, Callable[[], Awaitable[AppStatus]]] = field(default_factory=dict)
     # expositions other processes contribute to /metrics, each as (labels to add, Prometheus text) pairs
     metrics_sources: list[Callable[[], Awaitable[list[tuple[dict[str, str], str]]]]] = field(default_factory=list)
     # model listings other processes hold (Ray Serve: each application's deployment), by application

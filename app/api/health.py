@@ -12,6 +12,7 @@ from app.api.schemas import PROBLEM_RESPONSES, Live, Ready
 from app.deps import State
 from app.errors import InvalidParameters
 from app.metrics import merge_expositions
+from app.state import AppState, AppStatus
 
 router = APIRouter(tags=["health"])
 
@@ -42,6 +43,8 @@ async def ready(
     else:
         wanted = list(state.settings.ready_requires) or [
             a for a, st in state.applications.items() if st.status != "disabled"]
+    if state.ready.is_set() and state.status_sources:
+        await refresh_statuses(state)
     hide = state.keys_enabled  # with keys on, an open endpoint reveals no reasons (they name files and paths)
     apps = {a: {"status": st.status, "reason": None if hide else st.reason, "default_model": st.default_model,
                 "required": a in wanted} for a, st in state.applications.items()}
@@ -58,6 +61,27 @@ async def ready(
         body = Ready.model_validate({"status": "not-ready", "detail": detail, "applications": apps, "models": models})
         return JSONResponse(body.model_dump(), status_code=503)
     return JSONResponse(Ready.model_validate({"status": "ready", "applications": apps, "models": models}).model_dump())
+
+
+STATUS_TIMEOUT_S = 3.0
+
+
+async def refresh_statuses(state: AppState) -> None:
+    """Ask the applications whose status lives in other processes (Ray Serve deployments) how they are now; one that
+    does not answer within STATUS_TIMEOUT_S is unavailable, with the reason."""
+    names = list(state.status_sources)
+
+    async def ask(name: str) -> AppStatus:
+        try:
+            return await asyncio.wait_for(state.status_sources[name](), STATUS_TIMEOUT_S)
+        except Exception as exc:  # a dead or unreachable deployment: say so instead of the last answer
+            why = f"no answer within {STATUS_TIMEOUT_S:.0f} s" if isinstance(exc, TimeoutError) else str(exc)
+            last = state.applications.get(name)
+            return AppStatus("unavailable", f"its deployment did not answer: {why or type(exc).__name__}",
+                             last.default_model if last else None)
+
+    for name, st in zip(names, await asyncio.gather(*(ask(n) for n in names)), strict=True):
+        state.applications[name] = st
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,

@@ -58,9 +58,11 @@ def ingress(base_settings: Settings) -> Iterator[TestClient]:
               "text_models": ["tiny-text"], "face_models": [], "warmup": False, "device": "cpu",
               "style_workers": 0}
     settings = Settings(**fields)  # type: ignore[arg-type]
-    apps = [remote_twin(a, LocalHandle(a.name, fields)) if a.name in REMOTE else a for a in BUILTIN]
+    handles = {a.name: LocalHandle(a.name, fields) for a in BUILTIN if a.name in REMOTE}
+    apps = [remote_twin(a, handles[a.name]) if a.name in REMOTE else a for a in BUILTIN]
     with TestClient(LifespanState(create_app(settings, applications=apps))) as c:
         wait_ready(c)
+        c.handles = handles  # type: ignore[attr-defined]
         yield c
 
 
@@ -95,3 +97,40 @@ def test_remote_problem_round_trip() -> None:
     e = RemoteProblem.of(NotFound("gone", extra={"k": 1})).error()
     assert (e.status, e.detail, e.extra, e.slug) == (404, "gone", {"k": 1}, NotFound.slug)
 
+
+
+def test_readiness_follows_the_deployments_after_start(ingress: TestClient) -> None:
+    """The ingress asks the deployments again at each readiness check: a deployment whose replica lost its service
+    (as after a failed restart) makes the ingress not ready and its requests 503 with the reason, never a 500; one
+    that does not answer is unavailable; once it serves again, so does the ingress."""
+    from app.state import AppStatus
+
+    handle = ingress.handles["classification"]  # type: ignore[attr-defined]
+    replica = handle.replica
+    assert replica is not None and ingress.get("/health/ready").status_code == 200
+    service, healthy = replica.state.services["classification"], replica.state.applications["classification"]
+
+    replica.state.services["classification"] = None
+    replica.state.applications["classification"] = AppStatus("failed", "CUDA error: device lost")
+    r = ingress.get("/health/ready")
+    assert r.status_code == 503
+    app_status = r.json()["applications"]["classification"]
+    assert app_status["status"] == "failed" and "device lost" in app_status["reason"]
+    detail = assert_problem(ingress.post("/classify", files={"image": ("a.png", image_bytes())}), 503)["detail"]
+    assert "device lost" in detail
+    assert ingress.post("/text/classify", json={"texts": ["markets"]}).status_code == 200  # the others serve
+
+    class Broken:
+        async def remote(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("actor died")
+
+    handle.describe = Broken()  # the deployment no longer answers
+    app_status = ingress.get("/health/ready").json()["applications"]["classification"]
+    assert app_status["status"] == "unavailable" and "actor died" in app_status["reason"]
+
+    del handle.describe
+    replica.state.services["classification"] = service
+    replica.state.applications["classification"] = healthy
+    assert ingress.get("/health/ready").status_code == 200
+    r = ingress.post("/classify", files={"image": ("a.png", image_bytes())})
+    assert r.status_code == 200, r.text
