@@ -78,7 +78,8 @@ async def _start_application(state: AppState, app: Application, manager: ModelMa
             default = app.default_model(s)
             pool = ModelPool(manager.registry, app.task, app.adapter, default_model=default,
                              executor=state.executor, observer=state.metrics,
-                             batch_configs={n: manager.batch_config(n) for n in manager.registry.names(app.task)})
+                             batch_configs={n: manager.batch_config(n) for n in manager.registry.names(app.task)},
+                             buckets=s.batch_buckets)
             manager.add_pool(pool)
             await pool.start()
             state.pools.append(pool)

@@ -110,6 +110,13 @@ class Settings(BaseSettings):
         description="how long a batch waits for company; 0 = greedy: take what queued while the model was busy",
     )
     batch_max_queue: int = Field(default=256, ge=1)
+    batch_buckets: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="pad each batch to the next power of two (at most the model's max batch size) before its "
+                    "forward, so the GPU sees a handful of batch shapes (cudnn.benchmark tunes each new shape once) "
+                    "instead of one per batch size; auto: on for models on CUDA, off on CPU, where padding only "
+                    "costs time",
+    )
     batch_overrides: dict[str, dict[str, float]] = Field(
         default_factory=dict,
         description='per-model batcher settings, JSON: {"resnet50": {"max_batch_size": 8, "max_wait_ms": 10}}',

@@ -22,10 +22,20 @@ def select_device(setting: str = "auto") -> torch.device:
     return dev
 
 
+CUDA_AUTO_THREADS = 1
+
+
 def configure_torch(device: torch.device, threads: int = 0) -> None:
-    """Process-wide torch settings for serving."""
+    """Process-wide torch settings for serving. `threads` 0 (auto): torch's default on the CPU, where the forwards
+    need every core; CUDA_AUTO_THREADS on CUDA, where the CPU's torch work is small per-request preprocessing run by
+    many request threads at once, and torch's default (one intra-op thread per core in each of them) would
+    oversubscribe the cores."""
     if threads > 0:
         torch.set_num_threads(threads)
+    elif device.type == "cuda":
+        torch.set_num_threads(CUDA_AUTO_THREADS)
+        log.info("torch intra-op threads: %d (device %s; CNN_TORCH_THREADS sets another number)",
+                 CUDA_AUTO_THREADS, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True

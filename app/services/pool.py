@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any, Generic, TypeVar
 
@@ -18,6 +18,32 @@ from app.runtime.batcher import (
 from app.runtime.registry import LoadedModel, ModelRegistry
 
 M = TypeVar("M", bound=LoadedModel)
+
+
+def bucket_size(n: int, max_batch: int) -> int:
+    """The batch size a batch of n is padded to: the next power of two, at most max_batch (never below n)."""
+    size = 1 << max(0, n - 1).bit_length()
+    return max(n, min(size, max_batch))
+
+
+class PaddedForward:
+    """A model's forward that pads each batch to its bucket size (repeating the last input) and drops the padding
+    rows from the outputs: on CUDA with cudnn.benchmark, each new input shape costs a round of algorithm tuning, and
+    a micro-batcher makes batches of every size from 1 to its maximum; buckets bound that to log2(max) + 1 shapes.
+    The padding rows cost compute, which on a GPU is small next to a batch's fixed costs."""
+
+    def __init__(self, forward: Callable[[list[Any]], list[Any]], max_batch: Callable[[], int]) -> None:
+        self.forward = forward
+        self.max_batch = max_batch
+        self.padded_rows = 0  # rows computed only as padding (for tests and diagnostics)
+
+    def __call__(self, batch: list[Any]) -> list[Any]:
+        n = len(batch)
+        size = bucket_size(n, self.max_batch()) if n else 0
+        if size == n:
+            return self.forward(batch)
+        self.padded_rows += size - n
+        return self.forward(list(batch) + [batch[-1]] * (size - n))[:n]
 
 
 def same_inputs(a: LoadedModel, b: LoadedModel) -> bool:
@@ -36,8 +62,10 @@ class ModelPool(Generic[M]):
     to the new copy when the inputs are the same kind (a weights swap), so no request fails during a swap."""
 
     def __init__(self, registry: ModelRegistry, task: str, kind: type[M], *, default_model: str | None,
-                 executor: Executor, observer: BatchObserver | None, batch_configs: dict[str, BatchConfig]) -> None:
+                 executor: Executor, observer: BatchObserver | None, batch_configs: dict[str, BatchConfig],
+                 buckets: str = "auto") -> None:
         self.registry = registry
+        self.buckets = buckets  # CNN_BATCH_BUCKETS: pad batches to power-of-two sizes (auto: on CUDA)
         self.task = task
         self.kind = kind
         self.executor = executor
@@ -52,7 +80,14 @@ class ModelPool(Generic[M]):
         self.default_model = default_model or self.first_ready()
 
     def _batcher(self, name: str, loaded: M, config: BatchConfig) -> MicroBatcher[Any, Any]:
-        return MicroBatcher(name, loaded.forward, config, executor=self.executor, observer=self.observer)
+        on = self.buckets == "on" or (self.buckets == "auto" and getattr(loaded, "device", None) is not None
+                                      and loaded.device.type == "cuda")
+        if not on:
+            return MicroBatcher(name, loaded.forward, config, executor=self.executor, observer=self.observer)
+        batcher: list[MicroBatcher[Any, Any]] = []  # the max batch size is the batcher's, which can change
+        padded = PaddedForward(loaded.forward, lambda: batcher[0].config.max_batch_size)
+        batcher.append(MicroBatcher(name, padded, config, executor=self.executor, observer=self.observer))
+        return batcher[0]
 
     def first_ready(self, *, besides: str | None = None) -> str | None:
         """The first configured model that serves, preferring trained weights over untrained ones."""

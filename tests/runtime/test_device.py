@@ -29,3 +29,21 @@ def test_one_dimensional_models_keep_their_layout() -> None:
     assert m.weight.is_contiguous()
     with inference_context(torch.device("cpu")):
         assert m(torch.randn(2, 4, 16)).shape == (2, 8, 14)
+
+
+def test_torch_threads_auto_is_one_on_cuda_and_the_default_on_cpu() -> None:
+    """CNN_TORCH_THREADS=0: torch's default on the CPU; one intra-op thread on CUDA (many request threads run the
+    small preprocessing ops at once there); an explicit number always wins. Only sets flags: runs without a GPU."""
+    from app.runtime.device import CUDA_AUTO_THREADS, configure_torch
+
+    before, bench = torch.get_num_threads(), torch.backends.cudnn.benchmark
+    try:
+        configure_torch(torch.device("cpu"), 0)
+        assert torch.get_num_threads() == before
+        configure_torch(torch.device("cuda"), 0)
+        assert torch.get_num_threads() == CUDA_AUTO_THREADS == 1
+        configure_torch(torch.device("cuda"), 2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+        torch.backends.cudnn.benchmark = bench

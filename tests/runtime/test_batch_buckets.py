@@ -1,0 +1,68 @@
+"""Batch buckets (CNN_BATCH_BUCKETS): each batch is padded to the next power of two, at most the model's max batch
+size, so a GPU with cudnn.benchmark sees log2(max) + 1 shapes instead of one per batch size; the padding rows
+never reach an answer. On by default only for models on CUDA; tested here on the CPU with the setting forced on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.services.pool import PaddedForward, bucket_size
+from app.settings import Settings
+from tests.conftest import image_bytes, wait_ready
+
+
+@pytest.mark.parametrize(("n", "max_batch", "size"), [
+    (1, 16, 1), (2, 16, 2), (3, 16, 4), (5, 16, 8), (8, 16, 8), (9, 16, 16), (16, 16, 16),
+    (9, 12, 12), (12, 12, 12), (5, 6, 6), (1, 1, 1), (33, 64, 64), (20, 16, 20)])
+def test_bucket_sizes(n: int, max_batch: int, size: int) -> None:
+    assert bucket_size(n, max_batch) == size
+
+
+def test_padding_rows_are_computed_and_dropped() -> None:
+    seen: list[list[int]] = []
+
+    def forward(batch: list[int]) -> list[int]:
+        seen.append(list(batch))
+        return [10 * x for x in batch]
+
+    limit = [16]
+    padded = PaddedForward(forward, lambda: limit[0])
+    assert padded([1, 2, 3]) == [10, 20, 30]
+    assert seen[-1] == [1, 2, 3, 3]  # padded with the last input
+    assert padded([1, 2, 3, 4, 5]) == [10, 20, 30, 40, 50] and len(seen[-1]) == 8
+    limit[0] = 6  # the batcher's max batch size changed at run time
+    assert padded([1, 2, 3, 4, 5]) == [10, 20, 30, 40, 50] and len(seen[-1]) == 6
+    assert padded([7, 8]) == [70, 80] and seen[-1] == [7, 8]
+    assert padded.padded_rows == 1 + 3 + 1
+
+
+def _classify(settings: Settings, n: int) -> tuple[list[Any], Any]:
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client)
+        files = [("image", (f"{i}.png", image_bytes(color=(40 * i, 90, 200 - 30 * i)), "image/png"))
+                 for i in range(n)]
+        r = client.post("/classify", files=files, data={"top_k": "10"})
+        assert r.status_code == 200, r.text
+        batcher = client.app_state["app_state"].pools[0].batchers["tiny-cifar"]
+        return r.json()["results"], batcher._fn
+
+
+def test_served_answers_are_the_same_with_buckets_on(base_settings: Settings) -> None:
+    """Five images in one request make one batch of 5, padded to 8 with buckets on: the five answers are those of
+    the unpadded batch (eval mode: rows do not interact)."""
+    off, fn_off = _classify(base_settings.model_copy(update={"batch_buckets": "off"}), 5)
+    on, fn_on = _classify(base_settings.model_copy(update={"batch_buckets": "on"}), 5)
+    assert not isinstance(fn_off, PaddedForward)  # auto and off: no padding on the CPU
+    assert isinstance(fn_on, PaddedForward) and fn_on.padded_rows == 3
+    for a, b in zip(off, on, strict=True):
+        pa = torch.tensor([p["probability"] for p in a["top_k"]])
+        pb = torch.tensor([p["probability"] for p in b["top_k"]])
+        assert [p["label"] for p in a["top_k"]] == [p["label"] for p in b["top_k"]]
+        assert torch.allclose(pa, pb, atol=1e-5)
+    _, fn_auto = _classify(base_settings, 1)
+    assert not isinstance(fn_auto, PaddedForward)
