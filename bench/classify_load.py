@@ -109,13 +109,67 @@ def parse_batch_metrics(text: str, model: str | None) -> tuple[float, float]:
     return total["sum"], total["count"]
 
 
-async def scrape_batches(client: httpx.AsyncClient, model: str | None) -> tuple[float, float] | None:
+async def scrape_metrics(client: httpx.AsyncClient) -> str | None:
+    """The server's /metrics text (None when it cannot be read)."""
     try:
         r = await client.get("/metrics")
         r.raise_for_status()
     except httpx.HTTPError:
         return None
-    return parse_batch_metrics(r.text, model)
+    return r.text
+
+
+async def scrape_batches(client: httpx.AsyncClient, model: str | None) -> tuple[float, float] | None:
+    text = await scrape_metrics(client)
+    return None if text is None else parse_batch_metrics(text, model)
+
+
+_HIST_LINE = re.compile(r'^(cnn_[a-z_]+)_(sum|count)\{([^}]*)\}\s+(\S+)', re.MULTILINE)
+
+
+def histogram_totals(text: str, name: str, **labels: str) -> tuple[float, float]:
+    """(sum, count) of a histogram over the series whose labels include `labels`."""
+    total = {"sum": 0.0, "count": 0.0}
+    for metric, kind, label_text, value in _HIST_LINE.findall(text):
+        if metric == name and all(f'{k}="{v}"' in label_text for k, v in labels.items()):
+            total[kind] += float(value)
+    return total["sum"], total["count"]
+
+
+def stage_breakdown(before: str | None, after: str | None, *, route: str, model: str | None,
+                    client_mean_ms: float) -> dict[str, float] | None:
+    """Where a request's time went over the measured window, from the server's own histograms (means, ms):
+    `client` as the load generator saw it; `server` from the gate's request timer (route, status 200);
+    `queue_wait` per item before its batch ran; `forward` per batch; `server_other` = server - queue_wait - forward
+    (multipart parsing, decode and preprocessing, response); `outside_server` = client - server (loopback, the
+    client, the HTTP server's parsing before the middleware, event-loop scheduling). On a GPU machine this says
+    first whether the HTTP side, the CPU preprocessing, the queue or the model holds the time."""
+    if before is None or after is None:
+        return None
+
+    def mean_ms(name: str, **labels: str) -> float:
+        s0, c0 = histogram_totals(before, name, **labels)
+        s1, c1 = histogram_totals(after, name, **labels)
+        return 1000 * (s1 - s0) / (c1 - c0) if c1 > c0 else math.nan
+
+    by_model = {"model": model} if model else {}
+    server = mean_ms("cnn_http_request_duration_seconds", route=route, status="200")
+    wait = mean_ms("cnn_batch_queue_wait_seconds", **by_model)
+    forward = mean_ms("cnn_batch_forward_seconds", **by_model)
+    return {"client": round(client_mean_ms, 2), "server": round(server, 2), "queue_wait": round(wait, 2),
+            "forward": round(forward, 2), "server_other": round(server - wait - forward, 2),
+            "outside_server": round(client_mean_ms - server, 2)}
+
+
+def stage_table(rows: list[tuple[str, dict[str, float] | None]]) -> list[str]:
+    """The stage breakdowns as a Markdown table (rows: label, breakdown)."""
+    lines = ["| row | client ms | server ms | queue wait ms | forward ms (per batch) | other in server ms | "
+             "outside server ms |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for label, st in rows:
+        if st:
+            lines.append(f"| {label} | {fmt(st['client'])} | {fmt(st['server'])} | {fmt(st['queue_wait'])} | "
+                         f"{fmt(st['forward'])} | {fmt(st['server_other'])} | {fmt(st['outside_server'])} |")
+    return lines
 
 
 def parse_int_list(text: str) -> list[int]:
@@ -225,16 +279,19 @@ async def run_load(url: str, *, model: str | None, concurrency: int, duration: f
 
         if warmup > 0:
             await closed_loop(concurrency, warmup, send)
-        before = await scrape_batches(client, model)
+        text_before = await scrape_metrics(client)
         latencies, statuses, elapsed = await closed_loop(concurrency, duration, send)
-        after = await scrape_batches(client, model)
+        text_after = await scrape_metrics(client)
 
     latencies.sort()
     total = sum(statuses.values())
     ok = statuses.get("200", 0)
     errors = {k: v for k, v in sorted(statuses.items()) if k != "200"}
     mean_batch = batches = None
-    if before is not None and after is not None:
+    stages = stage_breakdown(text_before, text_after, route="/classify", model=model,
+                             client_mean_ms=1000 * sum(latencies) / len(latencies) if latencies else math.nan)
+    if text_before is not None and text_after is not None:
+        before, after = parse_batch_metrics(text_before, model), parse_batch_metrics(text_after, model)
         d_sum, d_count = after[0] - before[0], after[1] - before[1]
         batches = int(d_count)
         mean_batch = d_sum / d_count if d_count > 0 else None
@@ -248,6 +305,7 @@ async def run_load(url: str, *, model: str | None, concurrency: int, duration: f
         mean_ms=1000 * sum(latencies) / len(latencies) if latencies else math.nan,
         max_ms=1000 * latencies[-1] if latencies else math.nan,
         mean_batch_size=mean_batch, batches=batches, images_per_request=images_per_request,
+        extra={"stages_ms": stages} if stages else {},
     )
 
 
@@ -458,7 +516,7 @@ def run_matrix(args: argparse.Namespace, image: bytes) -> tuple[list[LoadResult]
                                              images_per_request=args.images_per_request, top_k=args.top_k,
                                              timeout=args.timeout))
                     r.batching = "on" if batching else "off"
-                    r.extra = {"max_batch_size": args.batch_size if batching else 1,
+                    r.extra = {**r.extra, "max_batch_size": args.batch_size if batching else 1,
                                "max_wait_ms": args.batch_wait_ms}
                     results.append(r)
                     print(f"#   c={c}: {fmt(r.requests_per_s)} req/s, p50 {fmt(r.p50_ms)} ms, "
@@ -479,6 +537,10 @@ def run_matrix(args: argparse.Namespace, image: bytes) -> tuple[list[LoadResult]
     lines.append("- latency percentiles are over successful requests; mean batch = delta cnn_batch_size_sum / "
                  "delta cnn_batch_size_count over the measured window")
     lines += ["", *markdown_table(results)]
+    stages = [(f"{r.model}, batching {r.batching}, c={r.concurrency}", r.extra.get("stages_ms")) for r in results]
+    if any(st for _, st in stages):
+        lines += ["", "Where the time went (means over each row's window, from the server's histograms; see "
+                  "`stage_breakdown`):", "", *stage_table(stages)]
     return results, lines, {"machine": machine, "models": infos}
 
 

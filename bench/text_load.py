@@ -54,9 +54,12 @@ from bench.classify_load import (
     fmt,
     machine_description,
     machine_lines,
+    parse_batch_metrics,
     parse_int_list,
     percentile,
-    scrape_batches,
+    scrape_metrics,
+    stage_breakdown,
+    stage_table,
 )
 from bench.classify_load import server_env as classify_server_env
 
@@ -273,14 +276,17 @@ async def run_load(url: str, *, model: str, concurrency: int, duration: float, w
 
         if warmup > 0:
             await closed_loop(concurrency, warmup, send)
-        before = await scrape_batches(client, model)
+        text_before = await scrape_metrics(client)
         latencies, statuses, elapsed = await closed_loop(concurrency, duration, send)
-        after = await scrape_batches(client, model)
+        text_after = await scrape_metrics(client)
     latencies.sort()
     total = sum(statuses.values())
     ok = statuses.get("200", 0)
     mean_batch = batches = None
-    if before is not None and after is not None:
+    stages = stage_breakdown(text_before, text_after, route="/text/classify", model=model,
+                             client_mean_ms=1000 * sum(latencies) / len(latencies) if latencies else math.nan)
+    if text_before is not None and text_after is not None:
+        before, after = parse_batch_metrics(text_before, model), parse_batch_metrics(text_after, model)
         d_sum, d_count = after[0] - before[0], after[1] - before[1]
         batches = int(d_count)
         mean_batch = d_sum / d_count if d_count > 0 else None
@@ -294,6 +300,7 @@ async def run_load(url: str, *, model: str, concurrency: int, duration: float, w
         mean_ms=1000 * sum(latencies) / len(latencies) if latencies else math.nan,
         max_ms=1000 * latencies[-1] if latencies else math.nan,
         mean_batch_size=mean_batch, batches=batches, texts_per_request=texts_per_request,
+        extra={"stages_ms": stages} if stages else {},
     )
 
 
@@ -383,7 +390,8 @@ def run_server_load(args: argparse.Namespace, model: str, bodies: list[bytes],
                         startup_timeout=args.startup_timeout) as srv:
             probed = asyncio.run(probe(srv.url, bodies[0], None, args.timeout))
             for r in run_levels(args, srv.url, model, bodies, mode, None):
-                r.extra = {"max_batch_size": args.batch_size if batching else 1, "max_wait_ms": args.batch_wait_ms}
+                r.extra = {**r.extra, "max_batch_size": args.batch_size if batching else 1,
+                           "max_wait_ms": args.batch_wait_ms}
                 results.append(r)
     return results, probed
 
@@ -482,6 +490,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"per request, top_k {args.top_k}; {where}. Latency percentiles over successful requests; mean "
                   "batch = delta cnn_batch_size_sum / delta cnn_batch_size_count over the measured window.", "",
                   *load_table(load)]
+        stages = [(f"batching {r.batching}, c={r.concurrency}", r.extra.get("stages_ms")) for r in load]
+        if any(st for _, st in stages):
+            lines += ["", "Where the time went (means over each row's window, from the server's histograms):", "",
+                      *stage_table(stages)]
     report = "\n".join(lines)
     print(report)
     if args.markdown:
