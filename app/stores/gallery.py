@@ -181,11 +181,6 @@ class VectorIndex:
         self._gpu_stale = True  # GPU indexes cannot remove ids: recopy from the CPU master before the next search
         return removed
 
-    def _searcher(self) -> Any:
-        if not self.use_gpu:
-            return self.cpu
-        with self._gpu_lock:  # searches hold only the shared read lock: one of them makes the copy
-            return self._gpu_copy()
 
     def _gpu_copy(self) -> Any:
         if self._gpu is None or self._gpu_stale:
@@ -207,7 +202,13 @@ class VectorIndex:
         k = max(1, min(k, self.ntotal)) if self.ntotal else 1
         if self.ntotal == 0:
             return np.zeros((len(q), 0), dtype=np.float32), np.zeros((len(q), 0), dtype=np.int64)
-        sims, ids = self._searcher().search(q, k)
+        if not self.use_gpu:
+            sims, ids = self.cpu.search(q, k)  # CPU indexes take concurrent searches
+            return sims, ids
+        # a FAISS GPU index and its StandardGpuResources are not thread-safe, and searches hold only the shared read
+        # lock: one search at a time on the GPU copy (the first after a change also makes the copy)
+        with self._gpu_lock:
+            sims, ids = self._gpu_copy().search(q, k)
         return sims, ids
 
     def save(self, path: Path) -> None:

@@ -718,3 +718,48 @@ def test_gpu_copy_failure_falls_back_to_the_cpu_index(monkeypatch: pytest.Monkey
     vi.add(np.arange(4), v)
     _, ids = vi.search(v[2:3], 1)
     assert ids[0, 0] == 2 and vi.use_gpu is False
+
+
+def test_searches_on_the_gpu_copy_run_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FAISS GPU indexes are not thread-safe: concurrent identify requests (each holding only the gallery's shared
+    read lock) must reach the GPU copy one at a time. A stand-in GPU copy counts how many searches are inside it."""
+    import faiss
+
+    from app.stores.gallery import VectorIndex
+
+    inside = {"now": 0, "most": 0}
+    guard = threading.Lock()
+
+    class GpuCopy:
+        def __init__(self, index: object) -> None:
+            self.index = faiss.clone_index(index)
+
+        def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+            with guard:
+                inside["now"] += 1
+                inside["most"] = max(inside["most"], inside["now"])
+            time.sleep(0.01)
+            try:
+                return self.index.search(q, k)  # type: ignore[attr-defined,no-any-return]
+            finally:
+                with guard:
+                    inside["now"] -= 1
+
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", lambda res, dev, index: GpuCopy(index), raising=False)
+    vi = VectorIndex(4, use_gpu=True)
+    v = np.eye(4, dtype=np.float32)
+    vi.add(np.arange(4), v)
+    found: list[int] = []
+
+    def search(i: int) -> None:
+        _, ids = vi.search(v[i % 4:i % 4 + 1], 1)
+        found.append(int(ids[0, 0]) - i % 4)
+
+    threads = [threading.Thread(target=search, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert found == [0] * 8 and inside["most"] == 1
