@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -12,7 +11,7 @@ from PIL import Image
 from app.errors import InvalidParameters
 from app.runtime.images import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_SIDE, decode_image
 from app.runtime.registry import LoadedClassifier
-from app.services.pool import ModelPool
+from app.services.pool import ModelPool, map_in_threads
 from app.services.results import ClassifyResponse, ImageResult, Prediction
 from models.preprocess import image_to_tensor
 
@@ -93,7 +92,7 @@ class ClassificationService:
         name, loaded = self.pool.resolve(model)
         # decoding and resizing are CPU work: keep them off the event loop
         limits = self.limits
-        tensors = [await asyncio.to_thread(classifier_input, u, loaded, limits) for u in uploads]
+        tensors = await map_in_threads(lambda u: classifier_input(u, loaded, limits), uploads)
         probs = await self.pool.run(name, tensors, loaded)
         return ClassifyResponse(
             model=name,

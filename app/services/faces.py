@@ -23,7 +23,7 @@ from app.runtime.images import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_SIDE
 from app.runtime.registry import LoadedFaceEmbedder
 from app.services import results as r
 from app.services.classification import ImageLimits, Upload
-from app.services.pool import ModelPool
+from app.services.pool import ModelPool, map_in_threads
 from app.stores.interfaces import (
     GalleryProtocol,
     InvalidSubject,
@@ -230,7 +230,7 @@ class FacesService:
     ) -> tuple[str, LoadedFaceEmbedder, list[ImageFaces], list[list[np.ndarray]]]:
         name, loaded = self.pool.resolve(model)
         det = self._detector(detector)
-        found = [await asyncio.to_thread(self._find, u, loaded, det, max_faces, quality) for u in uploads]
+        found = await map_in_threads(lambda u: self._find(u, loaded, det, max_faces, quality), uploads)
         tensors = [f.tensor for img in found for f in img.faces]
         flat = await self.pool.run(name, tensors, loaded) if tensors else []
         out: list[list[np.ndarray]] = []
