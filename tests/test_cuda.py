@@ -1,0 +1,150 @@
+"""The GPU path (issue 14), marked `cuda`: skipped without a CUDA device (tests/conftest.py), run by
+bench/gpu_check.sh on a GPU machine. Every task gives the same answers on CUDA as on the CPU, within the tolerance
+of bf16 autocast (stated per test); the CUDA-only settings are on there (batch buckets, one torch thread); FAISS GPU
+searches agree with the CPU index under concurrent requests; the ONNX embedder uses CUDA when onnxruntime can.
+
+Tolerances: bf16 keeps 8 bits of mantissa (relative error ~0.4% per operation). Softmax probabilities of the tiny
+random models here are compared with an absolute tolerance of 0.03, unit embeddings by cosine similarity >= 0.99,
+and the top-1 class only where the CPU's margin over the runner-up exceeds 0.1."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from app.settings import Settings
+from tests.api.test_faces import NONE, img, pattern
+from tests.conftest import image_bytes, write_tiny_face_model, write_tiny_text_model
+
+pytestmark = pytest.mark.cuda
+
+PROB_ATOL = 0.03
+COSINE_MIN = 0.99
+MARGIN = 0.1
+
+
+def _both(settings: Settings, client_factory: Callable[[Settings], Any], call: Callable[[Any], Any]) -> list[Any]:
+    """call(client) on a CPU server, then on a CUDA server with the same settings."""
+    out = []
+    for device in ("cpu", "cuda"):
+        with client_factory(settings.model_copy(update={"device": device})) as c:
+            out.append(call(c))
+    return out
+
+
+def _probs(result: dict[str, Any]) -> dict[str, float]:
+    return {p["label"]: p["probability"] for p in result["top_k"]}
+
+
+def test_classification_matches_the_cpu(base_settings: Settings, client_factory: Any) -> None:
+    files = [("image", (f"{i}.png", image_bytes(color=(30 * i, 200 - 20 * i, 90), size=(64, 48)), "image/png"))
+             for i in range(5)]
+
+    def call(c: Any) -> Any:
+        r = c.post("/classify", files=files, data={"top_k": "10"})
+        assert r.status_code == 200, r.text
+        return r.json()["results"]
+
+    cpu, gpu = _both(base_settings, client_factory, call)
+    for a, b in zip(cpu, gpu, strict=True):
+        pa, pb = _probs(a), _probs(b)
+        assert pa.keys() == pb.keys()
+        assert max(abs(pa[k] - pb[k]) for k in pa) <= PROB_ATOL
+        ranked = sorted(pa.values(), reverse=True)
+        if ranked[0] - ranked[1] > MARGIN:
+            assert a["top_k"][0]["label"] == b["top_k"][0]["label"]
+
+
+def test_text_matches_the_cpu(base_settings: Settings, client_factory: Any) -> None:
+    write_tiny_text_model(base_settings.weights_dir)
+    settings = base_settings.model_copy(update={"text_models": ["tiny-text"]})
+    texts = ["Stocks rallied as oil prices fell", "The team won the final in extra time", "A new chip doubles speed"]
+
+    def call(c: Any) -> Any:
+        r = c.post("/text/classify", json={"texts": texts, "top_k": 3})
+        assert r.status_code == 200, r.text
+        return r.json()["results"]
+
+    cpu, gpu = _both(settings, client_factory, call)
+    for a, b in zip(cpu, gpu, strict=True):
+        pa, pb = _probs(a), _probs(b)
+        assert max(abs(pa[k] - pb.get(k, 0.0)) for k in pa) <= PROB_ATOL
+
+
+def test_face_embeddings_match_the_cpu(base_settings: Settings, client_factory: Any) -> None:
+    write_tiny_face_model(base_settings.weights_dir)
+    settings = base_settings.model_copy(update={"face_models": ["tiny-face"]})
+
+    def call(c: Any) -> Any:
+        r = c.post("/faces/embed", data=NONE, files=[img("image", pattern(i)) for i in range(4)])
+        assert r.status_code == 200, r.text
+        return [np.asarray(res["faces"][0]["embedding"]) for res in r.json()["results"]]
+
+    cpu, gpu = _both(settings, client_factory, call)
+    for a, b in zip(cpu, gpu, strict=True):
+        assert float(a @ b) >= COSINE_MIN
+
+
+def test_cuda_settings_are_on(base_settings: Settings, client_factory: Any) -> None:
+    """On CUDA: batches padded to buckets (answers unchanged: the parity tests above ran with them), one torch
+    intra-op thread, and the padding happens (five images in one request make one padded batch of eight)."""
+    from app.services.pool import PaddedForward
+
+    settings = base_settings.model_copy(update={"device": "cuda", "batch_max_size": 16})
+    with client_factory(settings) as c:
+        files = [("image", (f"{i}.png", image_bytes(color=(40 * i, 90, 10)), "image/png")) for i in range(5)]
+        assert c.post("/classify", files=files).status_code == 200
+        fn = c.app_state["app_state"].pools[0].batchers["tiny-cifar"]._fn
+        assert isinstance(fn, PaddedForward) and fn.padded_rows >= 3
+        assert torch.get_num_threads() == 1
+
+
+def test_faiss_gpu_search_agrees_with_the_cpu_under_concurrent_requests() -> None:
+    import faiss
+
+    from app.stores.gallery import VectorIndex
+
+    if faiss.get_num_gpus() == 0 or not hasattr(faiss, "StandardGpuResources"):
+        pytest.skip("this FAISS build has no GPU support (faiss-cpu)")
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(20_000, 64)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    gpu, cpu = VectorIndex(64, use_gpu=True), VectorIndex(64, use_gpu=False)
+    for index in (gpu, cpu):
+        index.add(np.arange(len(vecs)), vecs)
+    queries = vecs[rng.choice(len(vecs), 64, replace=False)] + 0.01 * rng.normal(size=(64, 64)).astype(np.float32)
+    _, want = cpu.search(queries, 5)
+    errors: list[str] = []
+
+    def search(i: int) -> None:
+        for _ in range(20):
+            _, got = gpu.search(queries[i:i + 1], 5)
+            if got[0, 0] != want[i, 0]:
+                errors.append(f"query {i}: {got[0, 0]} != {want[i, 0]}")
+
+    threads = [threading.Thread(target=search, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert gpu.use_gpu and not errors, errors[:5]
+
+
+def test_onnx_embedder_runs_on_cuda_when_onnxruntime_can(tmp_path: Any) -> None:
+    import onnxruntime as ort
+
+    from app.runtime.registry import OnnxModule
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime has no CUDA provider here (pip install onnxruntime-gpu in its place)")
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    path = tmp_path / "tiny.onnx"
+    torch.onnx.export(net, (torch.zeros(1, 3, 16, 16),), str(path), dynamo=False, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17)
+    module = OnnxModule(path, torch.device("cuda"))
+    assert module.session.get_providers()[0] == "CUDAExecutionProvider"
