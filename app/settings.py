@@ -110,6 +110,12 @@ class Settings(BaseSettings):
         description="how long a batch waits for company; 0 = greedy: take what queued while the model was busy",
     )
     batch_max_queue: int = Field(default=256, ge=1)
+    gpu_decode: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="decode JPEGs for image classifiers on the model's device (nvJPEG on CUDA) and preprocess "
+                    "them there; other formats, EXIF-rotated or CMYK JPEGs and JPEGs the decoder refuses take the "
+                    "CPU path; auto: on for classifiers on CUDA, off on the CPU (on: also on the CPU, for tests)",
+    )
     batch_buckets: Literal["auto", "on", "off"] = Field(
         default="auto",
         description="pad each batch to the next power of two (at most the model's max batch size) before its "

@@ -148,3 +148,42 @@ def test_onnx_embedder_runs_on_cuda_when_onnxruntime_can(tmp_path: Any) -> None:
                       output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17)
     module = OnnxModule(path, torch.device("cuda"))
     assert module.session.get_providers()[0] == "CUDAExecutionProvider"
+
+
+def test_nvjpeg_decode_and_preprocessing_match_the_cpu_path() -> None:
+    """nvJPEG's IDCT and chroma upsampling are not libjpeg's: the inputs differ by a grey level or two on average
+    and more on sharp colour edges (bounds stated here; they were set without a GPU run and are what the first run
+    checks)."""
+    from app.runtime.gpu_decode import decode_and_preprocess
+    from app.runtime.images import decode_image
+    from models.preprocess import image_to_tensor
+    from tests.runtime.test_gpu_decode import CIFAR, IMAGENET, photo
+
+    datas = [photo(seed=s, w=320 + 31 * s, h=240 + 7 * s) for s in range(4)] + [photo(mode="L", seed=7)]
+    for spec in (IMAGENET, CIFAR):
+        got = decode_and_preprocess(datas, spec, torch.device("cuda"))
+        for data, g in zip(datas, got, strict=True):
+            assert g.is_cuda
+            want = image_to_tensor(decode_image(data), spec)
+            levels = (g.cpu() - want).abs() * torch.tensor(spec.std).view(3, 1, 1) * 255
+            assert float(levels.mean()) <= 2.0 and float(levels.max()) <= 48, (float(levels.mean()),
+                                                                                float(levels.max()))
+
+
+def test_jpeg_classification_on_the_gpu_decode_path_matches_the_cpu(base_settings: Settings,
+                                                                    client_factory: Any) -> None:
+    from tests.runtime.test_gpu_decode import photo
+
+    files = [("image", (f"{i}.jpg", photo(seed=20 + i), "image/jpeg")) for i in range(4)]
+
+    def call(c: Any) -> Any:
+        r = c.post("/classify", files=files, data={"top_k": "10"})
+        assert r.status_code == 200, r.text
+        if c.app_state["app_state"].settings.device == "cuda":
+            assert c.app_state["app_state"].services["classification"].device_decodes == 4
+        return r.json()["results"]
+
+    cpu, gpu = _both(base_settings, client_factory, call)
+    for a, b in zip(cpu, gpu, strict=True):
+        pa, pb = _probs(a), _probs(b)
+        assert max(abs(pa[k] - pb[k]) for k in pa) <= PROB_ATOL

@@ -77,5 +77,7 @@ def inference_context(device: torch.device) -> Iterator[None]:
 def to_device_batch(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Move a 4-D batch to the device in channels_last, the models' memory format (see prepare_model)."""
     if device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        if x.device.type != "cuda":  # inputs decoded on the GPU (CNN_GPU_DECODE) are there already
+            x = x.pin_memory().to(device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last)
     return x.contiguous(memory_format=torch.channels_last)

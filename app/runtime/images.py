@@ -64,27 +64,9 @@ def decode_image(
     """Validate and decode untrusted image bytes into a fully loaded RGB image, or raise a ProblemError.
 
     Size, side length and aspect ratio are checked from the header, before any pixel buffer exists."""
-    size = len(data)
-    if size == 0:
-        raise BadRequest(f"{name}: the upload is empty", extra={"field": name})
-    if size > max_bytes:
-        raise PayloadTooLarge(
-            f"{name}: {size} bytes exceeds the limit of {max_bytes} bytes",
-            extra={"field": name, "max_bytes": max_bytes},
-        )
     try:
-        img = _open(data, name)
+        img = _checked_header(data, max_bytes, max_pixels, max_side, max_aspect_ratio, name)
         width, height = img.size
-        if width <= 0 or height <= 0:
-            raise BadRequest(f"{name}: the image has no pixels ({width}x{height})", extra={"field": name})
-        # Image.open only parsed the header, so this refuses a bomb before a single pixel buffer exists.
-        if width * height > max_pixels:
-            raise PayloadTooLarge(
-                f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} "
-                "pixels (possible decompression bomb)",
-                extra={"field": name, "width": width, "height": height, "max_pixels": max_pixels},
-            )
-        _check_shape(width, height, max_side, max_aspect_ratio, name)
         img.seek(0)  # animated GIF/WEBP/APNG and multi-page TIFF/MPO: classify the first frame
         # PIL re-checks its own global limit while allocating; when the caller allowed more than that limit
         # we have already vetted the size, so silence the warning (rare and large, so the lock costs little).
@@ -111,6 +93,67 @@ def decode_image(
             f"{name}: the image data is corrupt or truncated ({type(exc).__name__}: {_short(exc)})",
             extra={"field": name},
         ) from exc
+
+
+def _checked_header(data: bytes, max_bytes: int, max_pixels: int, max_side: int, max_aspect_ratio: float,
+                    name: str) -> Image.Image:
+    """The lazily opened image once its bytes and header pass every limit (no pixel decoded yet), or the 4xx."""
+    size = len(data)
+    if size == 0:
+        raise BadRequest(f"{name}: the upload is empty", extra={"field": name})
+    if size > max_bytes:
+        raise PayloadTooLarge(
+            f"{name}: {size} bytes exceeds the limit of {max_bytes} bytes",
+            extra={"field": name, "max_bytes": max_bytes},
+        )
+    img = _open(data, name)
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise BadRequest(f"{name}: the image has no pixels ({width}x{height})", extra={"field": name})
+    # Image.open only parsed the header, so this refuses a bomb before a single pixel buffer exists.
+    if width * height > max_pixels:
+        raise PayloadTooLarge(
+            f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} "
+            "pixels (possible decompression bomb)",
+            extra={"field": name, "width": width, "height": height, "max_pixels": max_pixels},
+        )
+    _check_shape(width, height, max_side, max_aspect_ratio, name)
+    return img
+
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def plain_jpeg_size(
+    data: bytes,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_side: int = DEFAULT_MAX_SIDE,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+    name: str = "image",
+) -> tuple[int, int] | None:
+    """(width, height) of a JPEG that a GPU decoder may decode exactly as `decode_image` would (colour or grey,
+    upright: no EXIF rotation to apply), after the same limits; None for anything else, which then takes the CPU
+    path (and its 4xx when it is bad). Reads the header only: no pixel is decoded here."""
+    if not data.startswith(b"\xff\xd8\xff"):
+        return None
+    if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        return None  # no end-of-image marker (cut off, or data after it): decoders differ there; the CPU path decides
+    try:
+        img = _checked_header(data, max_bytes, max_pixels, max_side, max_aspect_ratio, name)
+        try:
+            if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+                return None
+            if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+                return None
+            return img.size
+        finally:
+            img.close()
+    except ProblemError:
+        raise
+    except Exception:  # an unreadable header or EXIF block: the CPU path decides, with its own error mapping
+        return None
 
 
 async def decode_image_async(data: bytes, **kw: Any) -> Image.Image:

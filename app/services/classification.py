@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -9,7 +12,8 @@ import torch
 from PIL import Image
 
 from app.errors import InvalidParameters
-from app.runtime.images import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_SIDE, decode_image
+from app.runtime.gpu_decode import decode_and_preprocess, takes_device_path
+from app.runtime.images import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_SIDE, decode_image, plain_jpeg_size
 from app.runtime.registry import LoadedClassifier
 from app.services.pool import ModelPool, map_in_threads
 from app.services.results import ClassifyResponse, ImageResult, Prediction
@@ -17,6 +21,8 @@ from models.preprocess import image_to_tensor
 
 if TYPE_CHECKING:
     from app.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,14 @@ def classifier_input(upload: Upload, loaded: LoadedClassifier, limits: ImageLimi
     return image_to_tensor(limits.decode(upload), loaded.preprocessing)
 
 
+def device_eligible(upload: Upload, loaded: LoadedClassifier, limits: ImageLimits) -> bool:
+    """Blocking (header only): whether this upload is decoded on the model's device; an upload over a limit gets
+    the CPU path's 4xx here."""
+    size = plain_jpeg_size(upload.data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels,
+                           max_side=limits.max_side, max_aspect_ratio=limits.max_aspect_ratio, name=upload.filename)
+    return size is not None and takes_device_path(*size, loaded.preprocessing)
+
+
 def top_k(probs: torch.Tensor, labels: list[str], k: int) -> list[Prediction]:
     """The k most probable classes, most probable first."""
     k = min(k, probs.numel())
@@ -66,8 +80,12 @@ class ClassificationService:
 
     def __init__(self, pool: ModelPool[LoadedClassifier], *, max_image_bytes: int, max_image_pixels: int,
                  max_images: int, max_image_side: int = DEFAULT_MAX_SIDE,
-                 max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> None:
+                 max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO, device_decode: str = "auto") -> None:
         self.pool = pool
+        self.device_decode = device_decode  # CNN_GPU_DECODE: JPEGs decoded and preprocessed on the model's device
+        self.device_decodes = 0  # images decoded on the device, and device decodes that fell back to the CPU
+        self.device_decode_fallbacks = 0
+        self._device_decode_lock = threading.Lock()  # one batched device decode at a time (decoder state is shared)
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
         self.max_image_side = max_image_side
@@ -76,6 +94,38 @@ class ClassificationService:
         # read max_image_bytes, and Ray Serve's ingress twins copy plain attributes)
         self.limits = ImageLimits(max_image_bytes, max_image_pixels, max_image_side, max_aspect_ratio)
         self.max_images = max_images
+
+    def _decodes_on_device(self, loaded: LoadedClassifier) -> bool:
+        return self.device_decode == "on" or (self.device_decode == "auto" and loaded.device.type == "cuda")
+
+    def _device_decode(self, datas: list[bytes], loaded: LoadedClassifier) -> list[torch.Tensor]:
+        with self._device_decode_lock:
+            return decode_and_preprocess(datas, loaded.preprocessing, loaded.device)
+
+    async def _device_inputs(self, uploads: list[Upload], loaded: LoadedClassifier) -> list[torch.Tensor]:
+        """The inputs with the plain JPEGs decoded and preprocessed on the model's device in one batched call, the
+        others (and all of them, when the device decoder refuses the batch) on the CPU and then moved there."""
+        limits = self.limits
+        eligible = await map_in_threads(lambda u: device_eligible(u, loaded, limits), uploads)
+        inputs: list[torch.Tensor | None] = [None] * len(uploads)
+        chosen = [i for i, ok in enumerate(eligible) if ok]
+        if chosen:
+            try:
+                done = await asyncio.to_thread(self._device_decode, [uploads[i].data for i in chosen], loaded)
+                for i, t in zip(chosen, done, strict=True):
+                    inputs[i] = t
+                self.device_decodes += len(chosen)
+            except Exception as exc:  # a JPEG nvJPEG will not decode (or a decoder failure): the CPU path decides
+                self.device_decode_fallbacks += len(chosen)
+                log.info("device JPEG decode failed (%s: %s); decoding %d image(s) on the CPU",
+                         type(exc).__name__, str(exc)[:200], len(chosen))
+        rest = [i for i, t in enumerate(inputs) if t is None]
+        device = loaded.device
+        cpu = await map_in_threads(lambda u: classifier_input(u, loaded, limits).to(device),
+                                   [uploads[i] for i in rest])
+        for i, t in zip(rest, cpu, strict=True):
+            inputs[i] = t
+        return [t for t in inputs if t is not None]
 
     @property
     def default_model(self) -> str | None:
@@ -92,7 +142,10 @@ class ClassificationService:
         name, loaded = self.pool.resolve(model)
         # decoding and resizing are CPU work: keep them off the event loop
         limits = self.limits
-        tensors = await map_in_threads(lambda u: classifier_input(u, loaded, limits), uploads)
+        if self._decodes_on_device(loaded):
+            tensors = await self._device_inputs(uploads, loaded)
+        else:
+            tensors = await map_in_threads(lambda u: classifier_input(u, loaded, limits), uploads)
         probs = await self.pool.run(name, tensors, loaded)
         return ClassifyResponse(
             model=name,
