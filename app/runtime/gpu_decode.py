@@ -33,9 +33,17 @@ def resized_size(width: int, height: int, spec: ImageSpec) -> tuple[int, int]:
     return int(spec.resize * width / height), spec.resize
 
 
+# Larger images take the CPU path: decoded and converted to float on the device, an image costs 15 bytes a pixel
+# (uint8 + float32 RGB), 250 MB at this size, and one request may hold several
+DEVICE_MAX_PIXELS = 4096 * 4096
+
+
 def takes_device_path(width: int, height: int, spec: ImageSpec) -> bool:
-    """Whether an image of this size is preprocessed on the device: not the strips whose full resize would be
-    larger than the input and 16 output squares (resize_crop samples only their crop; the CPU path keeps them)."""
+    """Whether an image of this size is preprocessed on the device: at most DEVICE_MAX_PIXELS, and not the strips
+    whose full resize would be larger than the input and 16 output squares (resize_crop samples only their crop;
+    the CPU path keeps them)."""
+    if width * height > DEVICE_MAX_PIXELS:
+        return False
     nw, nh = resized_size(width, height, spec)
     return (nw, nh) == (width, height) or nw * nh <= max(width * height, _MAX_GROWTH_SQUARES * spec.resize ** 2)
 

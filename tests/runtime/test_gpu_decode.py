@@ -66,6 +66,7 @@ def test_which_uploads_take_the_device_path() -> None:
     assert e.value.status == 415
     assert plain_jpeg_size(b"\xff\xd8\xff" + b"junk" * 10) is None  # no end marker: the CPU path decides (415)
     assert takes_device_path(300, 200, IMAGENET) and not takes_device_path(5000, 2, CIFAR)
+    assert takes_device_path(4096, 4096, IMAGENET) and not takes_device_path(4097, 4096, IMAGENET)
 
 
 @pytest.mark.parametrize("spec", [IMAGENET, CIFAR, UPSCALE], ids=["imagenet-down", "cifar-down", "up"])
