@@ -10,7 +10,8 @@
 # network is used: pip installs with --no-index from WHEELS_DIR only.
 #
 # Steps (each under `timeout`, its share of --budget-seconds; a step that fails or times out is recorded and
-# the next one runs): setup, tests, forward, classify, classify16, text, style, faces, faces_e2e, abuse, then
+# the next one runs): setup, tests, forward, classify, classify_before, classify16, text, style, faces, faces_e2e,
+# abuse, then
 # the summary. --only / --skip take comma-separated step names (setup always runs; the venv is reused unless
 # --fresh-venv). OUT_DIR gets: env.json, steps.json, pytest-cuda.xml, <step>.json (+ .md), logs/, summary.md,
 # results.json (everything merged) and gpu-check.tar.gz (all of it); --export DIR copies summary.md,
@@ -46,7 +47,7 @@ mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
 # a previous run's files only (OUT_DIR may hold other things)
 OUTPUTS=(env.json steps.tsv steps.json pytest-cuda.xml summary.md results.json gpu-check.tar.gz style.json)
-for f in forward classify classify16 text faces-gallery faces-e2e abuse; do OUTPUTS+=("$f.json" "$f.md"); done
+for f in forward classify classify-before classify16 text faces-gallery faces-e2e abuse; do OUTPUTS+=("$f.json" "$f.md"); done
 for f in "${OUTPUTS[@]}"; do rm -f "${OUT:?}/$f"; done
 rm -rf "${OUT:?}/logs" && mkdir -p "$OUT/logs" || exit 2
 BASE_PY=${GPU_CHECK_PYTHON:-python3}
@@ -268,6 +269,13 @@ if [[ -z ${SETUP_FAILED:-} && -z ${NO_DEVICE:-} ]]; then
   run_step classify 55 "${LOAD_ENV[@]}" CNN_TEXT_MODELS= "$PY" -m bench.classify_load --matrix --model resnet50 \
     --batching on "${CLS[@]}" --device "$DEV" --server-log-dir "$OUT/logs/classify" \
     --json "$OUT/classify.json" --markdown "$OUT/classify.md"
+
+  # the same load with the GPU settings of issue 14 undone (CPU decode, no batch buckets, torch's default thread
+  # count): what they change, measured in the same run
+  run_step classify_before 40 "${LOAD_ENV[@]}" CNN_TEXT_MODELS= CNN_GPU_DECODE=off CNN_BATCH_BUCKETS=off \
+    CNN_TORCH_THREADS="$(nproc)" "$PY" -m bench.classify_load --matrix --model resnet50 \
+    --batching on "${CLS[@]}" --device "$DEV" --server-log-dir "$OUT/logs/classify_before" \
+    --json "$OUT/classify-before.json" --markdown "$OUT/classify-before.md"
 
   run_step classify16 45 "${LOAD_ENV[@]}" CNN_TEXT_MODELS= "$PY" -m bench.classify_load --matrix --model resnet50 \
     --batching on --images-per-request 16 "${CLS16[@]}" --device "$DEV" \

@@ -26,7 +26,8 @@ GOAL_REQUESTS_PER_S_1 = 2_500
 GOAL_E2E_RAW_RATIO = 0.6
 GOAL_STYLE_SECONDS = 3.0
 
-JSON_FILES = ("env", "forward", "classify", "classify16", "text", "style", "faces-gallery", "faces-e2e", "abuse")
+JSON_FILES = ("env", "forward", "classify", "classify-before", "classify16", "text", "style", "faces-gallery",
+              "faces-e2e", "abuse")
 
 
 def fmt(v: Any, digits: int = 1) -> str:
@@ -281,6 +282,11 @@ def section_classify(name: str, data: dict[str, Any] | None, raw: list[dict[str,
                      f"{fmt(r['requests_per_s'])} | {fmt(r['images_per_s'], 0)} | {fmt(r['p50_ms'])} | "
                      f"{fmt(r['p99_ms'])} | {errors} | {fmt(r.get('mean_batch_size'), 2)} | {fmt(ref, 0)} | "
                      f"{fmt(r['images_per_s'] / ref if ref else None, 3)} |")
+    stages = [(f"{r.get('model')}, c={r['concurrency']}", (r.get("extra") or {}).get("stages_ms")) for r in rows]
+    if any(st for _, st in stages):
+        from bench.classify_load import stage_table
+
+        lines += ["", "Where the time went (means, from the server's histograms):", "", *stage_table(stages)]
     return lines
 
 
@@ -394,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         ("goals", lambda: section_goals(d)),
         ("forward", lambda: section_forward(d["forward"])),
         ("classify", lambda: section_classify("classify", d["classify"], raw)),
+        ("classify-before", lambda: section_classify("classify-before", d["classify-before"], raw)),
         ("classify16", lambda: section_classify("classify16", d["classify16"], raw)),
         ("text", lambda: section_text(d["text"])),
         ("style", lambda: section_style(d["style"])),
