@@ -21,15 +21,13 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.harness import loadavg, write_json
+from bench.harness import loadavg, pg_database, write_json
 
 KEY_NAME = "bench-face"
 
@@ -81,21 +79,6 @@ def _pct(xs: list[float], q: float) -> float:
 def _summary(ms: list[float]) -> dict[str, float]:
     return {"p50": round(_pct(ms, 50), 3), "p95": round(_pct(ms, 95), 3), "p99": round(_pct(ms, 99), 3),
             "max": round(max(ms), 3) if ms else float("nan"), "min": round(min(ms), 3) if ms else float("nan")}
-
-
-@contextmanager
-def _database(url: str | None) -> Iterator[tuple[str, str]]:
-    """(url, where it came from): the given one, or a fresh database on a throwaway server."""
-    if url:
-        yield url, "given"
-        return
-    from tests.pgserver import running_server, unavailable_reason
-
-    why = unavailable_reason()
-    if why:
-        raise SystemExit(f"no PostgreSQL URL given and no throwaway server can start: {why}")
-    with running_server() as server:
-        yield server.new_database(), "throwaway server (tests/pgserver.py, fsync=off)"
 
 
 def run(url: str, args: argparse.Namespace, *, n: int, notify: bool, seed: int, prefix: str) -> dict[str, Any]:
@@ -191,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="raw JSON (the Markdown table goes next to it, .md)")
     args = p.parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by replica B's spawned process
-    with _database(args.url) as (url, where):
+    with pg_database(args.url) as (url, where):
         meta: dict[str, Any] = {"database": where, "loadavg_start": loadavg(),
                                 "machine": f"{platform.processor() or platform.machine()}, {mp.cpu_count()} CPUs, "
                                            f"Python {platform.python_version()}"}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,3 +22,19 @@ def write_json(path: Path | None, payload: dict[str, Any], indent: int = 2) -> N
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=indent) + "\n")
+
+
+@contextmanager
+def pg_database(url: str | None) -> Iterator[tuple[str, str]]:
+    """(url, where it came from): the given PostgreSQL URL, or a fresh database on a throwaway server started for the
+    benchmark (tests/pgserver.py: initdb + pg_ctl, fsync off), stopped afterwards."""
+    if url:
+        yield url, "given"
+        return
+    from tests.pgserver import running_server, unavailable_reason
+
+    why = unavailable_reason()
+    if why:
+        raise SystemExit(f"no PostgreSQL URL given and no throwaway server can start: {why}")
+    with running_server() as server:
+        yield server.new_database(), "throwaway server (tests/pgserver.py: fsync=off, on this machine)"

@@ -36,15 +36,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Awaitable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from bench.classify_load import PROJECT_ROOT, Server, closed_loop, percentile
-from bench.harness import loadavg, write_json
+from bench.harness import loadavg, pg_database, write_json
 
 DATA = PROJECT_ROOT.parent / "shared" / "data"
 
@@ -82,21 +82,6 @@ def style_images() -> tuple[bytes, bytes]:
 
 
 # ------------------------------------------------------------------------------------------------ servers
-
-@contextmanager
-def database(url: str | None) -> Iterator[tuple[str, str]]:
-    """(url, where it came from): the given one, or a fresh database on a throwaway server."""
-    if url:
-        yield url, "given"
-        return
-    from tests.pgserver import running_server, unavailable_reason
-
-    why = unavailable_reason()
-    if why:
-        raise SystemExit(f"no PostgreSQL URL given and no throwaway server can start: {why}")
-    with running_server() as server:
-        yield server.new_database(), "throwaway server (tests/pgserver.py: fsync=off, on this machine)"
-
 
 def server_env(args: argparse.Namespace, db: str, data_dir: Path, threads: int) -> dict[str, str]:
     return {
@@ -372,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup, "job_size": args.job_size, "job_steps": args.job_steps}
     classify_files = [("image", ("plane.jpg", image, "image/jpeg"))]
     identify_files = [("image", ("probe.jpg", gallery[0][1], "image/jpeg"))]
-    with database(args.url) as (db, where), tempfile.TemporaryDirectory(prefix="cnn-scale-") as tmp:
+    with pg_database(args.url) as (db, where), tempfile.TemporaryDirectory(prefix="cnn-scale-") as tmp:
         meta["database"] = where
         logs = Path(tmp) / "logs"
         logs.mkdir()

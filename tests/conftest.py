@@ -183,15 +183,28 @@ def write_news_csvs(root: Path, filler: list[str]) -> tuple[Path, Path, Path]:
     return paths
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[object]:
-    """A throwaway PostgreSQL server for the whole test run (tests/pgserver.py); skips where one cannot start."""
+@contextmanager
+def _pg_server_or_skip() -> Iterator[object]:
     from tests.pgserver import running_server, unavailable_reason
 
     why = unavailable_reason()
     if why:
         pytest.skip(f"POSTGRES TESTS SKIPPED: {why}")
     with running_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[object]:
+    """A throwaway PostgreSQL server for the whole test run (tests/pgserver.py); skips where one cannot start."""
+    with _pg_server_or_skip() as server:
+        yield server
+
+
+@pytest.fixture
+def own_pg_server() -> Iterator[object]:
+    """A throwaway PostgreSQL server of this test's own (to restart or stop without disturbing the others)."""
+    with _pg_server_or_skip() as server:
         yield server
 
 
