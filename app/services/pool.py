@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any, Generic, TypeVar
@@ -22,17 +24,58 @@ M = TypeVar("M", bound=LoadedModel)
 T = TypeVar("T")
 
 
-async def map_in_threads(fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
-    """fn(item) for every item in worker threads at once (the default executor bounds how many run), results in
-    item order; when some raise, the first in item order is raised after all have finished, so the answer does not
-    depend on which thread finished first. A request's images decode in parallel instead of one after another."""
+class SpareThreads:
+    """Cores a request may borrow for its extra parallel work while nobody else needs them: each request always has
+    its own lane (one thread at a time, as when work ran one item after another); extra lanes come from here only
+    while tokens are left, so under load (as many requests as cores) requests stop borrowing and their work
+    interleaves as before, and at low load one request's items use the idle cores."""
+
+    def __init__(self, tokens: int) -> None:
+        self._sem = threading.BoundedSemaphore(max(tokens, 1)) if tokens > 0 else None
+
+    def take(self, want: int) -> int:
+        """Borrow up to `want` tokens without waiting; how many were borrowed."""
+        got = 0
+        while self._sem is not None and got < want and self._sem.acquire(blocking=False):
+            got += 1
+        return got
+
+    def give_back(self, n: int) -> None:
+        for _ in range(n):
+            assert self._sem is not None
+            self._sem.release()
+
+
+SPARE_THREADS = SpareThreads((os.cpu_count() or 1) - 1)
+
+
+async def map_in_threads(fn: Callable[[Any], T], items: Sequence[Any], spare: SpareThreads | None = None) -> list[T]:
+    """fn(item) for every item in worker threads, in the request's own lane plus the lanes it can borrow from
+    `spare` (default: the process's spare cores) right now; results in item order; when some raise, the first in
+    item order is raised after all have finished, so the answer does not depend on which thread finished first."""
     if len(items) == 1:
         return [await asyncio.to_thread(fn, items[0])]
-    results = await asyncio.gather(*(asyncio.to_thread(fn, item) for item in items), return_exceptions=True)
+    pool = SPARE_THREADS if spare is None else spare
+    borrowed = pool.take(len(items) - 1)
+    pending = list(range(len(items)))
+    results: list[Any] = [None] * len(items)
+
+    async def lane() -> None:
+        while pending:
+            i = pending.pop(0)
+            try:
+                results[i] = await asyncio.to_thread(fn, items[i])
+            except BaseException as exc:  # kept per item: the first failure in item order is raised below
+                results[i] = exc
+
+    try:
+        await asyncio.gather(*(lane() for _ in range(1 + borrowed)))
+    finally:
+        pool.give_back(borrowed)
     for r in results:
         if isinstance(r, BaseException):
             raise r
-    return results  # type: ignore[return-value]
+    return results
 
 
 def bucket_size(n: int, max_batch: int) -> int:
