@@ -160,11 +160,13 @@ class VectorIndex:
             index = faiss.IndexIVFFlat(quantizer, self.dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
             index.train(vectors)
             index.nprobe = self.nprobe
-            self.cpu = index
         else:
-            self.cpu = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+            index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
         if len(vectors):
-            self.cpu.add_with_ids(vectors, ids)
+            index.add_with_ids(vectors, ids)
+        # swapped in whole: a reader that does not take the lock (a count for /faces/gallery) sees the old index or
+        # the new one, never an empty one on its way to being filled
+        self.cpu = index
         self._gpu_stale = True
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:

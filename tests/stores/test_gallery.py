@@ -763,3 +763,32 @@ def test_searches_on_the_gpu_copy_run_one_at_a_time(monkeypatch: pytest.MonkeyPa
     for t in threads:
         t.join()
     assert found == [0] * 8 and inside["most"] == 1
+
+
+def test_a_rebuild_never_shows_an_empty_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    """build() fills the new index before swapping it in: a reader that takes no lock (the gallery's counts) sees
+    the old contents or the new, never the empty index on its way to being filled."""
+    import faiss
+
+    from app.stores.gallery import VectorIndex
+
+    vi = VectorIndex(4)
+    v = np.eye(4, dtype=np.float32)
+    vi.build(np.arange(3), v[:3])
+    seen: list[int] = []
+    real = faiss.IndexIDMap2
+
+    def spying(inner: object) -> object:
+        index = real(inner)
+        add = index.add_with_ids
+
+        def add_with_ids(x: np.ndarray, ids: np.ndarray) -> None:
+            seen.append(vi.ntotal)  # what a reader sees while the new index fills
+            add(x, ids)
+
+        index.add_with_ids = add_with_ids
+        return index
+
+    monkeypatch.setattr(faiss, "IndexIDMap2", spying)
+    vi.build(np.arange(4), v)
+    assert seen == [3] and vi.ntotal == 4
