@@ -63,24 +63,34 @@ class ImageSpec:
 _MAX_GROWTH_SQUARES = 16
 
 
+def resize_plan(width: int, height: int, spec: ImageSpec) -> tuple[int, int, int, int]:
+    """(width, height) after the short side is resized to spec.resize, and the (left, top) corner of the centred
+    crop in those coordinates: torchvision's rules (the long side truncated, not rounded; center_crop's corner)."""
+    if min(width, height) == spec.resize:
+        nw, nh = width, height
+    elif width <= height:
+        nw, nh = spec.resize, int(spec.resize * height / width)
+    else:
+        nw, nh = int(spec.resize * width / height), spec.resize
+    return nw, nh, round((nw - spec.crop) / 2.0), round((nh - spec.crop) / 2.0)
+
+
+def is_strip(width: int, height: int, spec: ImageSpec) -> bool:
+    """Whether the full resize would be larger than both the input and 16 output squares (a thin strip): then only
+    the crop is resampled."""
+    nw, nh, _, _ = resize_plan(width, height, spec)
+    return (nw, nh) != (width, height) and nw * nh > max(width * height, _MAX_GROWTH_SQUARES * spec.resize ** 2)
+
+
 def resize_crop(img: Image.Image, spec: ImageSpec) -> Image.Image:
     """Resize the shorter side to spec.resize and take the centred spec.crop square.
 
     No intermediate is larger than the input or 16 x resize^2 pixels, whatever the aspect ratio."""
     img = img.convert("RGB") if img.mode != "RGB" else img
     w, h = img.size
-    if min(w, h) == spec.resize:
-        nw, nh = w, h
-    elif w <= h:
-        # torchvision's rule: the short side becomes `resize`, the long side is truncated, not rounded
-        nw, nh = spec.resize, int(spec.resize * h / w)
-    else:
-        nw, nh = int(spec.resize * w / h), spec.resize
-    # the crop in the coordinates of the resized image, where torchvision's center_crop puts it
-    left = round((nw - spec.crop) / 2.0)
-    top = round((nh - spec.crop) / 2.0)
+    nw, nh, left, top = resize_plan(w, h, spec)
     resample = _INTERPOLATIONS[spec.interpolation]
-    if (nw, nh) != (w, h) and nw * nh > max(w * h, _MAX_GROWTH_SQUARES * spec.resize * spec.resize):
+    if is_strip(w, h, spec):
         # A strip: resample only the crop, with the source box the full resize would have mapped onto it
         # (same sampling positions; PIL may order its two passes differently, so a few grey levels can differ).
         sx, sy = w / nw, h / nh

@@ -18,47 +18,30 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from models.preprocess import _MAX_GROWTH_SQUARES, ImageSpec
+from models.preprocess import ImageSpec, is_strip, resize_plan
 
 _MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest"}
-
-
-def resized_size(width: int, height: int, spec: ImageSpec) -> tuple[int, int]:
-    """(width, height) after the short side is resized to spec.resize (resize_crop's rule: the long side is
-    truncated, not rounded)."""
-    if min(width, height) == spec.resize:
-        return width, height
-    if width <= height:
-        return spec.resize, int(spec.resize * height / width)
-    return int(spec.resize * width / height), spec.resize
-
-
 # Larger images take the CPU path: decoded and converted to float on the device, an image costs 15 bytes a pixel
 # (uint8 + float32 RGB), 250 MB at this size, and one request may hold several
 DEVICE_MAX_PIXELS = 4096 * 4096
 
 
 def takes_device_path(width: int, height: int, spec: ImageSpec) -> bool:
-    """Whether an image of this size is preprocessed on the device: at most DEVICE_MAX_PIXELS, and not the strips
-    whose full resize would be larger than the input and 16 output squares (resize_crop samples only their crop;
-    the CPU path keeps them)."""
-    if width * height > DEVICE_MAX_PIXELS:
-        return False
-    nw, nh = resized_size(width, height, spec)
-    return (nw, nh) == (width, height) or nw * nh <= max(width * height, _MAX_GROWTH_SQUARES * spec.resize ** 2)
+    """Whether an image of this size is preprocessed on the device: at most DEVICE_MAX_PIXELS, and not a thin strip
+    (`models.preprocess.is_strip`: resize_crop samples only its crop; the CPU path keeps those)."""
+    return width * height <= DEVICE_MAX_PIXELS and not is_strip(width, height, spec)
 
 
 def preprocess_decoded(img: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
     """A decoded CHW uint8 RGB image (on any device) -> the normalised CHW float crop the model expects."""
     _, h, w = img.shape
-    nw, nh = resized_size(w, h, spec)
+    nw, nh, left, top = resize_plan(w, h, spec)
     x = img.unsqueeze(0).float()
     if (nw, nh) != (w, h):
         mode = _MODES[spec.interpolation]
         x = F.interpolate(x, size=(nh, nw), mode=mode, antialias=mode != "nearest",
                           align_corners=False if mode != "nearest" else None)
         x = x.round_().clamp_(0, 255)  # PIL keeps 8 bits per channel after resampling
-    left, top = round((nw - spec.crop) / 2.0), round((nh - spec.crop) / 2.0)
     x = x[:, :, top:top + spec.crop, left:left + spec.crop]
     mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
