@@ -49,8 +49,6 @@ import httpx
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-_BATCH_LINE = re.compile(r'^cnn_batch_size_(sum|count)\{([^}]*)\}\s+(\S+)', re.MULTILINE)
-_MODEL_LABEL = re.compile(r'model="((?:[^"\\]|\\.)*)"')
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -101,12 +99,7 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 def parse_batch_metrics(text: str, model: str | None) -> tuple[float, float]:
     """(sum, count) of cnn_batch_size for one model, or summed over all models when model is None."""
-    total = {"sum": 0.0, "count": 0.0}
-    for kind, labels, value in _BATCH_LINE.findall(text):
-        m = _MODEL_LABEL.search(labels)
-        if model is None or (m and m.group(1) == model):
-            total[kind] += float(value)
-    return total["sum"], total["count"]
+    return histogram_totals(text, "cnn_batch_size", **({"model": model} if model else {}))
 
 
 async def scrape_metrics(client: httpx.AsyncClient) -> str | None:
@@ -117,11 +110,6 @@ async def scrape_metrics(client: httpx.AsyncClient) -> str | None:
     except httpx.HTTPError:
         return None
     return r.text
-
-
-async def scrape_batches(client: httpx.AsyncClient, model: str | None) -> tuple[float, float] | None:
-    text = await scrape_metrics(client)
-    return None if text is None else parse_batch_metrics(text, model)
 
 
 _HIST_LINE = re.compile(r'^(cnn_[a-z_]+)_(sum|count)\{([^}]*)\}\s+(\S+)', re.MULTILINE)
