@@ -104,7 +104,12 @@ def test_evaluate_faces_reports_metrics_and_a_threshold(tmp_path: Path) -> None:
     assert 0 < out["threshold"] < 4 and out["manifest_threshold"] == 1.0
     folds = out["kfold_accuracy"]["per_fold"]
     assert out["kfold_accuracy"]["mean"] == pytest.approx(sum(folds) / len(folds))
-    assert (tmp_path / "roc.png").stat().st_size > 0
+    # a readable PNG of plot_roc's two-panel figure (9 x 4 in at 110 dpi), with something drawn on it
+    from PIL import Image
+
+    with Image.open(tmp_path / "roc.png") as roc:
+        assert roc.format == "PNG" and roc.size == (990, 440)
+        assert len(roc.convert("RGB").getcolors(maxcolors=roc.width * roc.height) or []) > 10
     assert evaluate_face_model("tiny-face", pairs, data, holdout_max_images=4, settings=s)["pairs"] == 8
     with pytest.raises(SystemExit, match="no pairs"):  # everyone has 3 images: nobody is held out
         evaluate_face_model("tiny-face", pairs, data, holdout_max_images=3, settings=s)

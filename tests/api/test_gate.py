@@ -219,9 +219,12 @@ def test_lane_estimates_the_wait_from_the_drain_rate() -> None:
     for i in range(8):  # two completions per second
         lane.release(0.5, now=now + i * 0.5)
         assert lane.try_acquire()
-    rate = lane.drain_rate(now=now + 3.5)
-    assert rate is not None and 2.0 <= rate <= 2.4
-    assert 0.4 <= lane.expected_wait(now=now + 3.5) <= 0.5  # slots free one at a time at ~2/s
+    # 8 completions between t = 0 and t = 3.5 s: 8 / 3.5 per second, one slot every 3.5 / 8 s
+    assert lane.drain_rate(now=now + 3.5) == pytest.approx(8 / 3.5)
+    assert lane.expected_wait(now=now + 3.5) == pytest.approx(3.5 / 8)  # slots free one at a time at that rate
+    # only the last 10 s count: at t = 12.5 the completions at 2.5, 3.0 and 3.5 s remain, over a 10 s span
+    assert lane.drain_rate(now=now + 12.5) == pytest.approx(3 / 10)
+    assert lane.drain_rate(now=now + 13.6) is None  # fewer than two left in the window
 
 
 def test_timeouts_parse() -> None:

@@ -6,12 +6,15 @@ import io
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.settings import Settings
 from app.stores.jobs import JobStore
+from models.style import ProgressInfo, StyleParams, random_vgg_features, stylize
 from tests.api.test_classify import assert_problem
 from tests.conftest import image_bytes
 
@@ -50,11 +53,25 @@ def test_submit_poll_result_preview_list_delete(worker_settings: Settings, clien
         done = wait_status(c, r.headers["location"], {"succeeded", "failed"})
         assert done["status"] == "succeeded", done
         assert done["progress"] == 1 and done["step"] == 3 and done["feature_weights"]
-        assert done["started_at"] and done["finished_at"] and done["loss"] is not None
+        assert done["started_at"] and done["finished_at"]
         png = c.get(done["links"]["result"])
         assert png.status_code == 200 and png.headers["content-type"] == "image/png"
         img = Image.open(io.BytesIO(png.content))
         assert max(img.size) == 32 and img.size == (32, 24)  # the content's aspect ratio is kept
+        # the job's loss and result are what stylize gives here, outside the service, for the same inputs,
+        # parameters and offline feature network (no VGG-19 file in this torch_home: the random one, seed 0)
+        assert done["feature_weights"].startswith("random"), done["feature_weights"]
+        content, *styles = [Image.open(io.BytesIO(data)).convert("RGB") for _, (_, data, _) in files()]
+        losses: list[float] = []
+
+        def progress(info: ProgressInfo) -> bool:
+            losses.append(info.loss)
+            return True
+
+        direct = stylize(content, styles, StyleParams(**done["parameters"]), random_vgg_features(seed=0),
+                         torch.device("cpu"), progress=progress)
+        assert len(losses) == 3 and done["loss"] == pytest.approx(losses[-1], rel=1e-3)
+        assert np.abs(np.asarray(img.convert("RGB"), dtype=float) - np.asarray(direct, dtype=float)).max() <= 2
         jpg = c.get(done["links"]["result"], params={"format": "jpeg"})
         assert jpg.headers["content-type"] == "image/jpeg" and Image.open(io.BytesIO(jpg.content)).format == "JPEG"
         assert c.get(done["links"]["preview"]).status_code == 200

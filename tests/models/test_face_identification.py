@@ -214,8 +214,10 @@ def test_open_set_metrics_on_a_fixed_toy_case() -> None:
     assert fpir_at(strangers, 0.7) == pytest.approx(2 / 4)  # among the four strangers with a face
     assert fpir_at(strangers, 0.1) == 0.0
     assert threshold_at_fpir(strangers, 0.25) == pytest.approx(0.4)  # one of four allowed: between 0.2 and 0.6
-    assert threshold_at_fpir(strangers, 0.1) < 0.2  # none allowed
-    assert threshold_at_fpir(strangers, 1.0) > 1.0
+    none_allowed, all_allowed = threshold_at_fpir(strangers, 0.1), threshold_at_fpir(strangers, 1.0)
+    # none allowed: just below the nearest stranger (0.2); all four allowed: just beyond the farthest (1.0)
+    assert none_allowed < 0.2 and none_allowed == pytest.approx(0.2, abs=1e-4) and fpir_at(strangers, none_allowed) == 0
+    assert all_allowed > 1.0 and all_allowed == pytest.approx(1.0, abs=1e-4) and fpir_at(strangers, all_allowed) == 1
     r = fnir_at_fpir(mated, strangers, 0.25)
     assert r["threshold"] == pytest.approx(0.4) and r["fpir"] == pytest.approx(0.25)
     assert r["fnir"] == pytest.approx(4 / 5) and r["strangers"] == 4 and r["false_positives_allowed"] == 1

@@ -418,12 +418,22 @@ def test_no_triplets_when_every_label_is_distinct() -> None:
 def test_triplet_loss_gradients_flow_and_reduce_the_loss() -> None:
     x = torch.tensor([unit(d) for d in (0, 60, 30, 100, 180)], requires_grad=True)
     labels = torch.tensor([0, 0, 1, 2, 3])
-    loss, _ = triplet_loss(F.normalize(x, dim=-1), labels, 1.5)
-    assert float(loss.detach()) > 0
+    loss, stats = triplet_loss(F.normalize(x, dim=-1), labels, 1.5)
+    # by hand (|u(a) - u(b)|^2 = 2 - 2 cos(a - b)): anchor 0 / positive 60 (d 1) takes the closest negative beyond
+    # it, 100 (d 2 - 2 cos 100): loss 1 - d + 1.5 > 0; anchor 60 / positive 0 (d 1) takes 180 (d 3, the only one
+    # beyond): 1 - 3 + 1.5 < 0, inactive. Two triplets, half active, mean of the two
+    d = [2 - 2 * math.cos(math.radians(angle)) for angle in (60, 100, 120)]
+    assert stats == {"triplets": 2, "active": 0.5}
+    assert float(loss.detach()) == pytest.approx((d[0] - d[1] + 1.5) / 2, rel=1e-5)
     loss.backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
-    # the active triplet is (0, 1, 3): those rows get gradient, the unused negatives 2 and 4 none
-    assert float(x.grad[[0, 1, 3]].abs().sum()) > 0
+    # the active triplet is (0, 1, 3): the gradient is that of its hinge alone (autograd on the formula), so the
+    # unused negatives 2 and 4 get none
+    xx = x.detach().clone().requires_grad_(True)
+    e = F.normalize(xx, dim=-1)
+    ((e[0] - e[1]).square().sum() - (e[0] - e[3]).square().sum() + 1.5).div(2).backward()
+    assert xx.grad is not None and torch.allclose(x.grad, xx.grad, atol=1e-6)
+    assert (x.grad[[0, 1, 3]].abs().sum(dim=1) > 1e-3).all()
     assert float(x.grad[2].abs().sum()) == 0.0 and float(x.grad[4].abs().sum()) == 0.0
     with torch.no_grad():
         x2 = x - 0.1 * x.grad
@@ -438,7 +448,9 @@ def test_best_threshold_separable() -> None:
     dist = np.array([0.1, 1.1, 0.2, 1.0, 0.3, 1.2])
     same = np.array([True, False, True, False, True, False])
     tau, acc = best_threshold(dist, same)
-    assert acc == 1.0 and 0.3 < tau < 1.0
+    # only thresholds in the gap between the farthest same pair (0.3) and the nearest different one (1.0) are
+    # right on all six; the candidate there is the gap's midpoint
+    assert acc == 1.0 and tau == pytest.approx((0.3 + 1.0) / 2)
     assert accuracy_at(dist, same, tau) == 1.0
 
 
