@@ -111,5 +111,6 @@ def build_cifar_resnet(arch: dict[str, Any], num_classes: int, **_: Any) -> Cifa
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """Number of parameters, frozen ones included (a whitening layer set from the data counts: it is in the
+    weights file and in every forward pass)."""
+    return sum(p.numel() for p in model.parameters())

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 # the project's families register themselves when imported (ensemble imports the CIFAR member families)
-from models import cifar_resnet, cifar_se_resnet, cifar_wide_resnet, ensemble  # noqa: F401
+from models import cifar_resnet, cifar_se_resnet, cifar_whitened, cifar_wide_resnet, ensemble  # noqa: F401
 from models.families import arch_kwargs, build, list_families, register_family
 from models.preprocess import ImageSpec
 from models.text import TEXT_FAMILIES

@@ -51,11 +51,25 @@ def atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def save_weights(model: torch.nn.Module, path: Path) -> str:
+def save_weights(model: torch.nn.Module, path: Path, dtype: torch.dtype | None = None) -> str:
     """The model's state dict as plain contiguous CPU tensors (whatever layout or device it trained in), so the
-    registry loads it anywhere; returns the file's sha256."""
-    torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, path)
+    registry loads it anywhere; `dtype` stores the floating-point tensors in that type (float16 halves the file;
+    loading casts them back to the model's float32). Returns the file's sha256."""
+    def plain(v: torch.Tensor) -> torch.Tensor:
+        v = v.detach().cpu()
+        return (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+
+    torch.save({k: plain(v) for k, v in model.state_dict().items()}, path)
     return sha256_file(path)
+
+
+@torch.no_grad()
+def round_to_storage(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Round the model's floating-point parameters and buffers through `dtype` in place, so that what is measured
+    after it is exactly what a file saved in `dtype` serves."""
+    for v in [*model.parameters(), *model.buffers()]:
+        if v.is_floating_point():
+            v.copy_(v.to(dtype).to(v.dtype))
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from models.cifar_resnet import count_parameters
+from models.cifar_whitened import WHITEN_KERNEL, WhitenedConvNet, set_whitening
 from models.preprocess import ImageSpec, normalize_uint8, to_uint8_array
 from models.train.common import (
     atomic_save,
@@ -47,6 +48,7 @@ from models.train.common import (
     hardware_description,
     plot_confusion,
     progress,
+    round_to_storage,
     save_weights,
     sha256_file,
     start_run,
@@ -384,6 +386,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=None, help="wide ResNet: the widening factor k (default 4)")
     p.add_argument("--dropout", type=float, default=None,
                    help="wide ResNet: dropout between the two convolutions of every block (default 0; the paper: 0.3)")
+    p.add_argument("--widths", type=int, nargs="+", default=None,
+                   help="whitened convnet: the conv groups' widths (default 64 256 256)")
+    p.add_argument("--convs", type=int, default=None,
+                   help="whitened convnet: convolutions per group (default 2)")
+    p.add_argument("--logit-scale", type=float, default=None,
+                   help="whitened convnet: factor on the logits (default 1/9: keeps the max-pooled features' large "
+                        "logit steps small early in training)")
     p.add_argument("--size", type=int, default=32, help="input side in pixels")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=128)
@@ -392,6 +401,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--crop-pad", type=int, default=4,
+                   help="augmentation: pad by this many pixels, then crop at random (He et al.: 4)")
     p.add_argument("--val-size", type=int, default=5000, help="stratified hold-out size")
     p.add_argument("--test-fraction", type=float, default=DEFAULT_TEST_FRACTION,
                    help="the frozen test split: this fraction of every class, chosen by a salted hash of the file "
@@ -417,6 +428,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--swa-lr and their end-of-epoch weights are averaged; batch-norm statistics are then "
                         "recomputed on the training images and the average is the model that is saved")
     p.add_argument("--swa-lr", type=float, default=0.02, help="learning rate of the SWA epochs")
+    p.add_argument("--save-dtype", choices=["float32", "float16"], default="float32",
+                   help="how the weights file stores floating-point tensors: float16 halves its size; the "
+                        "report's numbers are then measured with the float16-rounded weights, as served")
     p.add_argument("--init-from", type=Path, default=None,
                    help="start from these weights (a .pt state dict) with a fresh schedule: a warm restart "
                         "(SGDR, Loshchilov & Hutter 2017) or fine-tuning; recorded in the manifest recipe")
@@ -433,16 +447,19 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "cifar-resnet": {"depth": 20, "shortcut": "A"},
     "cifar-se-resnet": {"depth": 20, "shortcut": "A", "reduction": 16},
     "cifar-wide-resnet": {"depth": 16, "width": 4, "dropout": 0.0},
+    "cifar-whitened-convnet": {"widths": [64, 256, 256], "convs": 2, "logit_scale": 1.0 / 9.0},
 }
 _ARCH_OPTIONS = {"depth": "--depth", "shortcut": "--shortcut", "reduction": "--se-reduction", "width": "--width",
-                 "dropout": "--dropout"}
+                 "dropout": "--dropout", "widths": "--widths", "convs": "--convs",
+                 "logit_scale": "--logit-scale"}
 
 
 def arch_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The manifest arch of the chosen family from the command line (defaults filled in); ValueError for an option
     the family does not take (a --width given to a ResNet must not be silently ignored)."""
     given = {"depth": args.depth, "shortcut": args.shortcut, "reduction": args.se_reduction, "width": args.width,
-             "dropout": args.dropout}
+             "dropout": args.dropout, "widths": args.widths, "convs": args.convs,
+             "logit_scale": args.logit_scale}
     defaults = FAMILY_DEFAULTS[args.family]
     foreign = [_ARCH_OPTIONS[k] for k, v in given.items() if v is not None and k not in defaults]
     if foreign:
@@ -457,6 +474,8 @@ def default_name(data: Path, family: str, arch: dict[str, Any]) -> str:
     folder = data.name.rstrip("/") or "images"
     if family == "cifar-wide-resnet":
         return f"{folder}-wrn-{arch['depth']}-{arch['width']}"
+    if family == "cifar-whitened-convnet":
+        return f"{folder}-whitened-convnet"
     return f"{folder}-{'se-' if family == 'cifar-se-resnet' else ''}resnet{arch['depth']}"
 
 
@@ -466,6 +485,8 @@ def describe_arch(family: str, arch: dict[str, Any]) -> str:
         return f"WRN-{arch['depth']}-{arch['width']}" + (f" (dropout {arch['dropout']})" if arch["dropout"] else "")
     if family == "cifar-se-resnet":
         return f"SE-ResNet-{arch['depth']} (r={arch['reduction']})"
+    if family == "cifar-whitened-convnet":
+        return f"whitened convnet (widths {'/'.join(str(w) for w in arch['widths'])}, {arch['convs']} convs per group)"
     return f"ResNet-{arch['depth']}"
 
 
@@ -490,8 +511,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = build_classifier(args.family, args.arch, len(classes)).to(device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
-    decay = [p for n, p in model.named_parameters() if p.dim() > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1]
+    whitening = None
+    if isinstance(model, WhitenedConvNet):
+        # the first layer is set from (a sample of) the training images and frozen: not learned, like the mean/std
+        sample = x_train[torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed))[:5000]]
+        set_whitening(model, sample)
+        whitening = {"images": len(sample), "kernel": WHITEN_KERNEL, "frozen": True}
+    decay = [p for n, p in model.named_parameters() if p.dim() > 1 and p.requires_grad]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1 and p.requires_grad]
     opt = torch.optim.SGD(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr, momentum=args.momentum, nesterov=True,
@@ -533,7 +560,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for g in opt.param_groups:
                 g["lr"] = args.swa_lr if step >= total_steps else lr_at(step, total_steps, args.lr, args.warmup)
             idx = perm[b * args.batch_size : (b + 1) * args.batch_size]
-            xb = augment(x_train[idx], gen).to(device, non_blocking=True, memory_format=memory_format)
+            xb = augment(x_train[idx], gen, args.crop_pad).to(device, non_blocking=True, memory_format=memory_format)
             yb = y_train[idx].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
                 logits = model(xb)
@@ -571,20 +598,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         recompute_bn_statistics(final, x_train, 512, device)
         print(f"SWA: averaged the weights of the last {int(swa_model.n_averaged)} epochs", file=sys.stderr)
     return finish(args, name, final, classes, spec, x_val, y_val, history, train_seconds, t_start, device,
-                  n_train=len(x_train), init_from=init_from, test_split=folder_split.test_info(test_rule))
+                  n_train=len(x_train), init_from=init_from, test_split=folder_split.test_info(test_rule),
+                  whitening=whitening)
 
 
 def finish(args: argparse.Namespace, name: str, model: torch.nn.Module, classes: list[str], spec: ImageSpec,
            x_val: torch.Tensor, y_val: torch.Tensor, history: list[dict[str, Any]], train_seconds: float,
            t_start: float, device: torch.device, n_train: int,
-           init_from: dict[str, str] | None = None, test_split: dict[str, Any] | None = None) -> dict[str, Any]:
+           init_from: dict[str, str] | None = None, test_split: dict[str, Any] | None = None,
+           whitening: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the weights, the report (JSON, Markdown, confusion PNG) and the manifest entry."""
     out: Path = args.out
+    save_dtype = torch.float16 if getattr(args, "save_dtype", "float32") == "float16" else None
+    if save_dtype is not None:
+        round_to_storage(model, save_dtype)  # the metrics below are those of the stored weights
     m = holdout_metrics(model, x_val, y_val, classes)
     acc, acc_tta, cm = m["val_accuracy"], m["val_accuracy_hflip_tta"], m["confusion_matrix"]
     y = y_val.numpy()
     weights_file = out / f"{name}.pt"
-    digest = save_weights(model, weights_file)
+    digest = save_weights(model, weights_file, save_dtype)
     plot_confusion(cm, classes, out / "confusion.png", f"{name}: validation confusion matrix")
     report = {
         "model": name, "val_accuracy": acc, "val_accuracy_hflip_tta": acc_tta,
@@ -609,9 +641,11 @@ def finish(args: argparse.Namespace, name: str, model: torch.nn.Module, classes:
             "epochs": args.epochs, "batch_size": args.batch_size, "optimizer": "SGD nesterov",
             "peak_lr": args.lr, "warmup": args.warmup, "schedule": "linear warm-up + cosine",
             "momentum": args.momentum, "weight_decay": args.weight_decay,
-            "label_smoothing": args.label_smoothing, "augmentation": "pad 4 + random crop, h-flip",
+            "label_smoothing": args.label_smoothing, "augmentation": f"pad {args.crop_pad} + random crop, h-flip",
             "precision": args.precision,
             "seed": args.seed} | ({"init_from": init_from} if init_from else {})
+            | ({"whitening": whitening} if whitening else {})
+            | ({"weights_dtype": "float16"} if save_dtype is not None else {})
             | ({"swa_epochs": args.swa_epochs, "swa_lr": args.swa_lr} if args.swa_epochs else {})},
         "metrics": {"val_accuracy": round(acc, 4), "val_accuracy_hflip_tta": round(acc_tta, 4),
                     "val_images": len(y)},

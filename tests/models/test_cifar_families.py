@@ -153,6 +153,8 @@ def test_families_build_from_manifest_arch_dicts() -> None:
      {"depth": 8, "shortcut": "A", "reduction": 4}),
     ("cifar-wide-resnet", ["--depth", "10", "--width", "2", "--dropout", "0.1"], "data-wrn-10-2",
      {"depth": 10, "width": 2, "dropout": 0.1}),
+    ("cifar-whitened-convnet", ["--widths", "8", "16", "16", "--convs", "2", "--crop-pad", "2"],
+     "data-whitened-convnet", {"widths": [8, 16, 16], "convs": 2, "logit_scale": 1 / 9}),
 ])
 def test_train_two_epochs_and_serve_through_the_registry(tmp_path: Path, family: str, options: list[str], name: str,
                                                           arch: dict) -> None:  # type: ignore[type-arg]
@@ -195,6 +197,9 @@ def test_train_two_epochs_and_serve_through_the_registry(tmp_path: Path, family:
     (["--family", "cifar-wide-resnet", "--shortcut", "B"], "--shortcut do\\(es\\) not apply"),
     (["--family", "cifar-se-resnet", "--dropout", "0.3"], "--dropout"),
     (["--family", "cifar-wide-resnet", "--depth", "20"], "6n\\+4"),
+    (["--family", "cifar-whitened-convnet", "--depth", "20"], "--depth do\\(es\\) not apply"),
+    (["--family", "cifar-resnet", "--widths", "8", "8"], "--widths do\\(es\\) not apply"),
+    (["--family", "cifar-whitened-convnet", "--convs", "0"], "at least one convolution"),
 ])
 def test_trainer_refuses_options_of_another_family(tmp_path: Path, options: list[str], message: str,
                                                    capsys: pytest.CaptureFixture[str]) -> None:

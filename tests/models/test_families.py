@@ -35,6 +35,7 @@ TINY: dict[str, tuple[dict[str, Any], int, Any, dict[str, Any]]] = {
     "cifar-resnet": ({"depth": 8}, 3, lambda: _image(32), {}),
     "cifar-se-resnet": ({"depth": 8, "reduction": 4}, 3, lambda: _image(32), {}),
     "cifar-wide-resnet": ({"depth": 10, "width": 1, "dropout": 0.3}, 3, lambda: _image(32), {}),
+    "cifar-whitened-convnet": ({"widths": [8, 8, 8], "convs": 1}, 3, lambda: _image(32), {}),
     "cifar-resnet-ensemble": ({"members": [{"depth": 8}, {"family": "cifar-wide-resnet", "depth": 10, "width": 1},
                                            {"family": "cifar-se-resnet", "depth": 8}]}, 3, lambda: _image(32), {}),
     "torchvision": ({"name": "squeezenet1_1"}, 3, lambda: _image(64), {}),
