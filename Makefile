@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 
 .PHONY: install run test lint bench lock fetch-weights train-cifar cifar-ensemble train-text train-faces clean \
-	train-cifar-se-resnet train-cifar-wrn bench-cifar-step train-text-wordcnn
+	train-cifar-se-resnet train-cifar-wrn train-cifar-whitened bench-cifar-step train-text-wordcnn
 
 install: $(VENV)/.installed
 
@@ -54,6 +54,12 @@ train-cifar-wrn: install
 	$(BIN)/python -m app.cli train images --data ../shared/data/cifar10/train --out runs/cifar10-wrn-16-4 \
 		--name cifar10-wrn-16-4 --family cifar-wide-resnet --depth 16 --width 4 --epochs 40 --lr 0.1 --warmup 0.05 \
 		--precision bf16 --val-every 10 --install weights
+
+train-cifar-whitened: install
+	$(BIN)/python -m app.cli train images --data ../shared/data/cifar10/train --out runs/cifar10-whitened-convnet \
+		--name cifar10-whitened-convnet --family cifar-whitened-convnet --epochs 15 --batch-size 512 --lr 0.8 \
+		--momentum 0.9 --warmup 0.2 --weight-decay 5e-4 --label-smoothing 0.2 --crop-pad 2 --save-dtype float16 \
+		--seed 0 --install weights
 
 bench-cifar-step: install
 	$(BIN)/python -m bench.cifar_step_time --json runs/bench/cifar-step-time.json

@@ -38,6 +38,7 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "wrn-16-4": ("cifar-wide-resnet", {"depth": 16, "width": 4, "dropout": 0.0}),
     "wrn-16-8": ("cifar-wide-resnet", {"depth": 16, "width": 8, "dropout": 0.0}),
     "wrn-28-10": ("cifar-wide-resnet", {"depth": 28, "width": 10, "dropout": 0.0}),
+    "whitened-convnet": ("cifar-whitened-convnet", {"widths": [64, 256, 256], "convs": 2, "logit_scale": 1 / 9}),
 }
 
 
