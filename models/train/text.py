@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import html
 import json
 import math
@@ -570,6 +571,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--warmup", type=float, default=0.05, help="cosine: fraction of steps for warm-up")
     g.add_argument("--step-epochs", type=int, default=3, help="step: epochs between halvings")
     g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--distill-tfidf-folds", type=int, default=0,
+                   help="knowledge distillation from the TF-IDF + logistic-regression baseline (baseline-text): "
+                        "fit it in this many folds of the training rows so every row gets out-of-fold teacher "
+                        "probabilities, and add their cross-entropy to the loss (0: off; needs scikit-learn)")
+    g.add_argument("--distill-weight", type=float, default=0.5,
+                   help="loss = (1 - w) x label cross-entropy + w x teacher cross-entropy")
     g.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm (0: off)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bfloat16 autocast (default: on with CUDA)")
@@ -635,6 +642,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     x_train = encode_texts(encoder, train_texts).to(device)
     x_val = encode_texts(encoder, val_texts)
     y_train = torch.from_numpy(y_train_np).to(device)
+    teacher = (teacher_probabilities(out, train_texts, y_train_np, len(classes), args.distill_tfidf_folds)
+               .to(device) if args.distill_tfidf_folds else None)
     y_val = torch.from_numpy(y_val_np)
 
     model = build_text_model(args.family, arch, len(classes), spec.vocab_size).to(device)
@@ -657,6 +666,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "train": [str(p.resolve()) for p in args.train], "val_size": args.val_size, "seed": args.seed,
                    "val_from_first": args.val_from_first, "optimizer": args.optimizer, "dedup": DEDUP_RULE,
                    "inner_val": args.inner_val, "init_seed": args.init_seed}
+    if args.distill_tfidf_folds:  # (only then: checkpoints of runs without a teacher keep their fingerprint)
+        fingerprint["distill"] = {"tfidf_folds": args.distill_tfidf_folds, "weight": args.distill_weight}
     start_epoch, history, train_seconds = 0, [], 0.0
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists():
@@ -702,6 +713,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 else:
                     logits = model(xb)
                     loss = F.cross_entropy(logits.float(), yb, label_smoothing=args.label_smoothing)
+                    if teacher is not None:
+                        soft = -(teacher[idx] * logits.float().log_softmax(-1)).sum(-1).mean()
+                        loss = (1.0 - args.distill_weight) * loss + args.distill_weight * soft
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if args.clip_grad > 0:
@@ -729,6 +743,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     return finish(args, model, classes, spec, arch, rows, x_val, y_val, history, train_seconds, t_start, device,
                   amp, n_train=len(x_train), dropped=dropped, moved=moved)
+
+
+def teacher_probabilities(out: Path, texts: list[str], labels: np.ndarray, num_classes: int, folds: int
+                          ) -> torch.Tensor:
+    """Out-of-fold TF-IDF baseline probabilities for the training rows (models.train.text_baseline), cached in the
+    run directory under a digest of the rows, the labels and the folds (a resumed run does not refit them)."""
+    from models.train.text_baseline import out_of_fold_probabilities
+
+    digest = hashlib.sha256(json.dumps([texts, labels.tolist(), folds]).encode()).hexdigest()
+    cache = out / f"teacher-{digest[:16]}.npy"
+    if cache.exists():
+        return torch.from_numpy(np.load(cache))
+    t0 = time.time()
+    probs = out_of_fold_probabilities(texts, labels, num_classes, folds)
+    np.save(cache, probs)
+    acc = float((probs.argmax(1) == labels).mean())
+    print(f"teacher: TF-IDF baseline, {folds} folds, out-of-fold accuracy {acc:.4f} on {len(texts)} training rows "
+          f"({time.time() - t0:.0f} s)", file=sys.stderr)
+    return torch.from_numpy(probs)
 
 
 def finish(args: argparse.Namespace, model: torch.nn.Module, classes: list[str], spec: CharSpec | WordSpec,
@@ -796,7 +829,11 @@ def finish(args: argparse.Namespace, model: torch.nn.Module, classes: list[str],
                        "warmup": args.warmup if args.schedule == "cosine" else None,
                        "label_smoothing": args.label_smoothing, "clip_grad": args.clip_grad,
                        "bf16_autocast": amp, "seed": args.seed,
-                       **({"init_seed": args.init_seed} if args.init_seed is not None else {})}},
+                       **({"init_seed": args.init_seed} if args.init_seed is not None else {}),
+                       **({"distillation": {
+                           "teacher": "TF-IDF words 1-2 + chars 2-5 + logistic regression (C=16), out of fold",
+                           "folds": args.distill_tfidf_folds, "weight": args.distill_weight}}
+                          if args.distill_tfidf_folds else {})}},
         "metrics": {"val_accuracy": round(acc, 4), "val_macro_f1": round(macro_f1, 4),
                     "per_class_f1": {c: round(m["f1"], 4) for c, m in per_class.items()}, "val_rows": len(y)},
     }

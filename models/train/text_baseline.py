@@ -88,6 +88,28 @@ def make_pipeline(variant: str, config: BaselineConfig) -> Any:
     return Pipeline([("tfidf", FeatureUnion(features)), ("logreg", classifier)])
 
 
+def out_of_fold_probabilities(texts: list[str], labels: np.ndarray, num_classes: int, folds: int,
+                              config: BaselineConfig | None = None, variant: str = "words+chars") -> np.ndarray:
+    """Class probabilities of the baseline for every row, each from a pipeline fitted on the other folds
+    (stratified, seeded by config.seed): what a teacher can give a student for its own training rows without
+    having seen them."""
+    require_sklearn()
+    from sklearn.model_selection import StratifiedKFold
+
+    if folds < 2:
+        raise ValueError(f"out-of-fold probabilities need at least 2 folds, got {folds}")
+    config = config or BaselineConfig()
+    labels = np.asarray(labels)
+    probs = np.zeros((len(texts), num_classes), dtype=np.float32)
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=config.seed)
+    for fit_idx, pred_idx in splitter.split(np.zeros(len(labels)), labels):
+        pipeline = make_pipeline(variant, config)
+        pipeline.fit([texts[i] for i in fit_idx], labels[fit_idx])
+        p = pipeline.predict_proba([texts[i] for i in pred_idx])
+        probs[np.ix_(pred_idx, np.asarray(pipeline.classes_, dtype=np.int64))] = p
+    return probs
+
+
 def scores(target: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict[str, Any]:
     """Accuracy (with its counts), macro F1, per-class accuracy (= recall), precision/recall/F1 and the
     confusion matrix (rows true, columns predicted)."""

@@ -113,3 +113,58 @@ def test_the_service_and_the_cli_do_not_import_scikit_learn() -> None:
     code = ("import sys; import app.main, app.cli, models.train.text_baseline; "
             "sys.exit(1 if 'sklearn' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2]).returncode == 0
+
+
+@needs_sklearn
+def test_out_of_fold_probabilities_never_come_from_a_model_that_saw_the_row() -> None:
+    """Rows whose label follows a keyword are predicted well out of fold; rows with random labels and texts of
+    their own cannot be, because no model that saw them predicts them (a model fitted on all rows memorises them)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    keywords = ["football goal match", "shares market profit", "election vote minister"]
+    texts, labels = [], []
+    for i in range(90):
+        c = i % 3
+        texts.append(f"{keywords[c]} {' '.join(rng.choice(FILLER, 5))}")
+        labels.append(c)
+    noise_texts = [f"zq{i}x uniq{i}w token{i}k" for i in range(60)]
+    noise_labels = rng.integers(0, 3, 60).tolist()
+    all_texts, all_labels = texts + noise_texts, np.array(labels + noise_labels)
+    probs = text_baseline.out_of_fold_probabilities(all_texts, all_labels, 3, folds=3)
+    assert probs.shape == (150, 3) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert (probs[:90].argmax(1) == all_labels[:90]).mean() > 0.95
+    in_sample = text_baseline.make_pipeline("words+chars", text_baseline.BaselineConfig())
+    in_sample.fit(all_texts, all_labels)
+    assert (in_sample.predict(noise_texts) == all_labels[90:]).mean() > 0.95  # memorised when seen
+    assert (probs[90:].argmax(1) == all_labels[90:]).mean() < 0.6  # out of fold: near chance (1/3)
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        text_baseline.out_of_fold_probabilities(all_texts, all_labels, 3, folds=1)
+
+
+@needs_sklearn
+def test_word_cnn_distilled_from_the_baseline_records_it_and_reuses_the_teacher(tmp_path: Path) -> None:
+    gold, extra, classes_file = news_csvs(tmp_path / "news")
+    out = tmp_path / "run"
+    plain = ["--train", str(gold), "--train", str(extra), "--classes", str(classes_file), "--out", str(out),
+             "--name", "tiny-distilled", "--family", "word-cnn", "--word-dim", "16", "--filters", "16",
+             "--buckets", "512", "--min-count", "1", "--epochs", "2", "--batch-size", "16", "--val-size", "12",
+             "--optimizer", "adamw", "--lr", "1e-2", "--threads", "1", "--seed", "0", "--device", "cpu"]
+    args = [*plain, "--distill-tfidf-folds", "2", "--distill-weight", "0.5"]
+    train_text.main(args)
+    entry = json.loads((out / "manifest_entry.json").read_text())
+    assert entry["training"]["recipe"]["distillation"]["folds"] == 2
+    assert entry["training"]["recipe"]["distillation"]["weight"] == 0.5
+    (teacher,) = out.glob("teacher-*.npy")
+    import numpy as np
+
+    probs = np.load(teacher)
+    assert probs.shape == (entry["training"]["train_rows"], 3) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
+    # a resumed or repeated run with the same rows and folds reuses the cached teacher instead of refitting it
+    before = teacher.stat().st_mtime_ns
+    (out / "checkpoint.pt").unlink()
+    train_text.main(args)
+    assert teacher.stat().st_mtime_ns == before and len(list(out.glob("teacher-*.npy"))) == 1
+    # the checkpoint of a distilled run is not resumed by a run without the teacher (another configuration)
+    with pytest.raises(SystemExit, match="different configuration"):
+        train_text.main([*plain, "--epochs", "3"])
