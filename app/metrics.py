@@ -36,6 +36,9 @@ class Metrics:
                                           "their application was at its in-flight bound", ["application"], registry=r)
         self.style_jobs = Gauge("cnn_style_jobs", "Style-transfer jobs by state", ["state"], registry=r)
         self.style_queue = Gauge("cnn_style_queue_length", "Style-transfer jobs waiting", registry=r)
+        self.style_counts_errors = Counter("cnn_style_counts_errors", "Scrapes whose style-job counts could not be "
+                                           "read from the job store in time (the gauges keep their last values)",
+                                           registry=r)
         self.style_seconds = Histogram("cnn_style_job_duration_seconds", "Run time of style-transfer jobs",
                                        ["status"], buckets=(1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 3600),
                                        registry=r)

@@ -59,6 +59,8 @@ class AppState:
     model_sources: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = field(default_factory=dict)
     applications: dict[str, AppStatus] = field(default_factory=dict)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    # the job store's style counts being read for /metrics (off the event loop; one read at a time)
+    style_counts_read: asyncio.Future[dict[str, int]] | None = None
 
     # typed views of the shipped applications' services (None until started)
     @property

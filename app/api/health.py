@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
@@ -15,6 +16,29 @@ from app.metrics import merge_expositions
 from app.state import AppState, AppStatus
 
 router = APIRouter(tags=["health"])
+logger = logging.getLogger(__name__)
+
+STYLE_COUNTS_TIMEOUT_S = 2.0  # how long a scrape waits for the job store's counts
+
+
+async def read_style_counts(state: AppState) -> None:
+    """Style-job counts from the job store into the gauges, read in a worker thread: a slow or unreachable store
+    (SQLite behind a long write, PostgreSQL down) must neither block the event loop nor fail the scrape. At most
+    one read runs at a time; a scrape waits for it at most STYLE_COUNTS_TIMEOUT_S, then answers with the gauges'
+    last values and counts the miss (cnn_style_counts_errors_total)."""
+    assert state.style is not None
+    read = state.style_counts_read
+    if read is None or read.done():
+        if read is not None and not read.cancelled():
+            read.exception()  # a late failure of the previous read is retrieved here, not logged as lost
+        read = state.style_counts_read = asyncio.ensure_future(asyncio.to_thread(state.style.counts))
+    try:
+        counts = await asyncio.wait_for(asyncio.shield(read), STYLE_COUNTS_TIMEOUT_S)
+    except Exception as exc:  # TimeoutError, or whatever the store raised
+        state.metrics.style_counts_errors.inc()
+        logger.warning("style job counts not read for /metrics: %s", exc if str(exc) else type(exc).__name__)
+        return
+    state.metrics.set_style_counts(counts)
 
 
 @router.get("/health/live", response_model=Live, summary="The process is up")
@@ -90,7 +114,7 @@ async def metrics(state: State) -> Response:
     """Prometheus text exposition: requests, latency, in-flight per application, queue depth and wait, batch sizes,
     rejections, style jobs."""
     if state.style is not None:
-        state.metrics.set_style_counts(state.style.counts())
+        await read_style_counts(state)
     if state.admission is not None:
         state.metrics.set_admission(state.admission.snapshot())
     own = state.metrics.render()

@@ -446,3 +446,59 @@ def test_a_result_removed_meanwhile_is_404(tmp_path: Path) -> None:
     assert read_job_file(tmp_path / "result.png") == b"png"
     with pytest.raises(NotFound, match="has been removed"):
         read_job_file(tmp_path / "preview.png")
+
+
+def test_metrics_never_wait_on_a_slow_or_failing_job_store(base_settings: Settings, client_factory,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The style-job counts are read from the store off the event loop: a store that hangs delays nothing else
+    and a scrape still answers (last values, a miss counted); a store that fails does not fail the scrape."""
+    import sqlite3
+    import threading
+
+    from app.api import health
+
+    monkeypatch.setattr(health, "STYLE_COUNTS_TIMEOUT_S", 0.5)
+    release = threading.Event()
+    calls: list[str] = []
+    returned: list[bool] = []
+    real_counts = JobStore.counts
+
+    def slow_counts(self: JobStore) -> dict[str, int]:
+        calls.append(threading.current_thread().name)
+        release.wait(10)
+        returned.append(True)
+        return real_counts(self)
+
+    monkeypatch.setattr(JobStore, "counts", slow_counts)
+    with client_factory(base_settings) as c:
+        r = c.post("/style-transfer", files=files(), data=TINY)  # one queued job (no worker)
+        assert r.status_code == 202
+        scrape: dict[str, object] = {}
+        t = threading.Thread(target=lambda: scrape.update(r=c.get("/metrics")))
+        t.start()
+        while not calls:
+            time.sleep(0.01)
+        live = c.get("/health/live")  # served while the store read is still blocked
+        assert live.status_code == 200 and not returned  # (on the event loop, live would wait for the read)
+        t.join(10)
+        first = scrape["r"]
+        assert first.status_code == 200  # type: ignore[attr-defined]
+        assert "cnn_style_counts_errors_total 1.0" in first.text  # type: ignore[attr-defined]
+        assert "cnn_http_requests_total" in first.text  # type: ignore[attr-defined]
+        assert calls[0] != threading.current_thread().name and len(calls) == 1
+        # a second scrape while the read still hangs starts no second read
+        assert "cnn_style_counts_errors_total 2.0" in c.get("/metrics").text and len(calls) == 1
+        release.set()
+        deadline = time.monotonic() + 10
+        while 'cnn_style_jobs{state="queued"} 1.0' not in (text := c.get("/metrics").text):
+            assert time.monotonic() < deadline, text
+            time.sleep(0.05)
+        assert "cnn_style_queue_length 1.0" in text
+
+        def broken(self: JobStore) -> dict[str, int]:
+            raise sqlite3.OperationalError("database is locked")
+
+        monkeypatch.setattr(JobStore, "counts", broken)
+        m = c.get("/metrics")
+        assert m.status_code == 200 and "cnn_style_counts_errors_total 3.0" in m.text
+        assert 'cnn_style_jobs{state="queued"} 1.0' in m.text  # the last values stay
