@@ -187,3 +187,28 @@ def test_jpeg_classification_on_the_gpu_decode_path_matches_the_cpu(base_setting
     for a, b in zip(cpu, gpu, strict=True):
         pa, pb = _probs(a), _probs(b)
         assert max(abs(pa[k] - pb[k]) for k in pa) <= PROB_ATOL
+
+
+def test_a_batch_mixing_device_decoded_and_cpu_inputs_matches_the_cpu() -> None:
+    """Inputs decoded on the GPU and on the CPU can share a batch (stack_inputs takes the CPU ones to the device);
+    the probabilities match a CPU forward of the same inputs within bf16's tolerance."""
+    import copy
+
+    from app.runtime import registry as reg
+    from app.runtime.device import prepare_model
+    from models.cifar_resnet import cifar_resnet
+    from models.preprocess import ImageSpec
+    from models.weights import WeightsRef
+
+    net = cifar_resnet(8, 3).eval()
+    spec = reg.ModelSpec(name="t", task="image-classification", family="cifar-resnet", arch={"depth": 8},
+                         labels=["a", "b", "c"], preprocessing=ImageSpec(32, 32, (0.5,) * 3, (0.25,) * 3),
+                         weights=WeightsRef("t.pt"), source="test", info={"test_time_augmentation": "hflip"})
+    cuda = torch.device("cuda")
+    on_gpu = reg.LoadedClassifier(spec, prepare_model(copy.deepcopy(net), cuda), cuda, "trained", "t")
+    on_cpu = reg.LoadedClassifier(spec, prepare_model(net, torch.device("cpu")), torch.device("cpu"), "trained", "t")
+    batch = [torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    mixed = [batch[0].to(cuda), batch[1], batch[2].to(cuda), batch[3]]
+    got = torch.stack(on_gpu.forward(mixed))
+    want = torch.stack(on_cpu.forward(batch))
+    assert got.device.type == "cpu" and (got - want).abs().max() <= PROB_ATOL

@@ -74,6 +74,18 @@ def inference_context(device: torch.device) -> Iterator[None]:
                 yield
 
 
+def stack_inputs(items: list[torch.Tensor]) -> torch.Tensor:
+    """One batch from per-request inputs. They stay on the CPU until the batch is formed (one pinned,
+    asynchronous copy per batch in to_device_batch instead of a synchronous copy per image in the request
+    threads, which on CUDA would wait for the forward running on the device); inputs already on the device (decoded
+    there) take the CPU ones to it when a batch mixes both."""
+    devices = {t.device for t in items}
+    if len(devices) > 1:
+        target = next(d for d in devices if d.type != "cpu")
+        items = [t.to(target) for t in items]
+    return torch.stack(items)
+
+
 def to_device_batch(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Move a 4-D batch to the device in channels_last, the models' memory format (see prepare_model)."""
     if device.type == "cuda":

@@ -45,7 +45,7 @@ from models.weights import sha256_file as sha256_of
 from models.zoo import build_model as build_family_model
 from models.zoo import build_torchvision, fix_torchvision_state_dict, torchvision_classifiers, torchvision_weights
 
-from .device import inference_context, prepare_model, to_device_batch
+from .device import inference_context, prepare_model, stack_inputs, to_device_batch
 
 __all__ = [
     "MANIFEST_NAME", "LoadedClassifier", "LoadedFaceEmbedder", "LoadedModel", "LoadedOnnxFaceEmbedder",
@@ -151,10 +151,10 @@ class LoadedClassifier(LoadedModel):
     def forward(self, batch: list[torch.Tensor]) -> list[torch.Tensor]:
         """Class probabilities for a list of preprocessed CHW tensors (averaged with the mirror image when
         the manifest asks for horizontal-flip test-time augmentation)."""
-        x = torch.stack(batch)
+        x = to_device_batch(stack_inputs(batch), self.device)
         if not self.hflip_tta:
-            return self._probabilities(to_device_batch(x, self.device))
-        probs = self._probabilities(to_device_batch(torch.cat([x, x.flip(-1)]), self.device))
+            return self._probabilities(x)
+        probs = self._probabilities(torch.cat([x, x.flip(-1)]))  # mirrored where the batch is: copied once
         n = len(batch)
         return [(probs[i] + probs[n + i]) / 2 for i in range(n)]
 
@@ -226,13 +226,13 @@ class LoadedFaceEmbedder(LoadedModel):
 
     def forward(self, batch: list[torch.Tensor]) -> list[torch.Tensor]:
         """Unit embeddings for a list of preprocessed CHW face crops."""
-        x = torch.stack(batch)
+        x = to_device_batch(stack_inputs(batch), self.device)
         n = len(batch)
         if self.flip_average:
-            e = self._embed(to_device_batch(torch.cat([x, x.flip(-1)]), self.device))
+            e = self._embed(torch.cat([x, x.flip(-1)]))  # mirrored where the batch is: copied once
             e = e[:n] + e[n:]
         else:
-            e = self._embed(to_device_batch(x, self.device))
+            e = self._embed(x)
         e = torch.nn.functional.normalize(e, dim=-1).cpu()
         if e.shape[-1] != self.dim:
             raise RuntimeError(f"{self.spec.name} returned {e.shape[-1]}-d embeddings, its manifest says {self.dim}")

@@ -120,9 +120,8 @@ class ClassificationService:
                 log.info("device JPEG decode failed (%s: %s); decoding %d image(s) on the CPU",
                          type(exc).__name__, str(exc)[:200], len(chosen))
         rest = [i for i, t in enumerate(inputs) if t is None]
-        device = loaded.device
-        cpu = await map_in_threads(lambda u: classifier_input(u, loaded, limits).to(device),
-                                   [uploads[i] for i in rest])
+        # decoded on the CPU, these stay there until their batch goes to the device in one copy (stack_inputs)
+        cpu = await map_in_threads(lambda u: classifier_input(u, loaded, limits), [uploads[i] for i in rest])
         for i, t in zip(rest, cpu, strict=True):
             inputs[i] = t
         return [t for t in inputs if t is not None]
