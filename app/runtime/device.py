@@ -86,10 +86,14 @@ def stack_inputs(items: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(items)
 
 
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch on the device: from the CPU to a GPU through pinned memory, without blocking the host (the caching
+    host allocator reuses the pinned blocks); already there (decoded on the GPU) or on the CPU device, as it is."""
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def to_device_batch(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Move a 4-D batch to the device in channels_last, the models' memory format (see prepare_model)."""
-    if device.type == "cuda":
-        if x.device.type != "cuda":  # inputs decoded on the GPU (CNN_GPU_DECODE) are there already
-            x = x.pin_memory().to(device, non_blocking=True)
-        return x.contiguous(memory_format=torch.channels_last)
-    return x.contiguous(memory_format=torch.channels_last)
+    return to_device(x, device).contiguous(memory_format=torch.channels_last)

@@ -45,7 +45,7 @@ from models.weights import sha256_file as sha256_of
 from models.zoo import build_model as build_family_model
 from models.zoo import build_torchvision, fix_torchvision_state_dict, torchvision_classifiers, torchvision_weights
 
-from .device import inference_context, prepare_model, stack_inputs, to_device_batch
+from .device import inference_context, prepare_model, stack_inputs, to_device, to_device_batch
 
 __all__ = [
     "MANIFEST_NAME", "LoadedClassifier", "LoadedFaceEmbedder", "LoadedModel", "LoadedOnnxFaceEmbedder",
@@ -181,7 +181,7 @@ class LoadedTextClassifier(LoadedModel):
 
     def forward(self, batch: list[str]) -> list[torch.Tensor]:
         """Class probabilities for a list of texts."""
-        return self._probabilities(self.encoding.encode(batch).to(self.device))
+        return self._probabilities(to_device(self.encoding.encode(batch), self.device))
 
     def warmup(self) -> None:
         """One forward on a short text."""
