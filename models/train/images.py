@@ -609,7 +609,7 @@ def finish(args: argparse.Namespace, name: str, model: torch.nn.Module, classes:
            whitening: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the weights, the report (JSON, Markdown, confusion PNG) and the manifest entry."""
     out: Path = args.out
-    save_dtype = torch.float16 if getattr(args, "save_dtype", "float32") == "float16" else None
+    save_dtype = torch.float16 if args.save_dtype == "float16" else None
     if save_dtype is not None:
         round_to_storage(model, save_dtype)  # the metrics below are those of the stored weights
     m = holdout_metrics(model, x_val, y_val, classes)

@@ -602,6 +602,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--inner-val runs are for choosing hyper-parameters: they cannot be installed")
     if args.members > 1 and args.family != "word-cnn":
         p.error("--members is a word-cnn option")
+    if args.distill_tfidf_folds:
+        if args.distill_tfidf_folds < 2:
+            p.error("--distill-tfidf-folds needs at least 2 folds (0: no distillation)")
+        if not 0.0 <= args.distill_weight <= 1.0:
+            p.error("--distill-weight must be between 0 and 1")
+        if args.members > 1:  # the members' losses are summed one by one: the teacher term is not wired there
+            p.error("--distill-tfidf-folds trains a single network: not with --members")
     return args
 
 

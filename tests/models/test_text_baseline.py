@@ -168,3 +168,16 @@ def test_word_cnn_distilled_from_the_baseline_records_it_and_reuses_the_teacher(
     # the checkpoint of a distilled run is not resumed by a run without the teacher (another configuration)
     with pytest.raises(SystemExit, match="different configuration"):
         train_text.main([*plain, "--epochs", "3"])
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--distill-tfidf-folds", "1"], "at least 2 folds"),
+    (["--distill-tfidf-folds", "3", "--distill-weight", "1.5"], "between 0 and 1"),
+    (["--distill-tfidf-folds", "3", "--members", "2"], "not with --members"),
+])
+def test_distillation_options_refused_where_they_cannot_work(tmp_path: Path, extra: list[str], message: str,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        train_text.parse_args(["--train", str(tmp_path / "x.csv"), "--out", str(tmp_path / "o"),
+                               "--family", "word-cnn", *extra])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
