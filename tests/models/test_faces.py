@@ -677,6 +677,27 @@ def test_pk_sampler() -> None:
         PKSampler(labels, p=4, k=2, seed=0)
 
 
+def test_pk_sampler_singles() -> None:
+    # identities 0, 4, 5, 6, 7 have one image each (indices 0, 12, 13, 14, 15); 1-3 have several
+    labels = np.array([0, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 3, 4, 5, 6, 7])
+    singles = {0, 12, 13, 14, 15}
+    s = PKSampler(labels, p=2, k=2, seed=1, singles=3)
+    assert sorted(s.single_ix.tolist()) == sorted(singles)
+    seen: list[int] = []
+    for _ in range(10):
+        b = s.batch()
+        assert b.shape == (7,)
+        pk, extra = b[:4], b[4:]
+        assert not set(pk.tolist()) & singles  # the P x K part never draws a one-image identity
+        assert set(extra.tolist()) <= singles and len(set(extra.tolist())) == 3  # distinct within a batch
+        seen += extra.tolist()
+    # shuffled passes: after 30 draws from 5 singles every one has come up 6 times
+    assert sorted(np.unique(seen, return_counts=True)[1].tolist()) == [6, 6, 6, 6, 6]
+    assert PKSampler(labels, p=2, k=2, seed=1).batch().shape == (4,)  # default: no singles, as before
+    with pytest.raises(SystemExit, match="--singles must be between 0 and the 5"):
+        PKSampler(labels, p=2, k=2, seed=0, singles=6)
+
+
 def test_pair_distances() -> None:
     emb = torch.tensor([unit(0), unit(90), unit(180)])
     root = Path("r")
