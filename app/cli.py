@@ -683,6 +683,7 @@ def calibrate_identification(name: str, pairs_file: Path, data: Path, *, holdout
         gallery_check,
         impostor_distances,
         quantile_table,
+        selection_metrics,
         simulate_galleries,
     )
     from models.faces.lfw import holdout_split, identity_images, read_pairs, split_by_identity
@@ -766,6 +767,11 @@ def calibrate_identification(name: str, pairs_file: Path, data: Path, *, holdout
                                             "the FPIR of its thresholds on 20 simulated galleries of half B each",
                                     "results": out_of_sample},
             "manifest_identification": ident,
+            "selection": {"what": "for choosing between models on the calibration half: TAR at FAR over every "
+                                  "same-person photo pair against every different-person pair, and the closed-set "
+                                  "rank-1 / rank-5 of a gallery of each person's first photo searched with each "
+                                  "person's second photo (photos in file order)",
+                          **selection_metrics(dist, labels)},
             "seconds_embedding": round(seconds, 2)}
 
 

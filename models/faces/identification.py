@@ -304,3 +304,49 @@ def fnir_at_fpir(searches: Sequence[MatedSearch], stranger_top1: Sequence[float 
     found = sum(d is not None for d in stranger_top1)
     return {"fpir_target": fpir, "threshold": t, "fnir": fnir_at(searches, t), "fpir": fpir_at(stranger_top1, t),
             "strangers": found, "false_positives_allowed": math.floor(fpir * found + 1e-9)}
+
+
+# ------------------------------------------------------------------------------------------ model selection
+
+def selection_metrics(dist: np.ndarray, labels: Sequence[str], fars: Sequence[float] = (1e-2, 1e-3)) -> dict[str, Any]:
+    """Stable comparison measures for choosing between face models on one set of photos (the calibration half):
+
+    - 1:1 over every pair of photos: TAR at each FAR, the threshold being the FAR quantile of all different-person
+      distances (a pair at or under it is accepted), with the counts;
+    - closed-set rank-1 and rank-5: a gallery with the first photo of every person; each person with two or more
+      photos searched with their second photo (their first is the mate); the photo itself is never its own match.
+
+    Photos are in the caller's order, so "first" and "second" are reproducible."""
+    lab = np.asarray(labels)
+    n = len(lab)
+    if dist.shape != (n, n):
+        raise ValueError(f"distance matrix {dist.shape} does not match {n} labels")
+    iu = np.triu_indices(n, 1)
+    same = (lab[:, None] == lab[None, :])[iu]
+    d = dist[iu]
+    genuine, impostor = d[same], d[~same]
+    if not len(genuine) or not len(impostor):
+        raise ValueError("need same-person and different-person pairs")
+    tar = []
+    for far in fars:
+        t = float(np.quantile(impostor, far, method="lower"))
+        tar.append({"far_target": far, "threshold": t, "far": float((impostor <= t).mean()),
+                    "tar": float((genuine <= t).mean())})
+    first: dict[str, int] = {}
+    second: dict[str, int] = {}
+    for i, p in enumerate(lab.tolist()):
+        if p not in first:
+            first[p] = i
+        elif p not in second:
+            second[p] = i
+    gallery = np.array(list(first.values()))
+    gallery_people = lab[gallery]
+    ranks = []
+    for p, q in second.items():
+        order = gallery_people[np.argsort(dist[q, gallery], kind="stable")]
+        ranks.append(int(np.flatnonzero(order == p)[0]) + 1)
+    r = np.array(ranks)
+    return {"photos": n, "people": len(first), "genuine_pairs": int(len(genuine)), "impostor_pairs": int(len(impostor)),
+            "tar_at_far": tar, "gallery_size": len(gallery), "searches": len(r),
+            "rank1": float((r <= 1).mean()) if len(r) else float("nan"),
+            "rank5": float((r <= 5).mean()) if len(r) else float("nan")}

@@ -23,6 +23,7 @@ from models.faces.identification import (
     impostor_distances,
     quantile_table,
     rank_rate,
+    selection_metrics,
     simulate_galleries,
     threshold_at_fpir,
 )
@@ -223,6 +224,34 @@ def test_open_set_metrics_on_a_fixed_toy_case() -> None:
     assert r["fnir"] == pytest.approx(4 / 5) and r["strangers"] == 4 and r["false_positives_allowed"] == 1
     with pytest.raises(ValueError):
         threshold_at_fpir([None], 0.1)
+
+
+def test_selection_metrics_on_a_fixed_toy_case() -> None:
+    # photos of A, B, A, C, B, A on a line (1-d "embeddings"); distances are squared differences
+    labels = ["A", "B", "A", "C", "B", "A"]
+    x = np.array([0.0, 1.0, 0.5, 3.0, 2.5, 1.2])
+    dist = (x[:, None] - x[None, :]) ** 2
+    m = selection_metrics(dist, labels, fars=(0.25, 0.5))
+    # genuine pairs: A (0,2) 0.25, (0,5) 1.44, (2,5) 0.49; B (1,4) 2.25
+    # impostors (11), pairs (0,1) (0,3) (0,4) (1,2) (1,3) (1,5) (2,3) (2,4) (3,4) (3,5) (4,5)
+    imp = sorted([1.0, 9.0, 6.25, 0.25, 4.0, 0.04, 6.25, 4.0, 0.25, 3.24, 1.69])
+    assert m["genuine_pairs"] == 4 and m["impostor_pairs"] == 11 == len(imp)
+    t25 = imp[int(np.floor(0.25 * 10))]  # numpy's "lower" quantile: index floor(q * (n - 1)) = 2 -> 0.25
+    assert m["tar_at_far"][0]["threshold"] == pytest.approx(t25) == pytest.approx(0.25)
+    assert m["tar_at_far"][0]["far"] == pytest.approx(3 / 11)  # 0.04, 0.25, 0.25
+    assert m["tar_at_far"][0]["tar"] == pytest.approx(1 / 4)  # only A (0,2) at 0.25
+    assert m["tar_at_far"][1]["threshold"] == pytest.approx(imp[5]) == pytest.approx(3.24)
+    assert m["tar_at_far"][1]["far"] == pytest.approx(6 / 11)
+    assert m["tar_at_far"][1]["tar"] == pytest.approx(1.0)  # every genuine pair (at most 2.25) is accepted
+    # gallery: first photos A@0, B@1, C@3; searches: A's second (x 0.5) and B's second (x 2.5)
+    # A: distances to A 0.25, B 0.25, C 6.25 -> tie broken by gallery order: A first (rank 1)
+    # B: distances to A 6.25, B 2.25, C 0.25 -> C nearer: rank 2
+    assert (m["gallery_size"], m["searches"], m["people"], m["photos"]) == (3, 2, 3, 6)
+    assert m["rank1"] == pytest.approx(0.5) and m["rank5"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="does not match"):
+        selection_metrics(dist[:5, :5], labels)
+    with pytest.raises(ValueError, match="same-person and different-person"):
+        selection_metrics(dist[:2, :2], labels[:2])
 
 
 def test_the_shipped_face_models_carry_their_calibration_report() -> None:
