@@ -231,6 +231,14 @@ def build_face_resnet(arch: dict[str, Any], num_classes: int = 0, **_: Any) -> n
     return build_embedder(arch)
 
 
+@register_family("face-ensemble", task="face-embedding")
+def build_face_ensemble_family(arch: dict[str, Any], num_classes: int = 0, **_: Any) -> nn.Module:
+    """Face embedders sharing one crop, embeddings concatenated (models.faces.ensemble); arch: members, mean, std."""
+    from models.faces.ensemble import build_face_ensemble
+
+    return build_face_ensemble(arch)
+
+
 def _text_vocab_size(encoding: dict[str, Any]) -> int:
     """The vocabulary size a text model's manifest encoding gives (character or, where models.text reads
     them, word encodings)."""

@@ -346,7 +346,7 @@ def selection_metrics(dist: np.ndarray, labels: Sequence[str], fars: Sequence[fl
         order = gallery_people[np.argsort(dist[q, gallery], kind="stable")]
         ranks.append(int(np.flatnonzero(order == p)[0]) + 1)
     r = np.array(ranks)
-    return {"photos": n, "people": len(first), "genuine_pairs": int(len(genuine)), "impostor_pairs": int(len(impostor)),
+    return {"photos": n, "people": len(first), "genuine_pairs": len(genuine), "impostor_pairs": len(impostor),
             "tar_at_far": tar, "gallery_size": len(gallery), "searches": len(r),
             "rank1": float((r <= 1).mean()) if len(r) else float("nan"),
             "rank5": float((r <= 5).mean()) if len(r) else float("nan")}

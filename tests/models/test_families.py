@@ -41,6 +41,11 @@ TINY: dict[str, tuple[dict[str, Any], int, Any, dict[str, Any]]] = {
     "torchvision": ({"name": "squeezenet1_1"}, 3, lambda: _image(64), {}),
     "face-resnet": ({"size": 32, "dim": 16, "widths": [4, 8, 8, 8], "blocks": [1, 1, 1, 1]}, 0,
                     lambda: _image(32), {}),
+    "face-ensemble": ({"members": [{"arch": {"size": 32, "dim": 8, "widths": [4, 8, 8, 8], "blocks": [1, 1, 1, 1]},
+                                    "mean": [0.5] * 3, "std": [0.25] * 3},
+                                   {"arch": {"size": 32, "dim": 4, "widths": [4, 4, 4, 4], "blocks": [1, 1, 1, 1]},
+                                    "mean": [0.4] * 3, "std": [0.2] * 3}],
+                       "mean": [0.5] * 3, "std": [0.25] * 3}, 0, lambda: _image(32), {}),
     "vdcnn": ({"depth": 9, "hidden": 16}, 3, _chars, {"encoding": TEXT_SPEC.to_dict()}),
     "char-cnn": ({"length": 128, "size": "small"}, 3, _chars, {"vocab_size": TEXT_SPEC.vocab_size}),
 }
@@ -72,7 +77,8 @@ def test_every_registered_family_builds_and_runs(family: str) -> None:
     assert isinstance(model, nn.Module)
     with torch.no_grad():
         out = model(make_input())
-    width = num_classes if fam.task != "face-embedding" else arch["dim"]
+    width = (num_classes if fam.task != "face-embedding" else
+             arch["dim"] if "dim" in arch else sum(m["arch"]["dim"] for m in arch["members"]))
     assert out.shape == (2, width) and torch.isfinite(out).all()
 
 
