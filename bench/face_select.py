@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="*", type=Path, default=[], help="finished models.train.faces run dirs")
     p.add_argument("--ensemble", nargs="*", type=parse_ensemble, default=[], help="NAME=MEMBER+MEMBER[+...]")
-    p.add_argument("--baseline", default="lfw-face-resnet", help="the shipped model, measured the same way")
+    p.add_argument("--baseline", default="lfw-face-resnet", help="the shipped model, measured the same way ('' to leave it out)")
     p.add_argument("--weights", type=Path, default=Path("weights"))
     p.add_argument("--pairs", type=Path, default=Path("../shared/data/lfw/pairsDevTrain.txt"))
     p.add_argument("--data", type=Path, default=Path("../shared/data/lfw/images"))
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="face-select-"))
     try:
         shutil.copytree(args.weights, scratch, dirs_exist_ok=True)
-        names = [args.baseline]
+        names = [args.baseline] if args.baseline else []
         for run in args.runs:
             install_run(run, scratch)
             names.append(json.loads((run / "manifest_entry.json").read_text())["name"])

@@ -11,22 +11,46 @@ from app.gate import RoutePolicy
 from app.runtime.registry import LoadedFaceEmbedder, LoadedModel
 from app.services.faces import DetectorPool, FacesService
 from app.state import AppStatus
-from app.stores.factory import open_gallery
+from app.stores.factory import gallery_models, open_gallery
 from app.stores.interfaces import ModelKey
 from models.faces.detect import HaarParams
 
 log = logging.getLogger("app")
 
 
+def gallery_model(default: str | None, explicit: bool, loaded: dict[str, str],
+                  made_by: dict[tuple[str, str], int]) -> tuple[str | None, str | None]:
+    """The model the gallery is opened for, and why when it is not the default.
+
+    An operator who names the face model (CNN_FACE_MODEL) gets it. Otherwise an existing gallery keeps the model
+    that made its faces: when none of them was made by the default (name and weights), but some were made by
+    another loaded model with the same weights, the gallery stays with the one that made the most, so a new
+    default model in an upgrade does not leave every enrolled face unsearchable. `loaded`: name -> sha256 of the
+    loaded face models; `made_by`: faces per (name, sha256) in the gallery."""
+    if default is None or explicit or not made_by or (default, loaded.get(default)) in made_by:
+        return default, None
+    usable = [(n, name) for (name, sha), n in made_by.items() if loaded.get(name) == sha]
+    if not usable:
+        return default, None
+    n, name = max(usable)
+    return name, (f"the gallery's {n} faces were made by {name!r}, not by the default {default!r}: the gallery "
+                  f"stays with {name!r} (set CNN_FACE_MODEL={default} and enrol again to move it)")
+
+
 def _open(ctx: AppContext) -> FacesService:
-    """Open the gallery for the default face model (blocking: it may rebuild the index) and the service."""
+    """Open the gallery (blocking: it may rebuild the index) and the service."""
     s = ctx.settings
     pool = ctx.pool
     assert pool is not None
     gallery = None
     if pool.default_model is not None:
-        _, loaded = pool.resolve(pool.default_model)
-        key = ModelKey(pool.default_model, loaded.sha256, loaded.dim)
+        name, why = gallery_model(pool.default_model, s.face_model is not None,
+                                  {n: m.sha256 for n, m in pool.models.items()}, gallery_models(s))
+        if why:
+            log.warning("face gallery: %s", why)
+        assert name is not None
+        _, loaded = pool.resolve(name)
+        key = ModelKey(name, loaded.sha256, loaded.dim)
         gallery = open_gallery(s, key)
         log.info("face gallery: %s", gallery.stats())
     params = HaarParams(scale_factor=s.face_haar_scale_factor, min_neighbors=s.face_haar_min_neighbors,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from app.settings import Settings
-from app.stores.gallery import GalleryStore
+from app.stores.gallery import GalleryStore, models_in_gallery
 from app.stores.interfaces import GalleryProtocol, JobStoreProtocol, ModelKey
 from app.stores.jobs import JobStore
 
@@ -49,3 +49,12 @@ def open_gallery(settings: Settings, key: ModelKey) -> GalleryProtocol:
     return GalleryStore(gallery_dir(settings), key, index_kind=settings.gallery_index,
                         nlist=settings.gallery_ivf_nlist, nprobe=settings.gallery_ivf_nprobe,
                         use_gpu=settings.gallery_gpu)
+
+
+def gallery_models(settings: Settings) -> dict[tuple[str, str], int]:
+    """Faces per producing model (name, sha256) in the gallery the settings describe, read without opening it."""
+    if settings.database_url:
+        from app.stores.pg_gallery import pg_models_in_gallery
+
+        return pg_models_in_gallery(settings.database_url)
+    return models_in_gallery(gallery_dir(settings))

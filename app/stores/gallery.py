@@ -290,6 +290,22 @@ def _ids_digest(ids: np.ndarray) -> str:
     return hashlib.sha256(np.sort(np.asarray(ids, dtype=np.int64)).tobytes()).hexdigest()
 
 
+def models_in_gallery(root: Path) -> dict[tuple[str, str], int]:
+    """Faces per producing model (name, sha256) in the SQLite gallery under `root`, read without opening the store
+    (no index is built); empty when there is no gallery yet."""
+    db = Path(root) / "gallery.sqlite3"
+    if not db.exists():
+        return {}
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30.0)
+    try:
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'faces'").fetchone():
+            return {}
+        rows = conn.execute("SELECT model, model_sha256, COUNT(*) FROM faces GROUP BY model, model_sha256").fetchall()
+    finally:
+        conn.close()
+    return {(str(m), str(sha)): int(n) for m, sha, n in rows}
+
+
 class GalleryStore:
     """Subjects, faces and the index of one model's embeddings (see the module docstring)."""
 

@@ -115,6 +115,18 @@ WHERE f.model = %(model)s AND f.model_sha256 = %(sha)s
 """
 
 
+def pg_models_in_gallery(url: str) -> dict[tuple[str, str], int]:
+    """Faces per producing model (name, sha256) in the PostgreSQL gallery, without opening the store; empty when
+    its tables do not exist yet."""
+    with connect(url) as conn:
+        exists = conn.execute("SELECT to_regclass('gallery_faces') AS t").fetchone()["t"]
+        if exists is None:
+            return {}
+        rows = conn.execute("SELECT model, model_sha256, COUNT(*) AS n FROM gallery_faces "
+                            "GROUP BY model, model_sha256").fetchall()
+    return {(str(r["model"]), str(r["model_sha256"])): int(r["n"]) for r in rows}
+
+
 class PgGalleryStore:
     """Subjects and faces in PostgreSQL, a FAISS index of one model's embeddings per instance (module docstring)."""
 

@@ -483,3 +483,42 @@ def test_every_face_route_documents_its_answer(fclient: TestClient) -> None:
         assert schema["components"]["schemas"][name]["properties"], (method, path)
     identify = schema["components"]["schemas"]["IdentifyResponse"]["properties"]
     assert {"threshold", "threshold_source", "fpir", "gallery_size", "faces"} <= set(identify)
+
+
+def test_an_existing_gallery_keeps_the_model_that_made_it_when_the_default_changes(
+        face_settings: Settings, client_factory) -> None:
+    with client_factory(face_settings) as c:
+        face_id = enroll(c, "alice", 1)["faces"][0]["face_id"]
+    # an upgrade ships a new default face model ("tiny-face-2", listed first); the operator named none
+    write_tiny_face_model(face_settings.weights_dir, "tiny-face-2", seed=7)
+    upgraded = face_settings.model_copy(update={"face_models": ["tiny-face-2", "tiny-face"]})
+    with client_factory(upgraded) as c:
+        gallery = c.get("/faces/gallery").json()
+        assert gallery["model"] == "tiny-face" and gallery["faces_from_other_models"] == 0
+        hit = c.post("/faces/identify", data=NONE, files=[img("image", pattern(1))]).json()
+        assert hit["model"] == "tiny-face" and hit["faces"][0]["subject"] == "alice"
+        assert hit["faces"][0]["candidates"][0]["face_id"] == face_id
+        # requests naming no model get the new default
+        assert c.post("/faces/embed", data=NONE, files=[img("image", pattern(1))]).json()["model"] == "tiny-face-2"
+    # naming the model moves the gallery to it: the old faces stay stored, unsearchable until enrolled again
+    chosen = upgraded.model_copy(update={"face_model": "tiny-face-2"})
+    with client_factory(chosen) as c:
+        gallery = c.get("/faces/gallery").json()
+        assert gallery["model"] == "tiny-face-2" and gallery["faces_from_other_models"] == 1
+
+
+def test_the_gallery_model_rule() -> None:
+    from app.apps.faces import gallery_model
+
+    loaded = {"new": "n" * 64, "old": "o" * 64}
+    old, new = ("old", "o" * 64), ("new", "n" * 64)
+    assert gallery_model("new", False, loaded, {}) == ("new", None)  # no gallery yet
+    assert gallery_model("new", False, loaded, {new: 1, old: 5}) == ("new", None)  # the default made some
+    name, why = gallery_model("new", False, loaded, {old: 5})
+    assert name == "old" and why is not None and "5 faces" in why and "CNN_FACE_MODEL=new" in why
+    assert gallery_model("new", True, loaded, {old: 5}) == ("new", None)  # the operator chose
+    assert gallery_model("new", False, loaded, {("old", "x" * 64): 5}) == ("new", None)  # other weights now
+    assert gallery_model("new", False, loaded, {("gone", "g" * 64): 9}) == ("new", None)  # not loaded
+    more = {"a": "a" * 64, "b": "b" * 64, "new": "n" * 64}
+    assert gallery_model("new", False, more, {("a", "a" * 64): 2, ("b", "b" * 64): 3})[0] == "b"  # the most faces
+    assert gallery_model(None, False, loaded, {old: 5}) == (None, None)

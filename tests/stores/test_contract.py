@@ -30,7 +30,8 @@ from app.stores.interfaces import (
     UnknownSubject,
 )
 from app.stores.jobs import JobStore
-from app.stores.pg_gallery import PgGalleryStore
+from app.stores.gallery import models_in_gallery
+from app.stores.pg_gallery import PgGalleryStore, pg_models_in_gallery
 from app.stores.pg_jobs import PgJobStore
 from tests.stores.helpers import opened_stores
 
@@ -374,6 +375,32 @@ def test_the_gallery_survives_closing_and_reopening(gallery_impl: GalleryOpener)
     first.close()
     again = gallery_impl()
     assert again.index.ntotal == 1 and again.search(v, 1)[0][0].face_id == rec[0]["face_id"]
+
+
+# per gallery implementation: faces per producing model, read without opening the store
+GALLERY_MODELS: dict[str, Callable[[Path, Url], dict[tuple[str, str], int]]] = {
+    "sqlite-faiss": lambda d, url: models_in_gallery(d / "gallery"),
+    "postgres": lambda d, url: pg_models_in_gallery(url()),
+}
+
+
+@pytest.mark.parametrize("impl", sorted(GALLERIES))
+def test_faces_per_model_are_read_without_opening_the_gallery(impl: str, request: pytest.FixtureRequest,
+                                                              tmp_path: Path) -> None:
+    assert set(GALLERY_MODELS) == set(GALLERIES)
+    url = _database(request)
+    assert GALLERY_MODELS[impl](tmp_path, url) == {}  # no gallery yet
+    rng = np.random.default_rng(9)
+    first = GALLERIES[impl](tmp_path, url)(KEY)
+    assert GALLERY_MODELS[impl](tmp_path, url) == {}  # a gallery without faces
+    first.enroll("alice", [NewFace(x) for x in unit(rng, 3)])
+    first.close(snapshot=False)
+    other = GALLERIES[impl](tmp_path, url)(OTHER_KEY)
+    other.enroll("bob", [NewFace(unit(rng, 1)[0])])
+    assert GALLERY_MODELS[impl](tmp_path, url) == {("face-a", "a" * 64): 3, ("face-b", "b" * 64): 1}
+    other.delete_subject("alice")
+    assert GALLERY_MODELS[impl](tmp_path, url) == {("face-b", "b" * 64): 1}
+    other.close(snapshot=False)
 
 
 def test_faces_of_another_model_are_kept_but_never_compared(gallery_impl: GalleryOpener) -> None:
