@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from app.services.style import StyleJobs, StyleLimits
-from app.stores.gallery import GalleryStore
+from app.stores.gallery import GalleryStore, models_in_gallery
 from app.stores.interfaces import (
     FINISHED,
     STATES,
@@ -30,7 +30,6 @@ from app.stores.interfaces import (
     UnknownSubject,
 )
 from app.stores.jobs import JobStore
-from app.stores.gallery import models_in_gallery
 from app.stores.pg_gallery import PgGalleryStore, pg_models_in_gallery
 from app.stores.pg_jobs import PgJobStore
 from tests.stores.helpers import opened_stores
