@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="*", type=Path, default=[], help="finished models.train.faces run dirs")
     p.add_argument("--ensemble", nargs="*", type=parse_ensemble, default=[], help="NAME=MEMBER+MEMBER[+...]")
-    p.add_argument("--baseline", default="lfw-face-resnet", help="the shipped model, measured the same way ('' to leave it out)")
+    p.add_argument("--baseline", default="lfw-face-resnet",
+                   help="the shipped model, measured the same way ('' to leave it out)")
     p.add_argument("--weights", type=Path, default=Path("weights"))
     p.add_argument("--pairs", type=Path, default=Path("../shared/data/lfw/pairsDevTrain.txt"))
     p.add_argument("--data", type=Path, default=Path("../shared/data/lfw/images"))
