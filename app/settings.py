@@ -56,7 +56,8 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(default=100_000, ge=1, description="characters per text (longer: 422)")
 
     face_models: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["lfw-face-resnet"], description="face embedders loaded at start-up (manifest names)"
+        default_factory=lambda: ["lfw-face-ensemble", "lfw-face-resnet"],
+        description="face embedders loaded at start-up (manifest names; the first with trained weights is the default)"
     )
     face_model: str | None = Field(default=None, description="the embedder of the gallery and of requests naming none "
                                    "(default: the first configured face model with trained weights)")
