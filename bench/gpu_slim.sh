@@ -23,6 +23,7 @@ SLIM=(
   weights/cifar10-resnet20.pt
   weights/cifar10-whitened-convnet.pt
   weights/lfw-face-resnet.onnx
+  weights/lfw-face-ensemble.pt
 )
 
 usage() { sed -n '5,8p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
