@@ -13,7 +13,6 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
