@@ -33,7 +33,8 @@ def gallery_model(default: str | None, explicit: bool, loaded: dict[str, str],
     if not usable:
         return default, None
     n, name = max(usable)
-    return name, (f"the gallery's {n} faces were made by {name!r}, not by the default {default!r}: the gallery "
+    return name, (f"the gallery's {n} face{'s' if n != 1 else ''} {'were' if n != 1 else 'was'} made by {name!r}, "
+                  f"not by the default {default!r}: the gallery "
                   f"stays with {name!r} (set CNN_FACE_MODEL={default} and enrol again to move it)")
 
 
