@@ -26,8 +26,7 @@ from typing import Any
 from app.cli import calibrate_identification, evaluate_face_model
 from app.settings import Settings
 from models.train.face_ensemble import compose
-from models.train.face_ensemble import install as install_ensemble
-from models.train.faces import install as install_run
+from models.train.faces import install
 
 
 def parse_ensemble(text: str) -> tuple[str, list[str]]:
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copytree(args.weights, scratch, dirs_exist_ok=True)
         names = [args.baseline] if args.baseline else []
         for run in args.runs:
-            install_run(run, scratch)
+            install(run, scratch)
             names.append(json.loads((run / "manifest_entry.json").read_text())["name"])
         s = Settings(weights_dir=scratch)
         rows = []
@@ -88,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.time()
             if name in ensembles:
                 compose(ensembles[name], scratch, scratch / f"run-{name}", name)
-                install_ensemble(scratch / f"run-{name}", scratch)
+                install(scratch / f"run-{name}", scratch)
             pairs = evaluate_face_model(name, args.pairs, args.data, holdout_max_images=args.holdout_max_images,
                                         split="calibration", misses="error", settings=s)
             (args.out / f"{name}-calibration-pairs.json").write_text(json.dumps(pairs, indent=2) + "\n")

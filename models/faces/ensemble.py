@@ -50,15 +50,21 @@ class FaceEnsemble(nn.Module):
         # (members, 3): 2-D, so that moving the model to channels_last leaves them alone
         self.register_buffer("scale", torch.stack(scales), persistent=False)
         self.register_buffer("shift", torch.stack(shifts), persistent=False)
+        # members trained with the ensemble's own statistics (the usual case) skip the re-normalisation
+        self.renormalise = [not (torch.allclose(a, torch.ones(3)) and torch.allclose(b, torch.zeros(3)))
+                            for a, b in zip(scales, shifts, strict=True)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if self.flip_average:
+            x = torch.cat([x, x.flip(-1)])  # one forward per member for the crops and their mirrors
         parts = []
         scale, shift = self.get_buffer("scale"), self.get_buffer("shift")
         for i, m in enumerate(self.members):
-            xi = x * scale[i].view(1, 3, 1, 1) + shift[i].view(1, 3, 1, 1)
+            xi = x * scale[i].view(1, 3, 1, 1) + shift[i].view(1, 3, 1, 1) if self.renormalise[i] else x
             e = m(xi)
             if self.flip_average:
-                e = F.normalize(e + m(xi.flip(-1)), dim=-1)
+                e = F.normalize(e[:n] + e[n:], dim=-1)
             parts.append(e)
         return torch.cat(parts, dim=-1) / math.sqrt(len(parts))
 

@@ -23,6 +23,7 @@ import torch
 
 from models.faces.ensemble import build_face_ensemble
 from models.train.common import save_weights, sha256_file
+from models.train.faces import export_onnx, install, onnx_parity
 
 
 class FaceEnsembleError(ValueError):
@@ -78,8 +79,6 @@ def compose(names: list[str], weights_dir: Path, out: Path, name: str) -> dict[s
     weights = out / f"{name}.pt"
     save_weights(model, weights)
     onnx_file = out / f"{name}.onnx"
-    from models.train.faces import export_onnx, onnx_parity
-
     size = int(first["preprocessing"]["crop"])
     export_onnx(model, onnx_file, size)  # type: ignore[arg-type]  # any module with a (N, 3, S, S) input
     gen = torch.Generator().manual_seed(0)
@@ -102,13 +101,6 @@ def compose(names: list[str], weights_dir: Path, out: Path, name: str) -> dict[s
     return entry
 
 
-def install(out: Path, weights_dir: Path) -> None:
-    """Copy the ensemble (and its ONNX export, as `<name>-onnx`) into a weights dir and merge the entries."""
-    from models.train.faces import install as install_face_run
-
-    install_face_run(out, weights_dir)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", required=True)
@@ -121,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         entry = compose(args.members, args.weights_dir, args.out, args.name)
     except FaceEnsembleError as exc:
         raise SystemExit(f"face ensemble: {exc}") from None
-    if args.install:
+    if args.install:  # the ensemble (and its ONNX export, as `<name>-onnx`), entries merged
         install(args.out, args.install)
     print(json.dumps({k: entry[k] for k in ("name", "sha256", "threshold", "onnx")}, indent=2))
     return 0

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from app.runtime.registry import LoadedFaceEmbedder, ModelRegistry
 from models.faces.ensemble import FaceEnsemble, build_face_ensemble
 from models.faces.net import FaceEmbedder
-from models.train.face_ensemble import FaceEnsembleError, compose, install, main
+from models.train.face_ensemble import FaceEnsembleError, compose, main
+from models.train.faces import install
 from tests.conftest import write_tiny_face_model
 
 
