@@ -54,6 +54,7 @@ from models.train.common import (
     start_run,
     stratified_split,
 )
+from models.tta import tta_probabilities
 from models.zoo import build_classifier
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -286,17 +287,22 @@ def load_split(data: Path, size: int, val_size: int, seed: int, cache: Path | No
 
 
 def holdout_metrics(model: torch.nn.Module, x_val: torch.Tensor, y_val: torch.Tensor,
-                    classes: list[str]) -> dict[str, Any]:
-    """One-view and h-flip-averaged accuracy, per-class accuracy and confusion matrix on a hold-out."""
+                    classes: list[str], extra_tta: str | None = None) -> dict[str, Any]:
+    """One-view and h-flip-averaged accuracy, per-class accuracy and confusion matrix on a hold-out; with
+    extra_tta (a models.tta mode other than hflip) also that mode's accuracy, as `val_accuracy_<mode>`."""
     probs = predict(model, x_val, 512, tta=False).cpu()
     probs_tta = predict(model, x_val, 512, tta=True).cpu()
     pred = probs.argmax(-1).numpy()
     y = y_val.cpu().numpy()
     cm = confusion_matrix(y, pred, len(classes))
-    return {"val_accuracy": float((pred == y).mean()),
-            "val_accuracy_hflip_tta": float((probs_tta.argmax(-1).numpy() == y).mean()),
-            "per_class_accuracy": {c: float(cm[i, i] / max(1, cm[i].sum())) for i, c in enumerate(classes)},
-            "confusion_matrix": cm}
+    m = {"val_accuracy": float((pred == y).mean()),
+         "val_accuracy_hflip_tta": float((probs_tta.argmax(-1).numpy() == y).mean()),
+         "per_class_accuracy": {c: float(cm[i, i] / max(1, cm[i].sum())) for i, c in enumerate(classes)},
+         "confusion_matrix": cm}
+    if extra_tta not in (None, "hflip"):
+        probs_x = predict(model, x_val, 512, tta=extra_tta).cpu()
+        m[f"val_accuracy_{extra_tta.replace('-', '_')}"] = float((probs_x.argmax(-1).numpy() == y).mean())
+    return m
 
 
 def report_markdown(name: str, m: dict[str, Any], classes: list[str], lines: list[str]) -> str:
@@ -326,26 +332,69 @@ def augment(batch: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Te
     return out
 
 
-def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
-    """Linear warm-up to `peak`, then cosine decay to zero (a one-cycle-style schedule)."""
+def lr_at(step: int, total: int, peak: float, warmup_frac: float, schedule: str = "cosine",
+          start_frac: float = 0.0) -> float:
+    """The learning rate of a step. "cosine": linear warm-up to `peak`, then cosine decay to zero (a one-cycle-style
+    schedule). "linear": a triangle, from start_frac * peak up to `peak` at the end of the warm-up, then linearly
+    down to zero at the last step (the schedule of the CIFAR speed-runs)."""
     warm = max(1, int(total * warmup_frac))
+    if schedule == "linear":
+        if step < warm:
+            return peak * (start_frac + (1.0 - start_frac) * step / warm)
+        return peak * max(0.0, (total - step) / max(1, total - warm))
     if step < warm:
         return peak * (step + 1) / warm
     t = (step - warm) / max(1, total - warm)
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 
+class Lookahead:
+    """Slow weights for the fast ones of the optimizer (Zhang et al. 2019, "Lookahead optimizer"): every `every`
+    steps the slow weights move towards the fast ones, slow += (1 - decay) * (fast - slow), and the fast weights
+    restart from them. `decay` grows with the cube of the training progress up to `max_decay`, so early training
+    is unchanged and the last steps average more and more. `finish` leaves the slow weights in the model."""
+
+    def __init__(self, params: list[torch.nn.Parameter], every: int, max_decay: float) -> None:
+        if every < 1 or not 0.0 <= max_decay < 1.0:
+            raise ValueError(f"lookahead needs every >= 1 and 0 <= decay < 1, got {every}, {max_decay}")
+        self.params, self.every, self.max_decay = params, every, max_decay
+        self.slow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def step(self, step: int, total: int) -> None:
+        """Call after optimizer step number `step` (0-based) of `total`."""
+        if (step + 1) % self.every:
+            return
+        self._sync(self.max_decay * min(1.0, (step + 1) / total) ** 3)
+
+    @torch.no_grad()
+    def _sync(self, decay: float) -> None:
+        for slow, p in zip(self.slow, self.params, strict=True):
+            slow.lerp_(p.detach(), 1.0 - decay)
+            p.copy_(slow)
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        for slow, p in zip(self.slow, self.params, strict=True):
+            p.copy_(slow)
+
+    def state_dict(self) -> list[torch.Tensor]:
+        return self.slow
+
+    def load_state_dict(self, slow: list[torch.Tensor]) -> None:
+        for mine, saved in zip(self.slow, slow, strict=True):
+            mine.copy_(saved)
+
+
 @torch.no_grad()
-def predict(model: torch.nn.Module, x: torch.Tensor, batch: int, tta: bool) -> torch.Tensor:
-    """Class probabilities for a normalised NCHW tensor, optionally averaged with the h-flip."""
+def predict(model: torch.nn.Module, x: torch.Tensor, batch: int, tta: bool | str | None) -> torch.Tensor:
+    """Class probabilities for a normalised NCHW tensor: one view (tta False or None), averaged with the h-flip
+    (True or "hflip"), or over the views of another mode of models.tta."""
     model.eval()
+    mode = "hflip" if tta is True else (tta or None)
     outs = []
     for i in range(0, len(x), batch):
-        xb = x[i : i + batch]
-        p = model(xb).softmax(-1)
-        if tta:
-            p = 0.5 * (p + model(xb.flip(-1)).softmax(-1))
-        outs.append(p)
+        outs.append(tta_probabilities(lambda v: model(v).softmax(-1), x[i : i + batch], mode))
     return torch.cat(outs)
 
 
@@ -400,6 +449,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=0.15, help="fraction of steps for warm-up")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--decay-per-step", type=float, default=None,
+                   help="instead of --weight-decay: every weight and bias shrinks by this fraction per step at the "
+                        "peak learning rate (the decay follows the schedule), whatever its group's learning rate")
+    p.add_argument("--schedule", choices=["cosine", "linear"], default="cosine",
+                   help="cosine: linear warm-up then cosine decay to zero; linear: from --lr-start x peak up to the "
+                        "peak over the warm-up, then linearly to zero")
+    p.add_argument("--lr-start", type=float, default=0.0, help="linear schedule: first step's fraction of the peak")
+    p.add_argument("--bias-lr-scale", type=float, default=1.0,
+                   help="learning-rate factor for biases and batch-norm shifts (the CIFAR speed-runs use 64)")
+    p.add_argument("--bn-weights", choices=["learn", "frozen"], default="learn",
+                   help="frozen: batch-norm scales stay 1 (only their shifts learn)")
+    p.add_argument("--bn-momentum", type=float, default=None,
+                   help="batch-norm running-statistics momentum during training (default: torch's 0.1)")
+    p.add_argument("--lookahead", type=int, default=0,
+                   help="every N steps pull the weights towards slow weights (Lookahead; 0: off); the slow weights "
+                        "are the model that is saved")
+    p.add_argument("--lookahead-decay", type=float, default=0.95 ** 5,
+                   help="lookahead: the slow weights' decay at the end of training (grows as progress^3)")
+    p.add_argument("--tta", choices=["hflip", "hflip-translate"], default="hflip",
+                   help="test-time augmentation recorded in the manifest and used for the as-served numbers: "
+                        "hflip (image + mirror image) or hflip-translate (also shifted by one pixel, 6 views)")
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--crop-pad", type=int, default=4,
                    help="augmentation: pad by this many pixels, then crop at random (He et al.: 4)")
@@ -517,12 +587,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sample = x_train[torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed))[:5000]]
         set_whitening(model, sample)
         whitening = {"images": len(sample), "kernel": WHITEN_KERNEL, "frozen": True}
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if args.bn_weights == "frozen":
+        for bn in bns:
+            if bn.weight is not None:
+                bn.weight.requires_grad_(False)  # stays 1: only the shift learns
+    if args.bn_momentum is not None:
+        for bn in bns:
+            bn.momentum = args.bn_momentum
     decay = [p for n, p in model.named_parameters() if p.dim() > 1 and p.requires_grad]
     no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1 and p.requires_grad]
+    group_lrs = (args.lr, args.lr * args.bias_lr_scale)
+    if args.decay_per_step is not None:  # the same shrink per step for every group: torch's decay is lr * wd
+        group_wds = (args.decay_per_step / group_lrs[0], args.decay_per_step / group_lrs[1])
+    else:
+        group_wds = (args.weight_decay, 0.0)
     opt = torch.optim.SGD(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [{"params": decay, "weight_decay": group_wds[0], "lr_scale": 1.0},
+         {"params": no_decay, "weight_decay": group_wds[1], "lr_scale": args.bias_lr_scale}],
         lr=args.lr, momentum=args.momentum, nesterov=True,
     )
+    lookahead = Lookahead(decay + no_decay, args.lookahead, args.lookahead_decay) if args.lookahead else None
     steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
     swa_epochs = min(args.swa_epochs, args.epochs)
     total_steps = steps_per_epoch * (args.epochs - swa_epochs)  # the cosine part; SWA epochs come after it
@@ -542,6 +627,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         start_epoch, history, train_seconds = ck["epoch"], ck["history"], ck["train_seconds"]
         if swa_model is not None and ck.get("swa") is not None:
             swa_model.load_state_dict(ck["swa"])
+        if lookahead is not None and ck.get("lookahead") is not None:
+            lookahead.load_state_dict(ck["lookahead"])
         print(f"resumed from {ckpt_path} at epoch {start_epoch}", file=sys.stderr)
 
     print(f"{name}: {len(classes)} classes, {len(x_train)} train / {len(x_val)} val / {len(folder_split.test)} "
@@ -557,8 +644,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         bar = progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch")
         for b in bar:
             step = epoch * steps_per_epoch + b
+            lr = args.swa_lr if step >= total_steps else lr_at(step, total_steps, args.lr, args.warmup,
+                                                                 args.schedule, args.lr_start)
             for g in opt.param_groups:
-                g["lr"] = args.swa_lr if step >= total_steps else lr_at(step, total_steps, args.lr, args.warmup)
+                g["lr"] = lr * g["lr_scale"]
             idx = perm[b * args.batch_size : (b + 1) * args.batch_size]
             xb = augment(x_train[idx], gen, args.crop_pad).to(device, non_blocking=True, memory_format=memory_format)
             yb = y_train[idx].to(device)
@@ -568,6 +657,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if lookahead is not None:
+                lookahead.step(step, total_steps)
             seen += len(yb)
             loss_sum += float(loss.detach()) * len(yb)
             correct += int((logits.argmax(-1) == yb).sum())
@@ -588,11 +679,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(rec), file=sys.stderr)
         atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
                      "history": history, "train_seconds": train_seconds,
-                     "swa": swa_model.state_dict() if swa_model is not None else None, "args": vars(args) | {
+                     "swa": swa_model.state_dict() if swa_model is not None else None,
+                     "lookahead": lookahead.state_dict() if lookahead is not None else None, "args": vars(args) | {
                          "data": str(args.data), "out": str(args.out), "cache": str(args.cache),
                          "install": str(args.install)}}, ckpt_path)
 
     final: torch.nn.Module = model
+    if lookahead is not None:
+        lookahead.finish()  # the slow weights are the model; their batch-norm statistics are measured afresh
+        recompute_bn_statistics(model, x_train, 512, device)
     if swa_model is not None:
         final = swa_model.module
         recompute_bn_statistics(final, x_train, 512, device)
@@ -612,15 +707,16 @@ def finish(args: argparse.Namespace, name: str, model: torch.nn.Module, classes:
     save_dtype = torch.float16 if args.save_dtype == "float16" else None
     if save_dtype is not None:
         round_to_storage(model, save_dtype)  # the metrics below are those of the stored weights
-    m = holdout_metrics(model, x_val, y_val, classes)
+    m = holdout_metrics(model, x_val, y_val, classes, extra_tta=args.tta)
     acc, acc_tta, cm = m["val_accuracy"], m["val_accuracy_hflip_tta"], m["confusion_matrix"]
+    extra = {k: v for k, v in m.items() if k.startswith("val_accuracy_") and k != "val_accuracy_hflip_tta"}
     y = y_val.numpy()
     weights_file = out / f"{name}.pt"
     digest = save_weights(model, weights_file, save_dtype)
     plot_confusion(cm, classes, out / "confusion.png", f"{name}: validation confusion matrix")
     report = {
-        "model": name, "val_accuracy": acc, "val_accuracy_hflip_tta": acc_tta,
-        "per_class_accuracy": m["per_class_accuracy"],
+        "model": name, "val_accuracy": acc, "val_accuracy_hflip_tta": acc_tta, **extra,
+        "test_time_augmentation": args.tta, "per_class_accuracy": m["per_class_accuracy"],
         "confusion_matrix": cm.tolist(), "epochs": len(history), "train_seconds": round(train_seconds, 1),
         "wall_seconds_this_run": round(time.time() - t_start, 1), "hardware": hardware_description(device),
         "torch": torch.__version__, "python": platform.python_version(), "val_size": len(y),
@@ -639,8 +735,17 @@ def finish(args: argparse.Namespace, name: str, model: torch.nn.Module, classes:
         "training": {"data": str(args.data), "train_images": n_train, "val_images": len(y)}
         | ({"test_split": test_split} if test_split else {}) | {"recipe": {
             "epochs": args.epochs, "batch_size": args.batch_size, "optimizer": "SGD nesterov",
-            "peak_lr": args.lr, "warmup": args.warmup, "schedule": "linear warm-up + cosine",
-            "momentum": args.momentum, "weight_decay": args.weight_decay,
+            "peak_lr": args.lr, "warmup": args.warmup,
+            "schedule": "linear warm-up + cosine" if args.schedule == "cosine" else
+            f"linear from {args.lr_start} x peak up to the peak, then linear to zero",
+            "momentum": args.momentum}
+            | ({"decay_per_step": args.decay_per_step} if args.decay_per_step is not None
+               else {"weight_decay": args.weight_decay})
+            | ({"bias_lr_scale": args.bias_lr_scale} if args.bias_lr_scale != 1.0 else {})
+            | ({"bn_weights": "frozen at 1"} if args.bn_weights == "frozen" else {})
+            | ({"bn_momentum": args.bn_momentum} if args.bn_momentum is not None else {})
+            | ({"lookahead_every": args.lookahead, "lookahead_decay": args.lookahead_decay} if args.lookahead
+               else {}) | {
             "label_smoothing": args.label_smoothing, "augmentation": f"pad {args.crop_pad} + random crop, h-flip",
             "precision": args.precision,
             "seed": args.seed} | ({"init_from": init_from} if init_from else {})
@@ -648,7 +753,8 @@ def finish(args: argparse.Namespace, name: str, model: torch.nn.Module, classes:
             | ({"weights_dtype": "float16"} if save_dtype is not None else {})
             | ({"swa_epochs": args.swa_epochs, "swa_lr": args.swa_lr} if args.swa_epochs else {})},
         "metrics": {"val_accuracy": round(acc, 4), "val_accuracy_hflip_tta": round(acc_tta, 4),
-                    "val_images": len(y)},
+                    **{k: round(v, 4) for k, v in extra.items()}, "val_images": len(y)},
+        "test_time_augmentation": args.tta,
     }
     publish_run(out, entry, weights_file, args.install)
     return report
