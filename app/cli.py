@@ -222,6 +222,7 @@ def evaluate_classifier(name: str, data: Path | None, *, batch_size: int = 64, l
     from app.runtime.registry import LoadedClassifier
     from models.train.common import confusion_matrix
     from models.train.images import frozen_test_files, holdout_files, holdout_from_training, scan_image_folder
+    from models.tta import metric_key
 
     if holdout and test_split:
         raise SystemExit("evaluate: --holdout and --test-split are different images: choose one")
@@ -256,7 +257,8 @@ def evaluate_classifier(name: str, data: Path | None, *, batch_size: int = 64, l
     if missing:
         raise SystemExit(f"folder classes {missing} are not labels of {name}")
     target = np.asarray([model_labels.index(classes[y]) for y in labels])
-    one_view = one_view and split is not None and loaded.hflip_tta
+    served_tta = loaded.tta
+    one_view = one_view and split is not None and served_tta is not None
     preds: list[int] = []
     preds_one: list[int] = []
     t0 = time.perf_counter()
@@ -265,11 +267,11 @@ def evaluate_classifier(name: str, data: Path | None, *, batch_size: int = 64, l
         # the forward the service's micro-batcher runs on a batch of requests' inputs
         preds.extend(int(p.argmax()) for p in loaded.forward(batch))
         if one_view:
-            loaded.hflip_tta = False  # the same forward without the mirror image: the card's one-view number
+            loaded.tta = None  # the same forward without the other views: the card's one-view number
             try:
                 preds_one.extend(int(p.argmax()) for p in loaded.forward(batch))
             finally:
-                loaded.hflip_tta = True
+                loaded.tta = served_tta
     seconds = time.perf_counter() - t0
     pred = np.asarray(preds)
     cm = confusion_matrix(target, pred, len(model_labels))
@@ -281,8 +283,8 @@ def evaluate_classifier(name: str, data: Path | None, *, batch_size: int = 64, l
         "images_per_second": round(len(files) / seconds, 1), "device": str(loaded.device),
         "weights": loaded.weights_tag}
     if split is not None:
-        served = "hflip" if loaded.hflip_tta else "one view"
-        measured = {("val_accuracy_hflip_tta" if loaded.hflip_tta else "val_accuracy"): _accuracy_counts(target, pred)}
+        served = served_tta or "one view"
+        measured = {metric_key(served_tta): _accuracy_counts(target, pred)}
         if one_view:
             measured["val_accuracy"] = _accuracy_counts(target, np.asarray(preds_one))
         card = {k: loaded.spec.metrics[k] for k in measured if k in loaded.spec.metrics}

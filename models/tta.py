@@ -17,6 +17,17 @@ import torch.nn.functional as F
 TTA_MODES = ("hflip", "hflip-translate")
 
 
+def metric_key(mode: str | None) -> str:
+    """The name of the validation accuracy of a mode in reports and manifests (the h-flip key predates the others)."""
+    if mode is None:
+        return "val_accuracy"
+    if mode == "hflip":
+        return "val_accuracy_hflip_tta"
+    if mode not in TTA_MODES:
+        raise ValueError(f"unknown test-time augmentation {mode!r} (supported: {', '.join(TTA_MODES)})")
+    return "val_accuracy_" + mode.replace("-", "_")
+
+
 def tta_views(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, list[float]]:
     """All views of an NCHW batch stacked along the batch axis (view-major: view v of image i is row v*N+i),
     and each view's weight (they sum to 1)."""

@@ -31,6 +31,7 @@ from models.faces.identification import ImpostorTable
 # here under the names the service and its tests use
 from models.manifest import MANIFEST_NAME, Manifest, ManifestEntry, PreprocessingEntry, load_manifest
 from models.preprocess import ImageSpec
+from models.tta import TTA_MODES, tta_probabilities
 from models.weights import (
     ResolvedWeights,
     WeightsRef,
@@ -119,9 +120,13 @@ class LoadedModel:
         self.weights_source = weights_source
 
     def _probabilities(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(self._probability_rows(x).unbind(0))
+
+    def _probability_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax of the model's logits, on the CPU (one row per input)."""
         with inference_context(self.device):
             logits = self.model(x)
-        return list(logits.float().softmax(-1).cpu().unbind(0))
+        return logits.float().softmax(-1).cpu()
 
     def forward(self, batch: list[Any]) -> list[torch.Tensor]:
         """Class probabilities, one row per input (runs off the event loop)."""
@@ -144,19 +149,15 @@ class LoadedClassifier(LoadedModel):
             raise ValueError(f"{spec.name}: an image classifier needs its preprocessing")
         self.preprocessing: ImageSpec = spec.preprocessing
         tta = spec.info.get("test_time_augmentation")
-        if tta not in (None, "hflip"):
-            raise ValueError(f"{spec.name}: unknown test_time_augmentation {tta!r} (supported: 'hflip')")
-        self.hflip_tta = tta == "hflip"
+        if tta is not None and tta not in TTA_MODES:
+            raise ValueError(f"{spec.name}: unknown test_time_augmentation {tta!r} (supported: {', '.join(TTA_MODES)})")
+        self.tta: str | None = tta
 
     def forward(self, batch: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Class probabilities for a list of preprocessed CHW tensors (averaged with the mirror image when
-        the manifest asks for horizontal-flip test-time augmentation)."""
+        """Class probabilities for a list of preprocessed CHW tensors (averaged over the views of the manifest's
+        test-time augmentation, models.tta: all views in one batch, made where the batch is)."""
         x = to_device_batch(stack_inputs(batch), self.device)
-        if not self.hflip_tta:
-            return self._probabilities(x)
-        probs = self._probabilities(torch.cat([x, x.flip(-1)]))  # mirrored where the batch is: copied once
-        n = len(batch)
-        return [(probs[i] + probs[n + i]) / 2 for i in range(n)]
+        return list(tta_probabilities(self._probability_rows, x, self.tta).unbind(0))
 
     def warmup(self) -> None:
         """One forward on a black image of the model's input size."""

@@ -54,7 +54,7 @@ from models.train.common import (
     start_run,
     stratified_split,
 )
-from models.tta import tta_probabilities
+from models.tta import metric_key, tta_probabilities
 from models.zoo import build_classifier
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -301,7 +301,7 @@ def holdout_metrics(model: torch.nn.Module, x_val: torch.Tensor, y_val: torch.Te
          "confusion_matrix": cm}
     if extra_tta not in (None, "hflip"):
         probs_x = predict(model, x_val, 512, tta=extra_tta).cpu()
-        m[f"val_accuracy_{extra_tta.replace('-', '_')}"] = float((probs_x.argmax(-1).numpy() == y).mean())
+        m[metric_key(extra_tta)] = float((probs_x.argmax(-1).numpy() == y).mean())
     return m
 
 
@@ -346,6 +346,23 @@ def lr_at(step: int, total: int, peak: float, warmup_frac: float, schedule: str 
         return peak * (step + 1) / warm
     t = (step - warm) / max(1, total - warm)
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, decay_per_step: float | None,
+                 bias_lr_scale: float) -> list[dict[str, Any]]:
+    """The optimizer's two groups: weights (dim > 1), and biases and batch-norm parameters at bias_lr_scale x
+    the learning rate ("lr_scale": the factor on the schedule's rate). Weight decay: `weight_decay` on the
+    weights only, or, with decay_per_step, torch's decay set per group so that every weight and bias shrinks by
+    that fraction per step at the peak rate (torch's SGD shrinks by lr x weight_decay). Frozen parameters are
+    left out."""
+    weights = [p for p in model.parameters() if p.dim() > 1 and p.requires_grad]
+    others = [p for p in model.parameters() if p.dim() <= 1 and p.requires_grad]
+    if decay_per_step is not None:
+        wds = (decay_per_step / lr, decay_per_step / (lr * bias_lr_scale))
+    else:
+        wds = (weight_decay, 0.0)
+    return [{"params": weights, "weight_decay": wds[0], "lr_scale": 1.0},
+            {"params": others, "weight_decay": wds[1], "lr_scale": bias_lr_scale}]
 
 
 class Lookahead:
@@ -595,19 +612,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.bn_momentum is not None:
         for bn in bns:
             bn.momentum = args.bn_momentum
-    decay = [p for n, p in model.named_parameters() if p.dim() > 1 and p.requires_grad]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1 and p.requires_grad]
-    group_lrs = (args.lr, args.lr * args.bias_lr_scale)
-    if args.decay_per_step is not None:  # the same shrink per step for every group: torch's decay is lr * wd
-        group_wds = (args.decay_per_step / group_lrs[0], args.decay_per_step / group_lrs[1])
-    else:
-        group_wds = (args.weight_decay, 0.0)
-    opt = torch.optim.SGD(
-        [{"params": decay, "weight_decay": group_wds[0], "lr_scale": 1.0},
-         {"params": no_decay, "weight_decay": group_wds[1], "lr_scale": args.bias_lr_scale}],
-        lr=args.lr, momentum=args.momentum, nesterov=True,
-    )
-    lookahead = Lookahead(decay + no_decay, args.lookahead, args.lookahead_decay) if args.lookahead else None
+    groups = param_groups(model, args.lr, args.weight_decay, args.decay_per_step, args.bias_lr_scale)
+    opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True)
+    trained = [p for g in groups for p in g["params"]]
+    lookahead = Lookahead(trained, args.lookahead, args.lookahead_decay) if args.lookahead else None
     steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
     swa_epochs = min(args.swa_epochs, args.epochs)
     total_steps = steps_per_epoch * (args.epochs - swa_epochs)  # the cosine part; SWA epochs come after it

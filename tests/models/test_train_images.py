@@ -105,6 +105,78 @@ def test_lr_schedule_warms_up_then_decays() -> None:
     assert lrs[-1] < 0.01 and all(a >= b for a, b in itertools.pairwise(lrs[10:]))
 
 
+def test_linear_schedule_is_a_triangle_from_a_fraction_of_the_peak() -> None:
+    lrs = [train_images.lr_at(s, 100, 2.0, 0.25, "linear", 0.2) for s in range(101)]
+    assert lrs[0] == pytest.approx(0.4) and lrs[25] == pytest.approx(2.0) == max(lrs)
+    assert lrs[10] == pytest.approx(0.4 + 1.6 * 10 / 25) and lrs[50] == pytest.approx(2.0 * 50 / 75)
+    assert lrs[100] == 0.0 and all(a >= b for a, b in itertools.pairwise(lrs[25:]))
+
+
+def test_lookahead_pulls_towards_slow_weights_more_as_training_ends() -> None:
+    p = torch.nn.Parameter(torch.tensor([0.0]))
+    la = train_images.Lookahead([p], every=2, max_decay=0.8)
+    p.data.fill_(1.0)
+    la.step(0, 4)  # not a sync step: nothing happens
+    assert float(p.detach()) == 1.0 and float(la.slow[0]) == 0.0
+    la.step(1, 4)  # progress 2/4: decay 0.8 * 0.125 = 0.1, slow = 0.1 * 0 + 0.9 * 1, and the weights restart there
+    assert float(la.slow[0]) == pytest.approx(0.9) and float(p.detach()) == pytest.approx(0.9)
+    p.data.fill_(2.0)
+    la.step(3, 4)  # progress 1: decay 0.8, slow = 0.8 * 0.9 + 0.2 * 2
+    assert float(la.slow[0]) == pytest.approx(1.12) and float(p.detach()) == pytest.approx(1.12)
+    p.data.fill_(5.0)
+    la.finish()
+    assert float(p.detach()) == pytest.approx(1.12)
+    with pytest.raises(ValueError):
+        train_images.Lookahead([p], every=0, max_decay=0.5)
+
+
+def test_decay_per_step_shrinks_every_group_by_the_same_fraction() -> None:
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4))
+    net[1].weight.requires_grad_(False)
+    g = train_images.param_groups(net, 1.5, 5e-4, 2e-3, 64.0)
+    assert [len(x["params"]) for x in g] == [1, 1]  # conv weight; batch-norm shift (its frozen scale left out)
+    assert g[1]["params"][0] is net[1].bias and g[1]["lr_scale"] == 64.0
+    for group, lr in zip(g, (1.5, 1.5 * 64), strict=True):
+        assert lr * group["weight_decay"] == pytest.approx(2e-3)
+    plain = train_images.param_groups(net, 1.5, 5e-4, None, 1.0)
+    assert [x["weight_decay"] for x in plain] == [5e-4, 0.0]
+
+
+def test_speed_run_options_are_recorded_and_frozen_scales_stay_one(tmp_path: Path) -> None:
+    data = make_folder(tmp_path / "data", per_class=10)
+    out = tmp_path / "run"
+    report = train_images.main([
+        "--data", str(data), "--out", str(out), "--family", "cifar-whitened-convnet", "--widths", "8", "8", "8",
+        "--convs", "1", "--epochs", "2", "--batch-size", "8", "--val-size", "6", "--lr", "0.5", "--crop-pad", "2",
+        "--schedule", "linear", "--lr-start", "0.2", "--decay-per-step", "1e-3", "--bias-lr-scale", "8",
+        "--bn-weights", "frozen", "--bn-momentum", "0.6", "--lookahead", "2", "--tta", "hflip-translate",
+        "--cache", str(tmp_path / "cache"), "--threads", "1"])
+    entry = json.loads((out / "manifest_entry.json").read_text())
+    recipe = entry["training"]["recipe"]
+    assert recipe["decay_per_step"] == 1e-3 and "weight_decay" not in recipe and recipe["bias_lr_scale"] == 8
+    assert recipe["bn_weights"] == "frozen at 1" and recipe["bn_momentum"] == 0.6 and recipe["lookahead_every"] == 2
+    assert recipe["schedule"].startswith("linear from 0.2")
+    assert entry["test_time_augmentation"] == "hflip-translate"
+    state = torch.load(out / f"{entry['name']}.pt", weights_only=True)
+    for k, v in state.items():
+        if k.startswith("groups.") and ".norms." in k and k.endswith(".weight"):
+            assert torch.equal(v, torch.ones_like(v)), k
+    # the six-view accuracy in the report is that of the saved weights served with that manifest entry
+    wd = tmp_path / "weights"
+    train_images.install_entry(entry, out / entry["file"], wd)
+    loaded = ModelRegistry(wd, tmp_path / "hub", torch.device("cpu"), allow_download=False,
+                           allow_untrained=False).load_classifier(entry["name"], warmup=False).loaded
+    assert loaded is not None and loaded.tta == "hflip-translate"
+    _, _, (val_u8, y_val) = train_images.load_split(data, 32, 6, 0, tmp_path / "cache",
+                                                   test=train_images.FrozenTestSplit(0.1))
+    spec = ImageSpec.from_dict(entry["preprocessing"])
+    x = [(v.float() / 255.0 - torch.tensor(spec.mean)[:, None, None]) / torch.tensor(spec.std)[:, None, None]
+         for v in val_u8]
+    pred = torch.stack(loaded.forward(x)).argmax(-1)
+    assert round(report["val_accuracy_hflip_translate"] * 6) == int((pred == y_val).sum())
+    assert entry["metrics"]["val_accuracy_hflip_translate"] == round(report["val_accuracy_hflip_translate"], 4)
+
+
 def test_install_keeps_hand_written_fields(tmp_path: Path) -> None:
     wd = tmp_path / "weights"
     f = tmp_path / "m.pt"

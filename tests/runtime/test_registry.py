@@ -214,7 +214,19 @@ def test_hflip_test_time_augmentation_averages_the_mirror(tmp_path: Path) -> Non
     expected = (plain.forward([x])[0] + plain.forward([x.flip(-1)])[0]) / 2
     got = tta.forward([x, torch.rand(3, 32, 32)])
     assert torch.allclose(got[0], expected, atol=1e-6) and len(got) == 2
+    # six views: also shifted by one pixel up-left and down-right (edges reflected), the shifted ones weigh half
+    data["models"][0]["test_time_augmentation"] = "hflip-translate"
+    (wd / "manifest.json").write_text(json.dumps(data))
+    six = make_registry(wd, tmp_path / "hub").load_classifier("tiny-cifar", warmup=False).loaded
+    assert six is not None
+    padded = torch.nn.functional.pad(x[None], (1, 1, 1, 1), mode="reflect")[0]
+    shifted = [padded[:, :32, :32], padded[:, 2:, 2:]]
+    views = [x, x.flip(-1)] + [v for s in shifted for v in (s, s.flip(-1))]
+    p = [plain.forward([v])[0] for v in views]
+    expected6 = (p[0] + p[1]) / 4 + (p[2] + p[3] + p[4] + p[5]) / 8
+    got6 = six.forward([torch.rand(3, 32, 32), x])
+    assert torch.allclose(got6[1], expected6, atol=1e-6) and not torch.allclose(got6[1], expected, atol=1e-4)
     data["models"][0]["test_time_augmentation"] = "rotate"
     (wd / "manifest.json").write_text(json.dumps(data))
     st = make_registry(wd, tmp_path / "hub").load_classifier("tiny-cifar", warmup=False)
-    assert st.status == "failed" and "test_time_augmentation" in (st.reason or "")
+    assert st.status == "failed" and "test_time_augmentation" in (st.reason or "") and "hflip-translate" in st.reason
