@@ -189,9 +189,11 @@ def test_jpeg_classification_on_the_gpu_decode_path_matches_the_cpu(base_setting
         assert max(abs(pa[k] - pb[k]) for k in pa) <= PROB_ATOL
 
 
-def test_a_batch_mixing_device_decoded_and_cpu_inputs_matches_the_cpu() -> None:
+@pytest.mark.parametrize("tta", ["hflip", "hflip-translate"])
+def test_a_batch_mixing_device_decoded_and_cpu_inputs_matches_the_cpu(tta: str) -> None:
     """Inputs decoded on the GPU and on the CPU can share a batch (stack_inputs takes the CPU ones to the device);
-    the probabilities match a CPU forward of the same inputs within bf16's tolerance."""
+    the probabilities match a CPU forward of the same inputs within bf16's tolerance, with either test-time
+    augmentation (its views made on the device)."""
     import copy
 
     from app.runtime import registry as reg
@@ -203,7 +205,7 @@ def test_a_batch_mixing_device_decoded_and_cpu_inputs_matches_the_cpu() -> None:
     net = cifar_resnet(8, 3).eval()
     spec = reg.ModelSpec(name="t", task="image-classification", family="cifar-resnet", arch={"depth": 8},
                          labels=["a", "b", "c"], preprocessing=ImageSpec(32, 32, (0.5,) * 3, (0.25,) * 3),
-                         weights=WeightsRef("t.pt"), source="test", info={"test_time_augmentation": "hflip"})
+                         weights=WeightsRef("t.pt"), source="test", info={"test_time_augmentation": tta})
     cuda = torch.device("cuda")
     on_gpu = reg.LoadedClassifier(spec, prepare_model(copy.deepcopy(net), cuda), cuda, "trained", "t")
     on_cpu = reg.LoadedClassifier(spec, prepare_model(net, torch.device("cpu")), torch.device("cpu"), "trained", "t")
