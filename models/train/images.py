@@ -526,6 +526,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.arch = arch_from_args(args)
     except ValueError as exc:
         p.error(str(exc))
+    if args.lookahead and args.swa_epochs:
+        p.error("--lookahead and --swa-epochs both average weights: choose one")
+    if args.lookahead < 0 or not 0.0 <= args.lookahead_decay < 1.0:
+        p.error("--lookahead needs N >= 0 and 0 <= --lookahead-decay < 1")
     return args
 
 

@@ -128,6 +128,9 @@ def test_lookahead_pulls_towards_slow_weights_more_as_training_ends() -> None:
     assert float(p.detach()) == pytest.approx(1.12)
     with pytest.raises(ValueError):
         train_images.Lookahead([p], every=0, max_decay=0.5)
+    for bad in (["--lookahead", "5", "--swa-epochs", "2"], ["--lookahead", "5", "--lookahead-decay", "1"]):
+        with pytest.raises(SystemExit):
+            train_images.parse_args(["--data", "d", "--out", "o", *bad])
 
 
 def test_decay_per_step_shrinks_every_group_by_the_same_fraction() -> None:
