@@ -484,9 +484,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "are the model that is saved")
     p.add_argument("--lookahead-decay", type=float, default=0.95 ** 5,
                    help="lookahead: the slow weights' decay at the end of training (grows as progress^3)")
-    p.add_argument("--tta", choices=["hflip", "hflip-translate"], default="hflip",
-                   help="test-time augmentation recorded in the manifest and used for the as-served numbers: "
-                        "hflip (image + mirror image) or hflip-translate (also shifted by one pixel, 6 views)")
+    p.add_argument("--tta", choices=["hflip", "hflip-translate"], default=None,
+                   help="test-time augmentation to record in the manifest entry (how the service will serve the "
+                        "model): hflip (image + mirror image) or hflip-translate (also shifted by one pixel, 6 views; "
+                        "its accuracy is added to the report). Default: none recorded (served one view); the "
+                        "report always has the one-view and h-flip numbers")
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--crop-pad", type=int, default=4,
                    help="augmentation: pad by this many pixels, then crop at random (He et al.: 4)")
@@ -766,8 +768,7 @@ def finish(args: argparse.Namespace, name: str, model: torch.nn.Module, classes:
             | ({"swa_epochs": args.swa_epochs, "swa_lr": args.swa_lr} if args.swa_epochs else {})},
         "metrics": {"val_accuracy": round(acc, 4), "val_accuracy_hflip_tta": round(acc_tta, 4),
                     **{k: round(v, 4) for k, v in extra.items()}, "val_images": len(y)},
-        "test_time_augmentation": args.tta,
-    }
+    } | ({"test_time_augmentation": args.tta} if args.tta else {})
     publish_run(out, entry, weights_file, args.install)
     return report
 
