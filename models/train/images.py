@@ -290,8 +290,8 @@ def holdout_metrics(model: torch.nn.Module, x_val: torch.Tensor, y_val: torch.Te
                     classes: list[str], extra_tta: str | None = None) -> dict[str, Any]:
     """One-view and h-flip-averaged accuracy, per-class accuracy and confusion matrix on a hold-out; with
     extra_tta (a models.tta mode other than hflip) also that mode's accuracy, as `val_accuracy_<mode>`."""
-    probs = predict(model, x_val, 512, tta=False).cpu()
-    probs_tta = predict(model, x_val, 512, tta=True).cpu()
+    probs = predict(model, x_val, 512, None).cpu()
+    probs_tta = predict(model, x_val, 512, "hflip").cpu()
     pred = probs.argmax(-1).numpy()
     y = y_val.cpu().numpy()
     cm = confusion_matrix(y, pred, len(classes))
@@ -300,7 +300,7 @@ def holdout_metrics(model: torch.nn.Module, x_val: torch.Tensor, y_val: torch.Te
          "per_class_accuracy": {c: float(cm[i, i] / max(1, cm[i].sum())) for i, c in enumerate(classes)},
          "confusion_matrix": cm}
     if extra_tta not in (None, "hflip"):
-        probs_x = predict(model, x_val, 512, tta=extra_tta).cpu()
+        probs_x = predict(model, x_val, 512, extra_tta).cpu()
         m[metric_key(extra_tta)] = float((probs_x.argmax(-1).numpy() == y).mean())
     return m
 
@@ -404,14 +404,13 @@ class Lookahead:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, x: torch.Tensor, batch: int, tta: bool | str | None) -> torch.Tensor:
-    """Class probabilities for a normalised NCHW tensor: one view (tta False or None), averaged with the h-flip
-    (True or "hflip"), or over the views of another mode of models.tta."""
+def predict(model: torch.nn.Module, x: torch.Tensor, batch: int, tta: str | None) -> torch.Tensor:
+    """Class probabilities for a normalised NCHW tensor: one view (tta None) or averaged over the views of a
+    models.tta mode ("hflip", "hflip-translate")."""
     model.eval()
-    mode = "hflip" if tta is True else (tta or None)
     outs = []
     for i in range(0, len(x), batch):
-        outs.append(tta_probabilities(lambda v: model(v).softmax(-1), x[i : i + batch], mode))
+        outs.append(tta_probabilities(lambda v: model(v).softmax(-1), x[i : i + batch], tta))
     return torch.cat(outs)
 
 
@@ -680,7 +679,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
         val_acc: float | None = None
         if (epoch + 1) % max(1, args.val_every) == 0 or epoch + 1 == args.epochs:
-            probs = predict(model, x_val, 512, tta=False)
+            probs = predict(model, x_val, 512, None)
             val_acc = float((probs.argmax(-1).cpu() == y_val).float().mean())
         if swa_model is not None and epoch >= args.epochs - swa_epochs:
             swa_model.update_parameters(model)

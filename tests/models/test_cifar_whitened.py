@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from models.cifar_whitened import WHITEN_KERNEL, WhitenedConvNet, set_whitening, whitening_filters
 from models.zoo import build_classifier
-from tests.models.test_train_images import make_folder
+from tests.models.test_train_images import train_tiny_whitened
 
 
 def _correlated_images(n: int, seed: int = 0) -> torch.Tensor:
@@ -72,12 +72,7 @@ def test_bad_arch_refused(arch: dict, message: str) -> None:  # type: ignore[typ
 def test_trainer_sets_the_whitening_from_training_images_and_never_updates_it(tmp_path: Path) -> None:
     from models.train import images as train_images
 
-    data = make_folder(tmp_path / "data", per_class=10)
-    out = tmp_path / "run"
-    report = train_images.main([
-        "--data", str(data), "--out", str(out), "--family", "cifar-whitened-convnet", "--widths", "8", "8", "8",
-        "--convs", "1", "--epochs", "2", "--batch-size", "8", "--val-size", "6", "--lr", "0.5", "--crop-pad", "2",
-        "--save-dtype", "float16", "--cache", str(tmp_path / "cache"), "--threads", "1"])
+    data, out, report = train_tiny_whitened(tmp_path, "--save-dtype", "float16")
     entry = json.loads((out / "manifest_entry.json").read_text())
     recipe = entry["training"]["recipe"]
     assert recipe["whitening"] == {"images": 21, "kernel": WHITEN_KERNEL, "frozen": True}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -145,15 +146,22 @@ def test_decay_per_step_shrinks_every_group_by_the_same_fraction() -> None:
     assert [x["weight_decay"] for x in plain] == [5e-4, 0.0]
 
 
-def test_speed_run_options_are_recorded_and_frozen_scales_stay_one(tmp_path: Path) -> None:
+def train_tiny_whitened(tmp_path: Path, *options: str) -> tuple[Path, Path, dict[str, Any]]:
+    """Two epochs of a tiny whitened convnet (widths 8, one conv per group) on a generated 3-class folder of 10
+    images per class, with extra trainer options: the folder, the run directory and the report."""
     data = make_folder(tmp_path / "data", per_class=10)
     out = tmp_path / "run"
     report = train_images.main([
         "--data", str(data), "--out", str(out), "--family", "cifar-whitened-convnet", "--widths", "8", "8", "8",
         "--convs", "1", "--epochs", "2", "--batch-size", "8", "--val-size", "6", "--lr", "0.5", "--crop-pad", "2",
-        "--schedule", "linear", "--lr-start", "0.2", "--decay-per-step", "1e-3", "--bias-lr-scale", "8",
-        "--bn-weights", "frozen", "--bn-momentum", "0.6", "--lookahead", "2", "--tta", "hflip-translate",
-        "--cache", str(tmp_path / "cache"), "--threads", "1"])
+        *options, "--cache", str(tmp_path / "cache"), "--threads", "1"])
+    return data, out, report
+
+
+def test_speed_run_options_are_recorded_and_frozen_scales_stay_one(tmp_path: Path) -> None:
+    data, out, report = train_tiny_whitened(
+        tmp_path, "--schedule", "linear", "--lr-start", "0.2", "--decay-per-step", "1e-3", "--bias-lr-scale", "8",
+        "--bn-weights", "frozen", "--bn-momentum", "0.6", "--lookahead", "2", "--tta", "hflip-translate")
     entry = json.loads((out / "manifest_entry.json").read_text())
     recipe = entry["training"]["recipe"]
     assert recipe["decay_per_step"] == 1e-3 and "weight_decay" not in recipe and recipe["bias_lr_scale"] == 8
