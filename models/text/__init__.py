@@ -29,7 +29,7 @@ TEXT_FAMILIES = ("vdcnn", "char-cnn", "word-cnn")
 _ARCH_KEYS: dict[str, set[str]] = {
     "vdcnn": {"depth", "pool", "shortcut", "hidden", "embedding_dim", "k"},
     "char-cnn": {"length", "size", "input", "dropout"},
-    "word-cnn": {"buckets", "dim", "widths", "filters", "dropout", "members"},
+    "word-cnn": {"buckets", "dim", "widths", "filters", "dropout", "members", "pooling"},
 }
 
 
@@ -100,6 +100,7 @@ def build_text_model(family: str, arch: dict[str, Any], num_classes: int, vocab_
             filters=int(kwargs.get("filters", 128)),
             dropout=float(kwargs.get("dropout", 0.5)),
             members=int(kwargs.get("members", 1)),
+            pooling=str(kwargs.get("pooling", "max")),
         )
     if "length" not in kwargs:
         raise ValueError("a char-cnn arch needs its input length (the fully connected width depends on it)")

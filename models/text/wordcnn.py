@@ -4,11 +4,14 @@ Each token's vector is its word embedding (learned from scratch; row 0 = padding
 plus the mean of its hashed character n-gram embeddings (Bojanowski et al. 2017), so a word never seen in
 training still gets a vector from its spelling. The token vectors go through one layer of parallel
 convolutions of several widths (width 2 reads word bigrams, 3-5 longer phrases; Kim used 3, 4, 5 with 100
-maps each), ReLU, max-over-time pooling, dropout and one linear layer.
+maps each), ReLU, max-over-time pooling, dropout and one linear layer. With ``pooling="max-mean"`` each map is
+also averaged over the text's positions (concatenated with its max): the max says whether a phrase detector
+fired anywhere, the mean how much of the text it covers, so evidence spread over many words adds up as it does
+in a bag-of-n-grams model.
 
 Padding never changes a prediction: the convolutions are "wide" (k - 1 zero positions on both sides), and
 output positions that see no token of the text (those past its end, where a longer text of the batch pads it)
-are masked before the max; a text without any token gives zero features. The input is the LongTensor
+are masked before the max (and left out of the mean); a text without any token gives zero features. The input is the LongTensor
 [N, W, 1 + S] of `models.text.words.WordEncoder`.
 
 ``members`` > 1 holds several independent networks (own embeddings, convolutions, classifier) over the same
@@ -30,20 +33,25 @@ from torch import nn
 
 from .words import vocabulary_from_tensor, vocabulary_to_tensor
 
+# over time, per feature map: the max (Kim 2014), or the max and the mean side by side
+POOLINGS = ("max", "max-mean")
+
 
 class _WordCNNMember(nn.Module):
     """One Kim-style network: token vectors -> parallel wide convolutions -> masked max-over-time -> linear."""
 
     def __init__(self, num_classes: int, vocab_size: int, buckets: int, dim: int, widths: Sequence[int],
-                 filters: int, dropout: float) -> None:
+                 filters: int, dropout: float, pooling: str = "max") -> None:
         super().__init__()
+        self.pooling = pooling
         self.word_embedding = nn.Embedding(vocab_size, dim, padding_idx=0)
         # mean of the token's n-gram vectors; padding index 0 is excluded from the mean (and from gradients)
         self.subword_embedding = nn.EmbeddingBag(buckets + 1, dim, mode="mean", padding_idx=0) if buckets else None
         self.widths = tuple(int(k) for k in widths)
         self.convs = nn.ModuleList(nn.Conv1d(dim, filters, k, padding=k - 1) for k in self.widths)
         self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(filters * len(self.widths), num_classes)
+        per_map = 2 if pooling == "max-mean" else 1
+        self.fc = nn.Linear(filters * len(self.widths) * per_map, num_classes)
         nn.init.normal_(self.word_embedding.weight, std=dim ** -0.5)
         if self.subword_embedding is not None:
             nn.init.normal_(self.subword_embedding.weight, std=dim ** -0.5)
@@ -69,8 +77,13 @@ class _WordCNNMember(nn.Module):
             y = torch.relu(conv(h))  # [N, F, W + k - 1]; position p reads tokens p - k + 1 .. p
             pos = torch.arange(y.shape[-1], device=y.device)
             valid = (pos[None, :] < (lengths + k - 1)[:, None]) & (lengths > 0)[:, None]
+            masked = y * valid[:, None, :].to(y.dtype)
             # after the ReLU every value is >= 0, so zeroing the invalid positions leaves the max of the valid ones
-            pooled.append((y * valid[:, None, :].to(y.dtype)).amax(-1))
+            pooled.append(masked.amax(-1))
+            if self.pooling == "max-mean":
+                # mean over the text's lengths + k - 1 output positions (0 for a text without tokens)
+                count = valid.sum(1, keepdim=True).clamp_min(1).to(y.dtype)
+                pooled.append(masked.sum(-1) / count)
         return self.fc(self.dropout(torch.cat(pooled, 1)))
 
 
@@ -79,8 +92,10 @@ class WordCNN(nn.Module):
 
     def __init__(self, num_classes: int, vocab_size: int, *, buckets: int = 32768, dim: int = 64,
                  widths: Sequence[int] = (2, 3, 4, 5), filters: int = 128, dropout: float = 0.5,
-                 members: int = 1) -> None:
+                 members: int = 1, pooling: str = "max") -> None:
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"word-cnn pooling must be one of {list(POOLINGS)}, got {pooling!r}")
         if vocab_size < 2 or num_classes < 2 or dim < 1 or filters < 1 or members < 1 or not widths:
             raise ValueError("word-cnn needs vocab_size >= 2, num_classes >= 2, and positive dim, filters, members "
                              "and at least one width")
@@ -89,7 +104,7 @@ class WordCNN(nn.Module):
         self.buckets = int(buckets)
         self.vocab_size = int(vocab_size)
         self.members = nn.ModuleList(
-            _WordCNNMember(num_classes, vocab_size, self.buckets, dim, widths, filters, dropout)
+            _WordCNNMember(num_classes, vocab_size, self.buckets, dim, widths, filters, dropout, pooling)
             for _ in range(members))
         self.vocabulary: torch.Tensor
         self.register_buffer("vocabulary", torch.zeros(0, dtype=torch.uint8))

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 from models.text import ALPHABETS, CharSpec, WordCNN, WordEncoder, WordSpec, build_text_model, count_parameters
 from models.text.vdcnn import BLOCKS_PER_DEPTH, POOLINGS
+from models.text.wordcnn import POOLINGS as WORD_POOLINGS
 from models.text.words import build_vocabulary, vocabulary_sha256
 from models.train.common import (
     atomic_save,
@@ -453,6 +454,8 @@ def arch_from_args(args: argparse.Namespace, num_classes: int, vocab_size: int) 
     elif args.family == "word-cnn":
         arch = {"buckets": args.buckets, "dim": args.word_dim, "widths": parse_ints(args.widths, "--widths"),
                 "filters": args.filters, "dropout": args.dropout, "members": args.members}
+        if args.word_pool != "max":  # only then: the shipped model's arch and its runs' fingerprints stay unchanged
+            arch["pooling"] = args.word_pool
     else:
         arch = {"size": args.size, "length": args.length, "input": args.input, "dropout": 0.5}
     return arch | {"num_classes": num_classes, "vocab_size": vocab_size}
@@ -553,6 +556,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--filters", type=int, default=128, help="feature maps per width")
     g.add_argument("--dropout", type=float, default=0.5, help="dropout before the classifier")
     g.add_argument("--members", type=int, default=1, help="networks averaged in one model (probability average)")
+    g.add_argument("--word-pool", choices=list(WORD_POOLINGS), default="max",
+                   help="over time, per feature map: max (Kim), or max-mean (the max and the mean side by side)")
     g.add_argument("--min-count", type=int, default=2, help="vocabulary: words seen at least this often in training")
     g.add_argument("--max-vocab", type=int, default=0, help="vocabulary: at most this many words (0: no limit)")
     g.add_argument("--max-words", type=int, default=256, help="tokens read per text")
@@ -602,6 +607,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--inner-val runs are for choosing hyper-parameters: they cannot be installed")
     if args.members > 1 and args.family != "word-cnn":
         p.error("--members is a word-cnn option")
+    if args.word_pool != "max" and args.family != "word-cnn":
+        p.error("--word-pool is a word-cnn option")
     if args.distill_tfidf_folds:
         if args.distill_tfidf_folds < 2:
             p.error("--distill-tfidf-folds needs at least 2 folds (0: no distillation)")

@@ -15,13 +15,13 @@ TEXTS = ["Oil prices rise as OPEC cuts output", "Federer wins the final on Sunda
 ARCH = {"buckets": 1024, "dim": 16, "widths": [2, 3, 4, 5], "filters": 8, "dropout": 0.5}
 
 
-def make(members: int = 1, max_words: int = 64) -> tuple[WordCNN, WordEncoder]:
+def make(members: int = 1, max_words: int = 64, pooling: str = "max") -> tuple[WordCNN, WordEncoder]:
     base = WordSpec(max_words=max_words, buckets=ARCH["buckets"])  # type: ignore[arg-type]
     words = build_vocabulary(base, TEXTS, min_count=1)
     spec = WordSpec(max_words=max_words, buckets=1024, vocab_size=len(words) + 2,
                     vocabulary_sha256=vocabulary_sha256(words))
     torch.manual_seed(0)
-    model = build_text_model("word-cnn", ARCH | {"members": members}, 4, spec.vocab_size)
+    model = build_text_model("word-cnn", ARCH | {"members": members, "pooling": pooling}, 4, spec.vocab_size)
     assert isinstance(model, WordCNN)
     model.set_vocabulary(words)
     return model.eval(), WordEncoder(spec, words)
@@ -38,8 +38,9 @@ def test_shapes_and_parameter_count() -> None:
     assert count_parameters(model) == expected
 
 
-def test_a_text_reads_the_same_alone_or_padded_in_a_batch() -> None:
-    model, enc = make()
+@pytest.mark.parametrize("pooling", ["max", "max-mean"])
+def test_a_text_reads_the_same_alone_or_padded_in_a_batch(pooling: str) -> None:
+    model, enc = make(pooling=pooling)
     with torch.no_grad():  # a positive bias makes all-padding windows win the max unless they are masked
         for conv in model.members[0].convs:
             conv.bias.fill_(1.0)
@@ -51,8 +52,9 @@ def test_a_text_reads_the_same_alone_or_padded_in_a_batch() -> None:
         torch.testing.assert_close(batched[i : i + 1], a, rtol=1e-5, atol=1e-5)
 
 
-def test_short_empty_and_long_texts() -> None:
-    model, enc = make(max_words=16)
+@pytest.mark.parametrize("pooling", ["max", "max-mean"])
+def test_short_empty_and_long_texts(pooling: str) -> None:
+    model, enc = make(max_words=16, pooling=pooling)
     with torch.no_grad():
         one_word = model(enc.encode(["oil"]))  # shorter than every filter width but 1: the wide convs still read it
         empty = model(enc.encode([""]))
@@ -65,6 +67,31 @@ def test_short_empty_and_long_texts() -> None:
     with torch.no_grad():
         a, b = model(enc.encode(["zebras"])), model(enc.encode(["quokkas"]))
     assert not torch.allclose(a, b)
+
+
+def test_max_mean_pooling_is_the_max_and_the_mean_over_the_texts_positions() -> None:
+    model, enc = make(pooling="max-mean")
+    member = model.members[0]
+    with torch.no_grad():
+        for conv in member.convs:
+            conv.bias.fill_(0.5)  # padding positions would then add 0.5 to a mean that counted them
+    x = enc.encode(TEXTS)  # lengths 7, 5, 2 tokens: the shorter texts are padded in the batch
+    lengths = [(row[:, 0] != 0).sum().item() for row in x]
+    feats = []
+    with torch.no_grad():
+        h = member.token_vectors(x).transpose(1, 2)
+        for i, n in enumerate(lengths):
+            parts = []
+            for k, conv in zip(member.widths, member.convs, strict=True):
+                y = torch.relu(conv(h[i : i + 1, :, :n]))[0]  # the text alone, unpadded: n + k - 1 positions
+                assert y.shape[-1] == n + k - 1
+                parts += [y.amax(-1), y.mean(-1)]
+            feats.append(torch.cat(parts))
+        expected = member.fc(torch.stack(feats))
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    # twice the features of max pooling alone: the classifier reads filters * widths * 2
+    assert member.fc.in_features == 2 * 8 * 4
+    assert count_parameters(model) == count_parameters(make()[0]) + 32 * 4
 
 
 def test_ensemble_averages_member_probabilities() -> None:
@@ -115,3 +142,5 @@ def test_builder_refuses_bad_arch() -> None:
         build_text_model("word-cnn", ARCH | {"vocab_size": 11}, 4, 10)
     with pytest.raises(ValueError):
         build_text_model("word-cnn", ARCH | {"widths": [0, 3]}, 4, 10)
+    with pytest.raises(ValueError, match="pooling"):
+        build_text_model("word-cnn", ARCH | {"pooling": "mean"}, 4, 10)

@@ -316,3 +316,33 @@ def test_inner_val_runs_never_read_the_holdout(tmp_path: Path, data: tuple[Path,
     inner = train_text.inner_split(outer, "12", 0)
     assert not set(inner.val_texts) & set(outer.val_texts) and not set(inner.train_texts) & set(outer.val_texts)
     assert set(inner.val_texts) <= set(outer.train_texts[: outer.first_train_rows])
+
+
+def test_word_pool_max_mean_is_recorded_in_the_arch_and_served(tmp_path: Path, data: tuple[Path, Path, Path]) -> None:
+    """--word-pool max-mean trains, lands in the manifest's arch, and the registry rebuilds that network; the
+    shipped max-pooling arch records no pooling key."""
+    from app.runtime.registry import ModelRegistry
+    from models.text import WordCNN
+
+    gold, extra, classes = data
+    out, weights = tmp_path / "run", tmp_path / "weights"
+    args = ["--train", str(gold), "--train", str(extra), "--classes", str(classes), "--out", str(out),
+            "--name", "tiny-maxmean", "--family", "word-cnn", "--word-dim", "16", "--filters", "16",
+            "--buckets", "1024", "--min-count", "1", "--epochs", "8", "--batch-size", "16", "--val-size", "30",
+            "--optimizer", "adamw", "--lr", "1e-2", "--threads", "1", "--seed", "0", "--device", "cpu",
+            "--word-pool", "max-mean", "--install", str(weights)]
+    report = train_text.main(args)
+    assert report["val_accuracy"] > 0.8, report["history"]
+    entry = load_manifest(weights)["tiny-maxmean"]
+    assert entry.arch["pooling"] == "max-mean"
+    registry = ModelRegistry(weights, tmp_path / "th", torch.device("cpu"), allow_download=False,
+                             allow_untrained=False)
+    state = registry.load("tiny-maxmean", "text-classification")
+    assert state.status == "ready" and state.loaded is not None, state.reason
+    model = state.loaded.model
+    assert isinstance(model, WordCNN) and model.members[0].pooling == "max-mean"
+    assert model.members[0].fc.in_features == 2 * 16 * 4
+    plain = train_text.parse_args(["--train", "x.csv", "--out", str(tmp_path), "--family", "word-cnn"])
+    assert "pooling" not in train_text.arch_from_args(plain, 3, 10)
+    with pytest.raises(SystemExit):
+        train_text.parse_args(["--train", "x.csv", "--out", str(tmp_path), "--word-pool", "max-mean"])  # vdcnn
