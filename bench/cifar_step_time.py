@@ -33,8 +33,10 @@ from models.zoo import build_classifier
 # name: (family, arch), the architectures the docs give recipes for
 MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "resnet-56": ("cifar-resnet", {"depth": 56, "shortcut": "A"}),
+    "se-resnet-20": ("cifar-se-resnet", {"depth": 20, "shortcut": "A", "reduction": 16}),
     "se-resnet-56": ("cifar-se-resnet", {"depth": 56, "shortcut": "A", "reduction": 16}),
     "se-resnet-110": ("cifar-se-resnet", {"depth": 110, "shortcut": "A", "reduction": 16}),
+    "wrn-16-2": ("cifar-wide-resnet", {"depth": 16, "width": 2, "dropout": 0.0}),
     "wrn-16-4": ("cifar-wide-resnet", {"depth": 16, "width": 4, "dropout": 0.0}),
     "wrn-16-8": ("cifar-wide-resnet", {"depth": 16, "width": 8, "dropout": 0.0}),
     "wrn-28-10": ("cifar-wide-resnet", {"depth": 28, "width": 10, "dropout": 0.0}),
