@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 
 .PHONY: install run test lint bench lock fetch-weights train-cifar cifar-ensemble train-text train-faces clean \
-	train-cifar-se-resnet train-cifar-wrn train-cifar-whitened bench-cifar-step train-text-wordcnn
+	train-cifar-se-resnet train-cifar-wrn train-cifar-whitened train-cifar-wrn-16-2 train-cifar-se-resnet20 bench-cifar-step train-text-wordcnn
 
 install: $(VENV)/.installed
 
@@ -54,6 +54,17 @@ train-cifar-wrn: install
 	$(BIN)/python -m app.cli train images --data ../shared/data/cifar10/train --out runs/cifar10-wrn-16-4 \
 		--name cifar10-wrn-16-4 --family cifar-wide-resnet --depth 16 --width 4 --epochs 40 --lr 0.1 --warmup 0.05 \
 		--precision bf16 --val-every 10 --install weights
+
+# the shipped members of those two families (their cards: weights/cifar10-wrn-16-2.md, weights/cifar10-se-resnet20.md)
+train-cifar-wrn-16-2: install
+	$(BIN)/python -m app.cli train images --data ../shared/data/cifar10/train --out runs/cifar10-wrn-16-2 \
+		--name cifar10-wrn-16-2 --family cifar-wide-resnet --depth 16 --width 2 --epochs 50 --lr 0.1 --warmup 0.05 \
+		--precision bf16 --val-every 10 --threads 2 --install weights
+
+train-cifar-se-resnet20: install
+	$(BIN)/python -m app.cli train images --data ../shared/data/cifar10/train --out runs/cifar10-se-resnet20 \
+		--name cifar10-se-resnet20 --family cifar-se-resnet --depth 20 --se-reduction 16 --epochs 40 --lr 0.2 \
+		--warmup 0.15 --precision bf16 --val-every 10 --threads 2 --install weights
 
 train-cifar-whitened: install
 	$(BIN)/python -m app.cli train images --data ../shared/data/cifar10/train --out runs/cifar10-whitened-convnet \

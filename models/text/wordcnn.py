@@ -11,8 +11,8 @@ in a bag-of-n-grams model.
 
 Padding never changes a prediction: the convolutions are "wide" (k - 1 zero positions on both sides), and
 output positions that see no token of the text (those past its end, where a longer text of the batch pads it)
-are masked before the max (and left out of the mean); a text without any token gives zero features. The input is the LongTensor
-[N, W, 1 + S] of `models.text.words.WordEncoder`.
+are masked before the max (and left out of the mean); a text without any token gives zero features. The input
+is the LongTensor [N, W, 1 + S] of `models.text.words.WordEncoder`.
 
 ``members`` > 1 holds several independent networks (own embeddings, convolutions, classifier) over the same
 vocabulary, trained side by side on the same batches from different initialisations; the output is the log
