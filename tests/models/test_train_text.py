@@ -230,6 +230,17 @@ def test_dedup_split_repeats_until_no_near_duplicate_is_left(tmp_path: Path) -> 
     assert split.moved == 2 and split.val_texts == [] and set(split.train_texts) >= {v1, v2, t}
 
 
+def tiny_word_cnn_args(data: tuple[Path, Path, Path], out: Path, weights: Path, name: str, *, width: int,
+                       buckets: int, epochs: int, extra: list[str] | None = None) -> list[str]:
+    """A small word-cnn run on the generated CSVs (word dim = filters = width), installed into `weights`."""
+    gold, extra_csv, classes = data
+    return ["--train", str(gold), "--train", str(extra_csv), "--classes", str(classes), "--out", str(out),
+            "--name", name, "--family", "word-cnn", "--word-dim", str(width), "--filters", str(width),
+            "--buckets", str(buckets), "--min-count", "1", "--epochs", str(epochs), "--batch-size", "16",
+            "--val-size", "30", "--optimizer", "adamw", "--lr", "1e-2", "--threads", "1", "--seed", "0",
+            "--device", "cpu", *(extra or []), "--install", str(weights)]
+
+
 def test_bad_name_is_refused_before_training(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         train_text.parse_args(["--train", "x.csv", "--out", str(tmp_path), "--name", "bad name/with slash"])
@@ -248,14 +259,8 @@ def test_word_cnn_trains_installs_and_serves_through_the_registry(tmp_path: Path
     from models.text.words import vocabulary_from_tensor, vocabulary_sha256
     from tests.conftest import wait_ready
 
-    gold, extra, classes = data
     out, weights = tmp_path / "run", tmp_path / "weights"
-    args = ["--train", str(gold), "--train", str(extra), "--classes", str(classes), "--out", str(out),
-            "--name", "tiny-words", "--family", "word-cnn", "--word-dim", "32", "--filters", "32",
-            "--buckets", "2048", "--min-count", "1", "--epochs", "12", "--batch-size", "16", "--val-size", "30",
-            "--optimizer", "adamw", "--lr", "1e-2", "--threads", "1", "--seed", "0", "--device", "cpu",
-            "--install", str(weights)]
-    report = train_text.main(args)
+    report = train_text.main(tiny_word_cnn_args(data, out, weights, "tiny-words", width=32, buckets=2048, epochs=12))
     assert report["val_accuracy"] > 0.8, report["history"]
     assert len((out / "log.jsonl").read_text().splitlines()) == 12
     entry = load_manifest(weights)["tiny-words"]
@@ -324,14 +329,9 @@ def test_word_pool_max_mean_is_recorded_in_the_arch_and_served(tmp_path: Path, d
     from app.runtime.registry import ModelRegistry
     from models.text import WordCNN
 
-    gold, extra, classes = data
     out, weights = tmp_path / "run", tmp_path / "weights"
-    args = ["--train", str(gold), "--train", str(extra), "--classes", str(classes), "--out", str(out),
-            "--name", "tiny-maxmean", "--family", "word-cnn", "--word-dim", "16", "--filters", "16",
-            "--buckets", "1024", "--min-count", "1", "--epochs", "8", "--batch-size", "16", "--val-size", "30",
-            "--optimizer", "adamw", "--lr", "1e-2", "--threads", "1", "--seed", "0", "--device", "cpu",
-            "--word-pool", "max-mean", "--install", str(weights)]
-    report = train_text.main(args)
+    report = train_text.main(tiny_word_cnn_args(data, out, weights, "tiny-maxmean", width=16, buckets=1024, epochs=8,
+                                                extra=["--word-pool", "max-mean"]))
     assert report["val_accuracy"] > 0.8, report["history"]
     entry = load_manifest(weights)["tiny-maxmean"]
     assert entry.arch["pooling"] == "max-mean"
