@@ -24,9 +24,10 @@ LIGHT = "cifar10-resnet20"  # the smallest, earliest model, still shipped
 ENSEMBLE = "cifar10-ensemble"  # resnet56 + resnet32, probabilities averaged
 WHITENED = "cifar10-whitened-convnet"  # the fast-training family, with a frozen test split; float16 weights
 WIDE = "cifar10-wrn-16-2"  # the wide-ResNet family, with a frozen test split
+SE = "cifar10-se-resnet20"  # the squeeze-and-excitation family, with a frozen test split
 # models trained with the frozen test split left out, each with the rule that decided whether it became the default:
 # (name, how far above the default's served hold-out accuracy it had to be, whether equal to the bar was enough)
-SPLIT_MODELS = [(WHITENED, 0.0, False), (WIDE, 0.005, True)]
+SPLIT_MODELS = [(WHITENED, 0.0, False), (WIDE, 0.005, True), (SE, 0.005, True)]
 CIFAR_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -96,6 +97,13 @@ def test_wide_resnet_entry() -> None:
     assert entry.training["recipe"]["epochs"] == 50 and entry.training["recipe"]["precision"] == "bf16"
 
 
+def test_se_resnet_entry() -> None:
+    entry = load_manifest(ROOT / "weights")[SE]
+    assert entry.family == "cifar-se-resnet" and entry.labels == CIFAR_LABELS
+    assert entry.arch == {"depth": 20, "shortcut": "A", "reduction": 16, "num_classes": 10}
+    assert entry.training["recipe"]["epochs"] == 40 and entry.training["recipe"]["precision"] == "bf16"
+
+
 @pytest.mark.parametrize(("name", "margin", "equal_passes"), SPLIT_MODELS)
 def test_frozen_split_models_and_their_decisions(name: str, margin: float, equal_passes: bool) -> None:
     manifest = load_manifest(ROOT / "weights")
@@ -135,7 +143,7 @@ def test_served_as_trained_default(tmp_path: Path) -> None:
 
 
 @pytest.mark.shared_data
-@pytest.mark.parametrize("name", [NAME, "cifar10-resnet32", LIGHT, ENSEMBLE, WHITENED, WIDE])
+@pytest.mark.parametrize("name", [NAME, "cifar10-resnet32", LIGHT, ENSEMBLE, WHITENED, WIDE, SE])
 def test_accuracy_on_the_holdout(tmp_path: Path, name: str) -> None:
     """A fixed sample of the images the model was validated on (never trained on), through the service's
     decoding, preprocessing and flip averaging: within 2 points of the served accuracy its card states."""
@@ -149,7 +157,7 @@ def test_accuracy_on_the_holdout(tmp_path: Path, name: str) -> None:
 
 
 @pytest.mark.shared_data
-@pytest.mark.parametrize("name", [WHITENED, WIDE])
+@pytest.mark.parametrize("name", [WHITENED, WIDE, SE])
 def test_frozen_test_split_accuracy(tmp_path: Path, name: str) -> None:
     """The card's test-split number reproduces on a fixed sample of it (the first 140 test images per class),
     within the same 2 points as the hold-out check."""
