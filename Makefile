@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 
 .PHONY: install run test lint bench lock fetch-weights train-cifar cifar-ensemble train-text train-faces clean \
-	train-cifar-se-resnet train-cifar-wrn train-cifar-whitened train-cifar-wrn-16-2 train-cifar-se-resnet20 bench-cifar-step train-text-wordcnn
+	train-cifar-se-resnet train-cifar-wrn train-cifar-whitened train-cifar-whitened-30 train-cifar-wrn-16-2 train-cifar-se-resnet20 bench-cifar-step train-text-wordcnn
 
 install: $(VENV)/.installed
 
@@ -71,6 +71,12 @@ train-cifar-whitened: install
 		--name cifar10-whitened-convnet --family cifar-whitened-convnet --epochs 15 --batch-size 512 --lr 0.8 \
 		--momentum 0.9 --warmup 0.2 --weight-decay 5e-4 --label-smoothing 0.2 --crop-pad 2 --save-dtype float16 \
 		--seed 0 --install weights
+
+train-cifar-whitened-30: install
+	$(BIN)/python -m app.cli train images --data ../shared/data/cifar10/train --out runs/cifar10-whitened-convnet-30 \
+		--name cifar10-whitened-convnet-30 --family cifar-whitened-convnet --epochs 30 --batch-size 512 --lr 0.8 \
+		--momentum 0.9 --warmup 0.2 --weight-decay 5e-4 --label-smoothing 0.2 --crop-pad 2 --save-dtype float16 \
+		--seed 0
 
 bench-cifar-step: install
 	$(BIN)/python -m bench.cifar_step_time --json runs/bench/cifar-step-time.json
