@@ -90,18 +90,15 @@ def test_whitened_convnet_entry_and_float16_weights() -> None:
     assert entry.training["recipe"]["whitening"]["frozen"] is True
 
 
-def test_wide_resnet_entry() -> None:
-    entry = load_manifest(ROOT / "weights")[WIDE]
-    assert entry.family == "cifar-wide-resnet" and entry.labels == CIFAR_LABELS
-    assert entry.arch == {"depth": 16, "width": 2, "dropout": 0.0, "num_classes": 10}
-    assert entry.training["recipe"]["epochs"] == 50 and entry.training["recipe"]["precision"] == "bf16"
-
-
-def test_se_resnet_entry() -> None:
-    entry = load_manifest(ROOT / "weights")[SE]
-    assert entry.family == "cifar-se-resnet" and entry.labels == CIFAR_LABELS
-    assert entry.arch == {"depth": 20, "shortcut": "A", "reduction": 16, "num_classes": 10}
-    assert entry.training["recipe"]["epochs"] == 40 and entry.training["recipe"]["precision"] == "bf16"
+@pytest.mark.parametrize(("name", "family", "arch", "epochs"), [
+    (WIDE, "cifar-wide-resnet", {"depth": 16, "width": 2, "dropout": 0.0, "num_classes": 10}, 50),
+    (SE, "cifar-se-resnet", {"depth": 20, "shortcut": "A", "reduction": 16, "num_classes": 10}, 40),
+])
+def test_new_family_entries(name: str, family: str, arch: dict[str, object], epochs: int) -> None:
+    entry = load_manifest(ROOT / "weights")[name]
+    assert entry.family == family and entry.labels == CIFAR_LABELS
+    assert entry.arch == arch
+    assert entry.training["recipe"]["epochs"] == epochs and entry.training["recipe"]["precision"] == "bf16"
 
 
 @pytest.mark.parametrize(("name", "margin", "equal_passes"), SPLIT_MODELS)
