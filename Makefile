@@ -76,7 +76,7 @@ train-cifar-whitened: install
 
 train-cifar-whitened-30: install
 	$(BIN)/python -m app.cli train images $(WHITENED_RECIPE) --out runs/cifar10-whitened-convnet-30 \
-		--name cifar10-whitened-convnet-30 --epochs 30
+		--name cifar10-whitened-convnet-30 --epochs 30 --install weights
 
 bench-cifar-step: install
 	$(BIN)/python -m bench.cifar_step_time --json runs/bench/cifar-step-time.json

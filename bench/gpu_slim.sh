@@ -22,6 +22,7 @@ SLIM=(
   weights/cifar10-resnet32.pt
   weights/cifar10-resnet20.pt
   weights/cifar10-whitened-convnet.pt
+  weights/cifar10-whitened-convnet-30.pt
   weights/cifar10-wrn-16-2.pt
   weights/cifar10-se-resnet20.pt
   weights/lfw-face-resnet.onnx

@@ -23,11 +23,12 @@ NAME = "cifar10-resnet56"  # the default classifier of a fresh install
 LIGHT = "cifar10-resnet20"  # the smallest, earliest model, still shipped
 ENSEMBLE = "cifar10-ensemble"  # resnet56 + resnet32, probabilities averaged
 WHITENED = "cifar10-whitened-convnet"  # the fast-training family, with a frozen test split; float16 weights
+WHITENED_30 = "cifar10-whitened-convnet-30"  # the same network and recipe, 30 epochs
 WIDE = "cifar10-wrn-16-2"  # the wide-ResNet family, with a frozen test split
 SE = "cifar10-se-resnet20"  # the squeeze-and-excitation family, with a frozen test split
 # models trained with the frozen test split left out, each with the rule that decided whether it became the default:
 # (name, how far above the default's served hold-out accuracy it had to be, whether equal to the bar was enough)
-SPLIT_MODELS = [(WHITENED, 0.0, False), (WIDE, 0.005, True), (SE, 0.005, True)]
+SPLIT_MODELS = [(WHITENED, 0.0, False), (WIDE, 0.005, True), (SE, 0.005, True), (WHITENED_30, 0.005, True)]
 CIFAR_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -80,14 +81,28 @@ def test_default_settings_serve_the_stronger_model_first() -> None:
     assert ENSEMBLE in configured and configured.index(NAME) < configured.index(WHITENED)
 
 
-def test_whitened_convnet_entry_and_float16_weights() -> None:
-    entry = load_manifest(ROOT / "weights")[WHITENED]
+@pytest.mark.parametrize("name", [WHITENED, WHITENED_30])
+def test_whitened_convnet_entry_and_float16_weights(name: str) -> None:
+    entry = load_manifest(ROOT / "weights")[name]
     assert entry.family == "cifar-whitened-convnet" and entry.labels == CIFAR_LABELS
     assert entry.arch == {"widths": [64, 256, 256], "convs": 2, "logit_scale": 1 / 9, "num_classes": 10}
     state = torch.load(ROOT / "weights" / entry.file, weights_only=True)
     assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float16}
     assert entry.training["recipe"]["weights_dtype"] == "float16"
     assert entry.training["recipe"]["whitening"]["frozen"] is True
+
+
+def test_whitened_30_is_the_same_recipe_twice_as_long_and_passed_its_shipping_bar() -> None:
+    manifest = load_manifest(ROOT / "weights")
+    short, long = manifest[WHITENED], manifest[WHITENED_30]
+    assert (short.training["recipe"]["epochs"], long.training["recipe"]["epochs"]) == (15, 30)
+    assert {k: v for k, v in long.training["recipe"].items() if k != "epochs"} == \
+        {k: v for k, v in short.training["recipe"].items() if k != "epochs"}
+    assert long.training["test_split"] == short.training["test_split"] and long.preprocessing == short.preprocessing
+    # its rule: shipped by name only above the 15-epoch model's served validation accuracy on the same images
+    decision = json.loads((ROOT / "weights" / "reports" / f"{WHITENED_30}-decision.json").read_text())
+    assert decision["bar_to_ship"] == short.metrics["val_accuracy_hflip_tta"]
+    assert decision["ships_by_name"] is True and long.metrics["val_accuracy_hflip_tta"] > decision["bar_to_ship"]
 
 
 @pytest.mark.parametrize(("name", "family", "arch", "epochs"), [
@@ -140,7 +155,7 @@ def test_served_as_trained_default(tmp_path: Path) -> None:
 
 
 @pytest.mark.shared_data
-@pytest.mark.parametrize("name", [NAME, "cifar10-resnet32", LIGHT, ENSEMBLE, WHITENED, WIDE, SE])
+@pytest.mark.parametrize("name", [NAME, "cifar10-resnet32", LIGHT, ENSEMBLE, WHITENED, WHITENED_30, WIDE, SE])
 def test_accuracy_on_the_holdout(tmp_path: Path, name: str) -> None:
     """A fixed sample of the images the model was validated on (never trained on), through the service's
     decoding, preprocessing and flip averaging: within 2 points of the served accuracy its card states."""
@@ -154,7 +169,7 @@ def test_accuracy_on_the_holdout(tmp_path: Path, name: str) -> None:
 
 
 @pytest.mark.shared_data
-@pytest.mark.parametrize("name", [WHITENED, WIDE, SE])
+@pytest.mark.parametrize("name", [WHITENED, WHITENED_30, WIDE, SE])
 def test_frozen_test_split_accuracy(tmp_path: Path, name: str) -> None:
     """The card's test-split number reproduces on a fixed sample of it (the first 140 test images per class),
     within the same 2 points as the hold-out check."""
