@@ -6,7 +6,8 @@ their softmax outputs, so the service's usual softmax over the "logits" gives ba
 ``members.<i>.<member key>``), so it loads, hashes and serves through the registry like any other
 classifier.
 
-Members are CIFAR models of the project's families (ResNet, SE-ResNet, wide ResNet), built through the
+Members are CIFAR models of the project's families (ResNet, SE-ResNet, wide ResNet, whitened convnet), built
+through the
 family registry; this module imports those family modules directly and nothing that imports it back.
 """
 
@@ -18,10 +19,10 @@ import torch
 from torch import nn
 
 # importing the member families registers them
-from models import cifar_resnet, cifar_se_resnet, cifar_wide_resnet  # noqa: F401
+from models import cifar_resnet, cifar_se_resnet, cifar_whitened, cifar_wide_resnet  # noqa: F401
 from models.families import arch_kwargs, build, register_family
 
-MEMBER_FAMILIES = ("cifar-resnet", "cifar-se-resnet", "cifar-wide-resnet")
+MEMBER_FAMILIES = ("cifar-resnet", "cifar-se-resnet", "cifar-wide-resnet", "cifar-whitened-convnet")
 
 
 class ProbabilityEnsemble(nn.Module):

@@ -1,5 +1,5 @@
-"""Combine trained CIFAR models (ResNet, SE-ResNet, wide ResNet) from a manifest into one probability-averaging
-ensemble model.
+"""Combine trained CIFAR models (ResNet, SE-ResNet, wide ResNet, whitened convnet) from a manifest into one
+probability-averaging ensemble model.
 
     python -m models.train.ensemble --name cifar10-ensemble --members cifar10-resnet56 cifar10-resnet32 \\
         --data ../shared/data/cifar10/train --out runs/cifar10-ensemble --install weights

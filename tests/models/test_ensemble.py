@@ -126,9 +126,11 @@ def test_untrained_ensemble_module_matches_arch_of_shipped_form() -> None:
     assert sum(p.numel() for p in ens.parameters()) == 269_722 + 464_154
 
 
-def test_ensemble_of_se_and_wide_resnet_members(tmp_path: Path) -> None:
-    """Members of the SE-ResNet and wide-ResNet families combine like ResNets; their families are recorded in the
-    ensemble's arch, and members that left out different test splits (so had different hold-outs) are refused."""
+def test_ensemble_of_se_wide_resnet_and_whitened_members(tmp_path: Path) -> None:
+    """Members of the SE-ResNet, wide-ResNet and whitened-convnet families (the last with float16 weights and its
+    frozen whitening filters) combine like ResNets; their families are recorded in the ensemble's arch, the loaded
+    ensemble gives the mean of the members' probabilities, and members that left out different test splits (so had
+    different hold-outs) are refused."""
     data = make_folder(tmp_path / "data", per_class=10)
     weights = tmp_path / "weights"
     common = ["--data", str(data), "--epochs", "1", "--batch-size", "8", "--val-size", "6", "--threads", "1",
@@ -137,16 +139,24 @@ def test_ensemble_of_se_and_wide_resnet_members(tmp_path: Path) -> None:
                        "--depth", "8", "--se-reduction", "4"])
     train_images.main([*common, "--out", str(tmp_path / "wrn"), "--name", "tiny-wrn", "--family",
                        "cifar-wide-resnet", "--depth", "10", "--width", "1"])
-    report = train_ensemble.main(["--name", "tiny-mix", "--members", "tiny-se", "tiny-wrn", "--weights-dir",
+    train_images.main([*common, "--out", str(tmp_path / "wh"), "--name", "tiny-wh", "--family",
+                       "cifar-whitened-convnet", "--widths", "8", "8", "8", "--save-dtype", "float16"])
+    report = train_ensemble.main(["--name", "tiny-mix", "--members", "tiny-se", "tiny-wrn", "tiny-wh", "--weights-dir",
                                   str(weights), "--out", str(tmp_path / "ens"), "--cache", str(tmp_path / "cache"),
                                   "--threads", "1", "--install", str(weights)])
     assert report["val_size"] == 6
     entry = load_manifest(weights)["tiny-mix"]
-    assert [m.get("family") for m in entry.arch["members"]] == ["cifar-se-resnet", "cifar-wide-resnet"]
+    assert [m.get("family") for m in entry.arch["members"]] == ["cifar-se-resnet", "cifar-wide-resnet",
+                                                                "cifar-whitened-convnet"]
     assert entry.training["test_split"] == load_manifest(weights)["tiny-se"].training["test_split"]
     reg = ModelRegistry(weights, tmp_path / "hub", torch.device("cpu"), allow_download=False, allow_untrained=False)
     st = reg.load_classifier("tiny-mix")
     assert st.status == "ready" and st.loaded is not None and st.loaded.weights_tag == "trained"
+    members = [reg.load_classifier(n).loaded for n in ("tiny-se", "tiny-wrn", "tiny-wh")]
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = torch.stack([m.model.float()(x).softmax(1) for m in members if m is not None]).mean(0)
+        assert torch.allclose(st.loaded.model.float()(x).softmax(1), expected, atol=1e-5)
 
     train_images.main([*common, "--out", str(tmp_path / "other"), "--name", "tiny-other", "--depth", "8",
                        "--test-fraction", "0.2"])
