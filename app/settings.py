@@ -14,7 +14,7 @@ DEFAULT_IMAGENET_MODELS = [
     "resnet50", "densenet121", "resnext50_32x4d", "wide_resnet50_2", "vgg16_bn", "efficientnet_b0", "convnext_tiny",
 ]
 # the project's own CIFAR-10 models (weights/), strongest single network first
-DEFAULT_CIFAR_MODELS = ["cifar10-resnet56", "cifar10-ensemble", "cifar10-whitened-convnet-30",
+DEFAULT_CIFAR_MODELS = ["cifar10-resnet56", "cifar10-ensemble", "cifar10-ensemble-40k", "cifar10-whitened-convnet-30",
                         "cifar10-whitened-convnet", "cifar10-resnet32", "cifar10-wrn-16-2", "cifar10-se-resnet20",
                         "cifar10-resnet20"]
 

@@ -19,6 +19,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SLIM=(
   weights/agnews-wordcnn.pt
   weights/cifar10-ensemble.pt
+  weights/cifar10-ensemble-40k.pt
   weights/cifar10-resnet32.pt
   weights/cifar10-resnet20.pt
   weights/cifar10-whitened-convnet.pt

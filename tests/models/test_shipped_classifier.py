@@ -24,6 +24,7 @@ LIGHT = "cifar10-resnet20"  # the smallest, earliest model, still shipped
 ENSEMBLE = "cifar10-ensemble"  # resnet56 + resnet32, probabilities averaged
 WHITENED = "cifar10-whitened-convnet"  # the fast-training family, with a frozen test split; float16 weights
 WHITENED_30 = "cifar10-whitened-convnet-30"  # the same network and recipe, 30 epochs
+ENSEMBLE_40K = "cifar10-ensemble-40k"  # one member of each newer family, all on the frozen-test-split training set
 WIDE = "cifar10-wrn-16-2"  # the wide-ResNet family, with a frozen test split
 SE = "cifar10-se-resnet20"  # the squeeze-and-excitation family, with a frozen test split
 # models trained with the frozen test split left out, each with the rule that decided whether it became the default:
@@ -73,6 +74,31 @@ def test_ensemble_is_built_from_the_shipped_members() -> None:
     assert entry.preprocessing == manifest[NAME].preprocessing
     assert entry.metrics["val_accuracy"] > max(manifest[m["name"]].metrics["val_accuracy"] for m in members)
     assert entry.card and (ROOT / "weights" / entry.card).is_file()
+
+
+def test_ensemble_40k_is_built_from_the_shipped_members_and_passed_its_rule() -> None:
+    manifest = load_manifest(ROOT / "weights")
+    entry = manifest[ENSEMBLE_40K]
+    assert entry.family == "cifar-resnet-ensemble" and entry.labels == CIFAR_LABELS
+    assert sha256_of(ROOT / "weights" / entry.file) == entry.sha256
+    names = [m["name"] for m in entry.training["members"]]
+    assert names == [WHITENED_30, WIDE, SE]
+    assert all(manifest[m["name"]].sha256 == m["sha256"] for m in entry.training["members"])  # not stale
+    assert [a.get("family") for a in entry.arch["members"]] == [manifest[n].family for n in names]
+    assert "weights" not in entry.arch  # equal weights, as the rule fixed
+    assert all(manifest[n].preprocessing == entry.preprocessing for n in names)
+    assert entry.training["test_split"] == manifest[WHITENED].training["test_split"]
+    card = (ROOT / "weights" / str(entry.card)).read_text()
+    for key in ("val_accuracy", "val_accuracy_hflip_tta", "test_accuracy", "test_accuracy_hflip_tta"):
+        assert f"{100 * entry.metrics[key]:.2f}%" in card, key
+    # its rule: shipped only at its best member's served validation accuracy + 0.5 points; never the default
+    decision = json.loads((ROOT / "weights" / "reports" / f"{ENSEMBLE_40K}-decision.json").read_text())
+    best = max(manifest[n].metrics["val_accuracy_hflip_tta"] for n in names)
+    assert decision["bar_to_ship"] == pytest.approx(best + 0.005, abs=1e-9)
+    assert decision["ships_by_name"] is True and entry.metrics["val_accuracy_hflip_tta"] >= decision["bar_to_ship"]
+    assert decision["becomes_default"] is False and decision["decided_before_the_test_split_was_scored"] is True
+    configured = Settings().classifiers
+    assert configured.index(NAME) < configured.index(ENSEMBLE_40K)
 
 
 def test_default_settings_serve_the_stronger_model_first() -> None:
@@ -155,7 +181,8 @@ def test_served_as_trained_default(tmp_path: Path) -> None:
 
 
 @pytest.mark.shared_data
-@pytest.mark.parametrize("name", [NAME, "cifar10-resnet32", LIGHT, ENSEMBLE, WHITENED, WHITENED_30, WIDE, SE])
+@pytest.mark.parametrize("name", [NAME, "cifar10-resnet32", LIGHT, ENSEMBLE, WHITENED, WHITENED_30, WIDE, SE,
+                                  ENSEMBLE_40K])
 def test_accuracy_on_the_holdout(tmp_path: Path, name: str) -> None:
     """A fixed sample of the images the model was validated on (never trained on), through the service's
     decoding, preprocessing and flip averaging: within 2 points of the served accuracy its card states."""
@@ -169,7 +196,7 @@ def test_accuracy_on_the_holdout(tmp_path: Path, name: str) -> None:
 
 
 @pytest.mark.shared_data
-@pytest.mark.parametrize("name", [WHITENED, WHITENED_30, WIDE, SE])
+@pytest.mark.parametrize("name", [WHITENED, WHITENED_30, WIDE, SE, ENSEMBLE_40K])
 def test_frozen_test_split_accuracy(tmp_path: Path, name: str) -> None:
     """The card's test-split number reproduces on a fixed sample of it (the first 140 test images per class),
     within the same 2 points as the hold-out check."""
