@@ -283,17 +283,26 @@ def test_multires_levels(features: VGGFeatures) -> None:
 
 
 def test_bf16_autocast_path(features: VGGFeatures) -> None:
-    # the CUDA default (bf16 convolutions, float32 Grams and losses), exercised on the CPU
-    losses: dict[torch.dtype | None, list[float]] = {None: [], torch.bfloat16: []}
-    for amp, record in losses.items():
-        stylize(_content(), [_style(0)], StyleParams(steps=10, size=32, style_weight=100.0), features, CPU,
-                progress=lambda i, r=record: r.append(i.loss) is None, amp=amp)  # type: ignore[misc]
-    fp32, bf16 = losses[None], losses[torch.bfloat16]
+    """The CUDA default (bf16 convolutions, float32 Grams and losses), exercised on the CPU.
+
+    With Adam the path is smooth, so bf16 must follow fp32 step by step. L-BFGS's reported loss jumps (its line
+    search tries long steps) and a rounding difference sends it elsewhere: on a CPU with AMX bf16 kernels its last
+    loss after 10 steps was 89 against fp32's 50 (best 67 against 50), on an AVX512-BF16 CPU within 20%. So for
+    L-BFGS the test asks what the service returns, the best image: its loss must fall well below the start."""
+    def losses(amp: torch.dtype | None, optimizer: str) -> list[float]:
+        record: list[float] = []
+        stylize(_content(), [_style(0)], StyleParams(steps=10, size=32, style_weight=100.0, optimizer=optimizer,
+                                                     lr=0.05), features, CPU,
+                progress=lambda i: record.append(i.loss), amp=amp)  # type: ignore[func-returns-value]
+        return record
+
+    fp32, bf16 = losses(None, "adam"), losses(torch.bfloat16, "adam")
+    assert len(fp32) == len(bf16) == 10
+    assert bf16 == pytest.approx(fp32, rel=0.02)  # every step within 2%
+    assert bf16[-1] < 0.7 * bf16[0]  # and it optimises
+    fp32, bf16 = losses(None, "lbfgs"), losses(torch.bfloat16, "lbfgs")
     assert bf16[0] == pytest.approx(fp32[0], rel=0.02)
-    # progress is judged against fp32 on the same machine, not as a fixed fraction: how far 10 L-BFGS steps get
-    # depends on the CPU's kernels (the H200 machine's CPU fell only 6% in bf16)
-    assert bf16[0] - bf16[-1] >= 0.5 * (fp32[0] - fp32[-1]) > 0
-    assert bf16[-1] == pytest.approx(fp32[-1], rel=0.2)
+    assert min(bf16) < 0.85 * bf16[0] and min(fp32) < 0.85 * fp32[0]
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
