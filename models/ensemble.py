@@ -7,8 +7,7 @@ their softmax outputs, so the service's usual softmax over the "logits" gives ba
 classifier.
 
 Members are CIFAR models of the project's families (ResNet, SE-ResNet, wide ResNet, whitened convnet), built
-through the
-family registry; this module imports those family modules directly and nothing that imports it back.
+through the family registry; this module imports those family modules directly and nothing that imports it back.
 """
 
 from __future__ import annotations

@@ -217,29 +217,20 @@ def test_a_batch_mixing_device_decoded_and_cpu_inputs_matches_the_cpu(tta: str) 
     assert got.device.type == "cpu" and (got - want).abs().max() <= PROB_ATOL
 
 
-STYLE_DEVICE = "cuda"  # the device the style test below compares with the CPU
-
-
 def test_style_on_the_gpu_follows_the_cpu() -> None:
     """Style transfer on CUDA with its default precision (bf16 autocast for the feature network, float32 Grams and
     losses) against the CPU's float32. With Adam (a smooth path) every step's loss is within 3% of the CPU's; with
     L-BFGS, the service's default optimiser, whose reported losses jump (tests/models/test_style.py), the first loss
     agrees and the best one, which is what the service returns, falls by at least 15%. The feature network stays on
     the device after a job (kept warm for the next)."""
-    from models.style import StyleParams, random_vgg_features, stylize
-    from tests.models.test_style import _content, _style
+    from models.style import random_vgg_features
+    from tests.models.test_style import _losses
 
-    def run(features: Any, device: str, optimizer: str) -> tuple[list[float], Any]:
-        record: list[float] = []
-        params = StyleParams(steps=10, size=32, style_weight=100.0, optimizer=optimizer, lr=0.05)
-        out = stylize(_content(), [_style(0)], params, features, torch.device(device),
-                      progress=lambda i: record.append(i.loss))  # type: ignore[func-returns-value]
-        return record, out
-
+    cuda = torch.device("cuda")
     on_cpu, on_gpu = random_vgg_features(seed=0), random_vgg_features(seed=0)
-    (cpu, cpu_image), (gpu, gpu_image) = run(on_cpu, "cpu", "adam"), run(on_gpu, STYLE_DEVICE, "adam")
+    (cpu, cpu_image), (gpu, gpu_image) = _losses(on_cpu, "adam"), _losses(on_gpu, "adam", cuda)
     assert len(cpu) == len(gpu) == 10 and gpu == pytest.approx(cpu, rel=0.03)
     assert gpu_image.size == cpu_image.size and gpu[-1] < 0.7 * gpu[0]
-    assert next(on_gpu.parameters()).device.type == torch.device(STYLE_DEVICE).type
-    (cpu, _), (gpu, _) = run(on_cpu, "cpu", "lbfgs"), run(on_gpu, STYLE_DEVICE, "lbfgs")
+    assert next(on_gpu.parameters()).device.type == "cuda"
+    (cpu, _), (gpu, _) = _losses(on_cpu, "lbfgs"), _losses(on_gpu, "lbfgs", cuda)
     assert gpu[0] == pytest.approx(cpu[0], rel=0.03) and min(gpu) < 0.85 * gpu[0]

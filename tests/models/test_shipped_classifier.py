@@ -17,6 +17,7 @@ from app.cli import evaluate_classifier
 from app.main import create_app
 from app.runtime.registry import load_manifest, sha256_of
 from app.settings import Settings
+from models.manifest import ManifestEntry
 from tests.conftest import ROOT, SHARED_DATA, wait_ready
 
 NAME = "cifar10-resnet56"  # the default classifier of a fresh install
@@ -31,6 +32,16 @@ SE = "cifar10-se-resnet20"  # the squeeze-and-excitation family, with a frozen t
 # (name, how far above the default's served hold-out accuracy it had to be, whether equal to the bar was enough)
 SPLIT_MODELS = [(WHITENED, 0.0, False), (WIDE, 0.005, True), (SE, 0.005, True), (WHITENED_30, 0.005, True)]
 CIFAR_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+SPLIT_METRICS = ("val_accuracy", "val_accuracy_hflip_tta", "test_accuracy", "test_accuracy_hflip_tta")
+
+
+def assert_card_quotes(entry: ManifestEntry, keys: tuple[str, ...]) -> None:
+    """The model card quotes the manifest's numbers (which the accuracy tests below measure)."""
+    card = (ROOT / "weights" / str(entry.card)).read_text()
+    for key in keys:
+        assert f"{100 * entry.metrics[key]:.2f}%" in card, key
 
 
 def shipped_settings(tmp_path: Path, name: str = NAME) -> Settings:
@@ -53,10 +64,7 @@ def test_manifest_entry_and_sha256(name: str, depth: int) -> None:
     assert entry.preprocessing is not None and entry.preprocessing.crop == 32
     assert entry.arch["depth"] == depth and entry.card and (ROOT / "weights" / entry.card).is_file()
     assert (entry.model_extra or {}).get("test_time_augmentation") == "hflip"
-    # the card quotes the manifest's numbers (which test_accuracy_on_the_holdout measures)
-    card = (ROOT / "weights" / entry.card).read_text()
-    for key in ("val_accuracy", "val_accuracy_hflip_tta"):
-        assert f"{100 * entry.metrics[key]:.2f}%" in card, key
+    assert_card_quotes(entry, ("val_accuracy", "val_accuracy_hflip_tta"))
     # the hold-out can be rebuilt: its folder, size and split seed are recorded
     assert entry.training["train_images"] + entry.training["val_images"] == 50000
     assert entry.training["recipe"]["seed"] == 0
@@ -88,9 +96,7 @@ def test_ensemble_40k_is_built_from_the_shipped_members_and_passed_its_rule() ->
     assert "weights" not in entry.arch  # equal weights, as the rule fixed
     assert all(manifest[n].preprocessing == entry.preprocessing for n in names)
     assert entry.training["test_split"] == manifest[WHITENED].training["test_split"]
-    card = (ROOT / "weights" / str(entry.card)).read_text()
-    for key in ("val_accuracy", "val_accuracy_hflip_tta", "test_accuracy", "test_accuracy_hflip_tta"):
-        assert f"{100 * entry.metrics[key]:.2f}%" in card, key
+    assert_card_quotes(entry, SPLIT_METRICS)
     # its rule: shipped only at its best member's served validation accuracy + 0.5 points; never the default
     decision = json.loads((ROOT / "weights" / "reports" / f"{ENSEMBLE_40K}-decision.json").read_text())
     best = max(manifest[n].metrics["val_accuracy_hflip_tta"] for n in names)
@@ -152,9 +158,7 @@ def test_frozen_split_models_and_their_decisions(name: str, margin: float, equal
     assert (entry.training["train_images"], entry.training["val_images"], split["images"]) == (40000, 5000, 5000)
     assert split["files_sha256"] == manifest[WHITENED].training["test_split"]["files_sha256"]  # one frozen split
     assert (entry.model_extra or {}).get("test_time_augmentation") == "hflip"
-    card = (ROOT / "weights" / str(entry.card)).read_text()
-    for key in ("val_accuracy", "val_accuracy_hflip_tta", "test_accuracy", "test_accuracy_hflip_tta"):
-        assert f"{100 * entry.metrics[key]:.2f}%" in card, key
+    assert_card_quotes(entry, SPLIT_METRICS)
     # the rule written before training: default only at or above a bar set from the default's served accuracy
     decision = json.loads((ROOT / "weights" / "reports" / f"{name}-decision.json").read_text())
     bar = manifest[NAME].metrics["val_accuracy_hflip_tta"] + margin

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import pytest
 import torch
@@ -65,13 +67,23 @@ def _style(seed: int, size: tuple[int, int] = (36, 36)) -> Image.Image:
 
 
 def _run(features: VGGFeatures, params: StyleParams, styles: list[Image.Image] | None = None,
-         record: list[ProgressInfo] | None = None) -> Image.Image:
+         record: list[ProgressInfo] | None = None, device: torch.device = CPU,
+         amp: torch.dtype | Literal["auto"] | None = "auto") -> Image.Image:
     def progress(info: ProgressInfo) -> bool:
         if record is not None:
             record.append(info)
         return True
 
-    return stylize(_content(), styles or [_style(0)], params, features, CPU, progress=progress)
+    return stylize(_content(), styles or [_style(0)], params, features, device, progress=progress, amp=amp)
+
+
+def _losses(features: VGGFeatures, optimizer: str, device: torch.device = CPU,
+            amp: torch.dtype | Literal["auto"] | None = "auto") -> tuple[list[float], Image.Image]:
+    """The loss after each of 10 steps of a small job (and its result), for comparing precisions and devices."""
+    record: list[ProgressInfo] = []
+    out = _run(features, StyleParams(steps=10, size=32, style_weight=100.0, optimizer=optimizer, lr=0.05),
+               record=record, device=device, amp=amp)
+    return [i.loss for i in record], out
 
 
 def _param(net: VGGFeatures, index: int, name: str) -> torch.Tensor:
@@ -289,18 +301,11 @@ def test_bf16_autocast_path(features: VGGFeatures) -> None:
     search tries long steps) and a rounding difference sends it elsewhere: on a CPU with AMX bf16 kernels its last
     loss after 10 steps was 89 against fp32's 50 (best 67 against 50), on an AVX512-BF16 CPU within 20%. So for
     L-BFGS the test asks what the service returns, the best image: its loss must fall well below the start."""
-    def losses(amp: torch.dtype | None, optimizer: str) -> list[float]:
-        record: list[float] = []
-        stylize(_content(), [_style(0)], StyleParams(steps=10, size=32, style_weight=100.0, optimizer=optimizer,
-                                                     lr=0.05), features, CPU,
-                progress=lambda i: record.append(i.loss), amp=amp)  # type: ignore[func-returns-value]
-        return record
-
-    fp32, bf16 = losses(None, "adam"), losses(torch.bfloat16, "adam")
+    (fp32, _), (bf16, _) = _losses(features, "adam", amp=None), _losses(features, "adam", amp=torch.bfloat16)
     assert len(fp32) == len(bf16) == 10
     assert bf16 == pytest.approx(fp32, rel=0.02)  # every step within 2%
     assert bf16[-1] < 0.7 * bf16[0]  # and it optimises
-    fp32, bf16 = losses(None, "lbfgs"), losses(torch.bfloat16, "lbfgs")
+    (fp32, _), (bf16, _) = _losses(features, "lbfgs", amp=None), _losses(features, "lbfgs", amp=torch.bfloat16)
     assert bf16[0] == pytest.approx(fp32[0], rel=0.02)
     assert min(bf16) < 0.85 * bf16[0] and min(fp32) < 0.85 * fp32[0]
 
