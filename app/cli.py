@@ -1,6 +1,7 @@
 """Command line: serve, fetch-weights, train, evaluate.
 
     python -m app.cli serve                      # start the API (settings from CNN_* variables)
+    python -m app.cli serve --front-workers 4    # 4 HTTP processes in front of one model process
     python -m app.cli worker                     # run style-transfer jobs from the shared store
     python -m app.cli fetch-weights resnet50     # official torchvision weights (needs internet)
     python -m app.cli train images --data DIR --out runs/x
@@ -37,7 +38,7 @@ M = TypeVar("M")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Run the API with uvicorn."""
+    """Run the API with uvicorn: in one process, or (--front-workers N) N HTTP processes and one model host."""
     import uvicorn
 
     from app.main import create_app
@@ -45,9 +46,72 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = Settings()
     host = args.host or settings.host
     port = args.port or settings.port
+    fronts = settings.front_workers if args.front_workers is None else args.front_workers
+    if fronts > 0:
+        return _serve_with_fronts(settings, host, port, fronts)
     # h11, not httptools (which the Ray extra installs): httptools refuses an unknown method with a bare-text 400
     # before the app sees it; with h11 the app answers every request, with problem details
     uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level, workers=1, http="h11")
+    return 0
+
+
+def _serve_with_fronts(settings: Settings, host: str, port: int, fronts: int) -> int:
+    """Start the model host, then `fronts` uvicorn workers that forward to it (app/model_host.py). If the host
+    exits, the workers are stopped and the exit status is 1; on SIGTERM/SIGINT both stop."""
+    import logging
+    import os
+    import signal
+    import subprocess
+    import threading
+
+    import uvicorn
+
+    from app.model_host import socket_path
+
+    try:
+        path = socket_path(settings)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    os.environ["CNN_MODEL_HOST_SOCKET"] = path  # the front workers (spawned by uvicorn) read it from here
+    host_proc = subprocess.Popen([sys.executable, "-m", "app.cli", "model-host", "--socket", path, "--parent-pipe"],
+                                 stdin=subprocess.PIPE)
+    stopping = threading.Event()
+    host_died = threading.Event()
+
+    def watch() -> None:
+        code = host_proc.wait()
+        if not stopping.is_set():
+            host_died.set()
+            logging.getLogger("app").error("the model host exited with %s: stopping the front workers", code)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="model-host-watch", daemon=True).start()
+    try:
+        uvicorn.run("app.model_host:front_app", factory=True, host=host, port=port, log_level=settings.log_level,
+                    workers=fronts, http="h11")
+    finally:
+        stopping.set()
+        if host_proc.poll() is None:
+            host_proc.terminate()
+            try:
+                host_proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                host_proc.kill()
+                host_proc.wait()
+    return 1 if host_died.is_set() else 0
+
+
+def cmd_model_host(args: argparse.Namespace) -> int:
+    """Run the model host that `serve --front-workers N` starts (its models, batchers and style workers)."""
+    import logging
+
+    from app.model_host import run_model_host, socket_path
+
+    settings = Settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     model-host %(name)s: %(message)s")
+    run_model_host(settings, args.socket or socket_path(settings), parent_pipe=args.parent_pipe)
     return 0
 
 
@@ -796,6 +860,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="start the API server")
     s.add_argument("--host", default=None)
     s.add_argument("--port", type=int, default=None)
+    s.add_argument("--front-workers", type=int, default=None,
+                   help="N HTTP processes in front of one model process (default: CNN_FRONT_WORKERS, 0: one process)")
+    mh = sub.add_parser("model-host", help="the model process behind `serve --front-workers` (started by it)")
+    mh.add_argument("--socket", default=None, help="Unix socket to listen on (default: CNN_MODEL_HOST_SOCKET)")
+    mh.add_argument("--parent-pipe", action="store_true", help="stop when standard input closes (the parent died)")
     sub.add_parser("worker", help="run style-transfer jobs from the shared job store (no HTTP)")
     k = sub.add_parser("keygen", help="make an API key for a named principal (only its hash is stored)")
     k.add_argument("name")
@@ -894,7 +963,8 @@ def main(argv: list[str] | None = None) -> int:
         args, rest = parser.parse_known_args(argv)
         return cmd_train(args, rest)
     args = parser.parse_args(argv)
-    handlers = {"serve": cmd_serve, "worker": cmd_worker, "keygen": cmd_keygen, "fetch-weights": cmd_fetch_weights,
+    handlers = {"serve": cmd_serve, "model-host": cmd_model_host, "worker": cmd_worker, "keygen": cmd_keygen,
+                "fetch-weights": cmd_fetch_weights,
                 "evaluate": cmd_evaluate,
                 "evaluate-text": cmd_evaluate_text, "baseline-text": cmd_baseline_text,
                 "evaluate-faces": cmd_evaluate_faces,

@@ -143,6 +143,21 @@ async def start_applications(state: AppState) -> None:
         state.ready.set()
 
 
+async def stop_applications(state: AppState) -> None:
+    """Stop what start_applications started: model management, pools, each application's shutdown hook (one that
+    fails does not keep the others from theirs), then the inference threads."""
+    if state.models is not None:
+        await state.models.close()
+    for pool in state.pools:
+        await pool.close()
+    for stop in reversed(state.stops):
+        try:
+            await stop()
+        except Exception:
+            log.exception("stopping an application failed")
+    state.executor.shutdown(wait=True, cancel_futures=True)
+
+
 def create_app(settings: Settings | None = None, applications: Sequence[Application] = BUILTIN) -> FastAPI:
     """Build the FastAPI application serving the declared applications (nothing heavy happens until the
     lifespan runs)."""
@@ -164,16 +179,7 @@ def create_app(settings: Settings | None = None, applications: Sequence[Applicat
         finally:
             loader.cancel()
             await asyncio.gather(loader, return_exceptions=True)
-            if state.models is not None:
-                await state.models.close()
-            for pool in state.pools:
-                await pool.close()
-            for stop in reversed(state.stops):
-                try:
-                    await stop()
-                except Exception:  # one application's shutdown must not keep the others from theirs
-                    log.exception("stopping an application failed")
-            executor.shutdown(wait=True, cancel_futures=True)
+            await stop_applications(state)
 
     app = FastAPI(
         title="CNN applications service",

@@ -6,104 +6,60 @@ own (its replica count, CPU/GPU fractions, autoscaling on ongoing requests), sty
 
 How it fits the single-process design: every application is declared once (app/apps/); here each declaration is
 started twice. In its deployment (`ApplicationReplica`) it starts as in `serve` - models, pool, micro-batchers,
-service. In the ingress it is replaced by a remote twin: same routers, route policies and name, no models, and a
-service that forwards each call to the deployment through a Ray handle (`RemoteService`); a problem raised there
-(404, 413, 422, 503 ...) crosses back as the same problem details. The gate (keys, scopes, in-flight bounds,
-deadlines), readiness and request metrics run in the ingress; the micro-batcher runs in each application replica,
-so batches form per replica, and the ingress's /metrics adds every replica's batcher and model metrics (one
-`replica` label each, collected by a broadcast at scrape time). Stores must be shared by every replica: set
-CNN_DATABASE_URL (PostgreSQL) for the gallery and the jobs, and give every host the same CNN_DATA_DIR/style-jobs
-(style-job files).
+service (app/remote.py's `ServiceHost`). In the ingress it is replaced by its remote twin (app/remote.py): same
+routers, route policies and name, no models, and a service that forwards each call to the deployment through a Ray
+handle (`RayHandle`); a problem raised there (404, 413, 422, 503 ...) crosses back as the same problem details.
+The gate (keys, scopes, in-flight bounds, deadlines), readiness and request metrics run in the ingress; the
+micro-batcher runs in each application replica, so batches form per replica, and the ingress's /metrics adds every
+replica's batcher and model metrics (one `replica` label each, collected by a broadcast at scrape time). Stores
+must be shared by every replica: set CNN_DATABASE_URL (PostgreSQL) for the gallery and the jobs, and give every
+host the same CNN_DATA_DIR/style-jobs (style-job files).
 
 Ray is an optional extra (`pip install -e '.[ray]'`); nothing else imports this module.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import logging
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
-from app.application import AppContext, Application, Started
 from app.apps import BUILTIN
-from app.errors import ProblemError
-from app.metrics import Metrics
+from app.remote import REMOTE, RemoteProblem, RemoteService, ServiceHost, remote_twin
+
+__all__ = ["REMOTE", "ApplicationReplica", "LifespanState", "RayHandle", "RemoteProblem", "RemoteService",
+           "StyleWorkers", "build", "ingress_app", "remote_twin"]
 from app.settings import Settings
-from app.state import AppState, AppStatus
 
 log = logging.getLogger("app.ray")
 
 SERVE_APP = "cnn-apps"  # the Ray Serve application name
 WORKERS = "style-workers"  # the style workers' deployment
-REMOTE = ("classification", "text", "faces")  # applications whose service runs in a deployment of its own
 
 
-@dataclasses.dataclass(frozen=True)
-class RemoteProblem:
-    """A ProblemError as it crosses a process boundary (exceptions with keyword-only arguments do not pickle)."""
+class RayHandle:
+    """A Ray Serve deployment handle as a twin's ServiceHandle (each deployment reports its own replicas)."""
 
-    detail: str
-    status: int
-    title: str
-    slug: str
-    headers: dict[str, str]
-    extra: dict[str, Any]
+    reports = True
 
-    @classmethod
-    def of(cls, e: ProblemError) -> RemoteProblem:
-        return cls(e.detail, e.status, e.title, e.slug, dict(e.headers), dict(e.extra))
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
 
-    def error(self) -> ProblemError:
-        return ProblemError(self.detail, status=self.status, title=self.title, slug=self.slug,
-                            headers=self.headers, extra=self.extra)
+    async def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = await self.handle.describe.remote()
+        return info
 
+    async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
+        return await self.handle.call.remote(method, args, kwargs, timeout)
 
-def _plain_attributes(service: object) -> dict[str, Any]:
-    """The service's plain settings (limits a router reads before calling, such as max_image_bytes)."""
-    return {k: v for k, v in vars(service).items()
-            if not k.startswith("_") and isinstance(v, int | float | str | bool | type(None))}
+    async def models(self) -> dict[str, Any]:
+        listing: dict[str, Any] = await self.handle.models.remote()
+        return listing
 
-
-class RemoteService:
-    """Stands in for an application's service in the ingress: plain attributes copied from the deployment, every
-    coroutine method forwarded to it; a problem raised there is raised here. While the deployment has no service
-    (its start failed), every use is a 503 that says why; `update` takes what the deployment describes later."""
-
-    def __init__(self, application: str, handle: Any, info: Mapping[str, Any]) -> None:
-        self._application = application
-        self._handle = handle
-        self._methods: frozenset[str] = frozenset()
-        self._status = AppStatus("loading")
-        self.update(info)
-
-    def update(self, info: Mapping[str, Any]) -> AppStatus:
-        """Take the deployment's description (status, attributes, methods); returns the status."""
-        self.__dict__.update(info["attributes"])
-        self._methods = frozenset(info["methods"])
-        self._status = AppStatus(**info["status"])
-        return self._status
-
-    def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        if not self._methods:  # the deployment has no service: say why, as the single process does
-            st = self._status
-            raise ProblemError(f"the {self._application} application is {st.status}: {st.reason}", status=503,
-                               title="Service unavailable", slug="service-unavailable",
-                               extra={"application": self._application})
-        if name not in self._methods:
-            raise AttributeError(name)
-
-        async def call(*args: Any, **kwargs: Any) -> Any:
-            result = await self._handle.call.remote(name, args, kwargs)
-            if isinstance(result, RemoteProblem):
-                raise result.error()
-            return result
-
-        return call
+    async def metrics(self) -> list[tuple[dict[str, str], str]]:
+        # every live replica's, one `replica` label each (a replica that fails to answer is left out)
+        results = await self.handle.broadcast("metrics").results_async(timeout_s=5, return_exceptions=True)
+        return [r for r in results if isinstance(r, tuple)]
 
 
 class ApplicationReplica:
@@ -111,47 +67,31 @@ class ApplicationReplica:
 
     async def __init__(self, application: str, settings: Mapping[str, Any] | None = None) -> None:  # type: ignore[misc]
         # Ray Serve awaits an async constructor: the replica takes requests once its models are loaded
-        from app.main import start_applications
-
         self.name = application
         self.settings = Settings(**dict(settings or {}))
-        app = {a.name: a for a in BUILTIN}[application]
-        self.state = AppState(settings=self.settings, metrics=Metrics(), declared=(app,),
-                              executor=ThreadPoolExecutor(self.settings.inference_threads, "inference"))
-        await start_applications(self.state)
+        self.host = ServiceHost(self.settings, [a for a in BUILTIN if a.name == application])
+        self.state = self.host.state
+        await self.host.start()
 
     async def describe(self) -> dict[str, Any]:
         """Status, plain attributes and coroutine methods of the service (what the ingress's twin needs)."""
-        service = self.state.services.get(self.name)
-        st = self.state.applications[self.name]
-        methods = sorted(n for n, f in inspect.getmembers(type(service), inspect.iscoroutinefunction)
-                         if not n.startswith("_")) if service is not None else []
-        return {"status": dataclasses.asdict(st), "attributes": _plain_attributes(service) if service else {},
-                "methods": methods}
+        return self.host.describe(self.name)
 
-    async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   timeout: float | None = None) -> Any:
         """Run one service method here; a problem comes back as a RemoteProblem value."""
-        service = self.state.services.get(self.name)
-        if service is None:
-            st = self.state.applications[self.name]
-            return RemoteProblem(f"the {self.name} application is {st.status}: {st.reason}", 503,
-                                 "Service unavailable", "service-unavailable", {}, {"application": self.name})
-        try:
-            return await getattr(service, method)(*args, **kwargs)
-        except ProblemError as e:
-            return RemoteProblem.of(e)
+        return await self.host.call(self.name, method, args, kwargs, timeout)
 
     async def models(self) -> dict[str, Any]:
         """This replica's models as /models shows them (its defaults and run-time changes too)."""
-        manager = self.state.models
-        return manager.listing() if manager is not None else {"models": [], "defaults": {}, "changes": []}
+        return self.host.models()
 
     async def metrics(self) -> tuple[dict[str, str], str]:
         """This replica's Prometheus exposition (batchers, models) and the labels that tell it apart."""
         from ray import serve
 
         replica = serve.get_replica_context().replica_id.unique_id
-        return {"application": self.name, "replica": replica}, self.state.metrics.render().decode()
+        return {"application": self.name, "replica": replica}, self.host.metrics()
 
     async def check_health(self) -> None:
         """Ray Serve's health check: a replica whose start-up failed is replaced."""
@@ -182,35 +122,6 @@ class StyleWorkers:
         return None
 
 
-def remote_twin(app: Application, handle: Any) -> Application:
-    """The ingress's version of an application: same name, routers and policies; no models; its service forwards
-    to the deployment behind `handle`."""
-
-    async def start(ctx: AppContext) -> Started:
-        service = RemoteService(app.name, handle, await handle.describe.remote())
-        st = service._status
-
-        async def status() -> AppStatus:
-            # how the deployment is now (a replica replaced after a failure, or gone): readiness asks each time
-            return service.update(await handle.describe.remote())
-
-        async def metrics() -> list[tuple[dict[str, str], str]]:
-            # every live replica's, one `replica` label each (a replica that fails to answer is left out)
-            results = await handle.broadcast("metrics").results_async(timeout_s=5, return_exceptions=True)
-            return [r for r in results if isinstance(r, tuple)]
-
-        async def models() -> dict[str, Any]:
-            listing: dict[str, Any] = await handle.models.remote()
-            return listing
-
-        return Started(service, status=st, metrics=metrics, models=models, status_source=status)
-
-    def enabled(settings: Settings) -> bool:
-        return app.is_enabled(settings)  # as configured, though the twin itself loads no model
-
-    return dataclasses.replace(app, start=start, task=None, adapter=None, guard=None, enabled=enabled)
-
-
 class LifespanState:
     """Hands the lifespan's state to every request: Ray Serve runs an ingress app's lifespan but, unlike uvicorn,
     does not copy its state into each request's scope."""
@@ -235,8 +146,8 @@ def ingress_app(settings: Mapping[str, Any] | None = None) -> Any:
     from app.main import create_app
 
     s = Settings(**{**dict(settings or {}), "style_workers": 0})
-    apps = [remote_twin(a, serve.get_deployment_handle(a.name, app_name=SERVE_APP)) if a.name in REMOTE else a
-            for a in BUILTIN]
+    handle = serve.get_deployment_handle
+    apps = [remote_twin(a, RayHandle(handle(a.name, app_name=SERVE_APP))) if a.name in REMOTE else a for a in BUILTIN]
     return LifespanState(create_app(s, applications=apps))
 
 

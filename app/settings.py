@@ -33,6 +33,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"
+    front_workers: int = Field(default=0, ge=0, le=64, description="`serve` only: 0 runs everything in one process; "
+                               "N runs N HTTP processes that forward classification, text and faces to one model "
+                               "process (the micro-batchers, the device and style workers live there)")
+    model_host_socket: str = Field(default="", description="the model process's Unix socket with front workers "
+                                   "(default: CNN_DATA_DIR/model-host.sock)")
 
     weights_dir: Path = Field(default=PROJECT_ROOT / "weights", description="manifest + checkpoint files")
     torch_home: Path | None = Field(default=None, description="overrides $TORCH_HOME (hub cache)")

@@ -472,6 +472,7 @@ def server_env(args: argparse.Namespace, model: str, batching: bool) -> dict[str
         env["CNN_TORCH_THREADS"] = str(args.torch_threads)
     if args.inference_threads is not None:
         env["CNN_INFERENCE_THREADS"] = str(args.inference_threads)
+    env["CNN_FRONT_WORKERS"] = str(args.front_workers)
     return env
 
 
@@ -505,7 +506,7 @@ def run_matrix(args: argparse.Namespace, image: bytes) -> tuple[list[LoadResult]
                                              timeout=args.timeout))
                     r.batching = "on" if batching else "off"
                     r.extra = {**r.extra, "max_batch_size": args.batch_size if batching else 1,
-                               "max_wait_ms": args.batch_wait_ms}
+                               "max_wait_ms": args.batch_wait_ms, "front_workers": args.front_workers}
                     results.append(r)
                     print(f"#   c={c}: {fmt(r.requests_per_s)} req/s, p50 {fmt(r.p50_ms)} ms, "
                           f"p99 {fmt(r.p99_ms)} ms, errors {describe_errors(r)}, "
@@ -517,7 +518,9 @@ def run_matrix(args: argparse.Namespace, image: bytes) -> tuple[list[LoadResult]
     lines.append(f"- load: closed loop, {args.duration:g} s per row after {args.warmup:g} s warm-up, "
                  f"{args.images_per_request} image(s) per request ({len(image)} B {args.image_name}), top_k "
                  f"{args.top_k}; server restarted per model x batching; torch threads "
-                 f"{args.torch_threads if args.torch_threads is not None else 'default'}")
+                 f"{args.torch_threads if args.torch_threads is not None else 'default'}; "
+                 + (f"{args.front_workers} front workers in front of one model process" if args.front_workers
+                    else "one server process"))
     lines.append("- weights: " + (", ".join(f"{m}: {w}" for m, w in weights.items()) or "unknown"))
     if args.allow_untrained:
         lines.append("- CNN_ALLOW_UNTRAINED=true: models without local weights run with random weights; "
@@ -568,6 +571,8 @@ def add_server_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--batch-wait-ms", type=float, default=0.0, help="CNN_BATCH_MAX_WAIT_MS (0: greedy)")
     g.add_argument("--batch-queue", type=int, default=256, help="CNN_BATCH_MAX_QUEUE")
     g.add_argument("--inference-threads", type=int, default=None, help="CNN_INFERENCE_THREADS")
+    g.add_argument("--front-workers", type=int, default=0,
+                   help="CNN_FRONT_WORKERS: N HTTP processes in front of one model process (0: one process)")
     g.add_argument("--python", default=sys.executable, help="interpreter that runs the server")
     g.add_argument("--startup-timeout", type=float, default=600.0)
     g.add_argument("--server-log-dir", default=None, help="server logs (default: a temp dir)")

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from app.apps import BUILTIN
 from app.main import create_app
-from app.ray_serve import REMOTE, ApplicationReplica, LifespanState, RemoteProblem, remote_twin
+from app.ray_serve import REMOTE, ApplicationReplica, LifespanState, RayHandle, RemoteProblem, remote_twin
 from app.settings import Settings
 from tests.api.test_classify import assert_problem
 from tests.conftest import image_bytes, wait_ready, write_tiny_classifier, write_tiny_text_model
@@ -59,7 +59,7 @@ def ingress(base_settings: Settings) -> Iterator[TestClient]:
               "style_workers": 0}
     settings = Settings(**fields)  # type: ignore[arg-type]
     handles = {a.name: LocalHandle(a.name, fields) for a in BUILTIN if a.name in REMOTE}
-    apps = [remote_twin(a, handles[a.name]) if a.name in REMOTE else a for a in BUILTIN]
+    apps = [remote_twin(a, RayHandle(handles[a.name])) if a.name in REMOTE else a for a in BUILTIN]
     with TestClient(LifespanState(create_app(settings, applications=apps))) as c:
         wait_ready(c)
         c.handles = handles  # type: ignore[attr-defined]
