@@ -247,29 +247,102 @@ async def closed_loop(concurrency: int, seconds: float, send: Callable[[int], Aw
     return latencies, statuses, time.perf_counter() - t0
 
 
-async def run_load(url: str, *, model: str | None, concurrency: int, duration: float, warmup: float,
-                   image: bytes, image_name: str = "bench.jpg", images_per_request: int = 1, top_k: int = 5,
-                   api_key: str | None = None, timeout: float = 120.0) -> LoadResult:
-    """Warm up, then run `concurrency` closed-loop workers for `duration` seconds and summarise."""
-    ensure_loopback(url)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    headers = {"X-API-Key": api_key} if api_key else {}
+def _classify_request(image: bytes, image_name: str, images_per_request: int, top_k: int,
+                      model: str | None) -> tuple[list[tuple[str, tuple[str, bytes, str]]], dict[str, str]]:
+    """The multipart files and form fields of one /classify request."""
     ctype = "image/png" if image[:8] == b"\x89PNG\r\n\x1a\n" else "image/jpeg"
     files = [("image", (f"{i}-{image_name}", image, ctype)) for i in range(images_per_request)]
     data = {"top_k": str(top_k)}
     if model:
         data["model"] = model
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout, headers=headers,
-                                 trust_env=False) as client:
+    return files, data
+
+
+def _client(url: str, concurrency: int, timeout: float, api_key: str | None) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    headers = {"X-API-Key": api_key} if api_key else {}
+    return httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout, headers=headers, trust_env=False)
+
+
+async def _warm_then_measure(url: str, concurrency: int, duration: float, warmup: float, request: dict[str, Any],
+                             timeout: float, api_key: str | None,
+                             at_start: Callable[[httpx.AsyncClient], Awaitable[Any]],
+                             at_end: Callable[[httpx.AsyncClient], Awaitable[Any]],
+                             ) -> tuple[list[float], Counter[str], float, Any, Any]:
+    """Warm up, call `at_start` (read /metrics, or wait for the other client processes), run the measured closed
+    loop, call `at_end`; returns latencies, statuses, elapsed and what the two calls returned."""
+    files, data = _classify_request(**request)
+    async with _client(url, concurrency, timeout, api_key) as client:
 
         def send(n: int) -> Awaitable[httpx.Response]:
             return client.post("/classify", files=files, data=data)
 
         if warmup > 0:
             await closed_loop(concurrency, warmup, send)
-        text_before = await scrape_metrics(client)
+        started = await at_start(client)
         latencies, statuses, elapsed = await closed_loop(concurrency, duration, send)
-        text_after = await scrape_metrics(client)
+        ended = await at_end(client)
+    return latencies, statuses, elapsed, started, ended
+
+
+def _client_process(url: str, concurrency: int, duration: float, warmup: float, request: dict[str, Any],
+                    timeout: float, api_key: str | None, barrier: Any, results: Any) -> None:
+    """One load-generator process of `--client-processes`: warm up, wait at the barrier (the parent reads
+    /metrics there), run the measured window, put (latencies, statuses, elapsed) on `results`."""
+
+    async def wait(client: httpx.AsyncClient) -> None:
+        await asyncio.to_thread(barrier.wait)
+
+    async def nothing(client: httpx.AsyncClient) -> None:
+        return None
+
+    latencies, statuses, elapsed, _, _ = asyncio.run(_warm_then_measure(
+        url, concurrency, duration, warmup, request, timeout, api_key, wait, nothing))
+    results.put((latencies, dict(statuses), elapsed))
+
+
+async def _load_in_processes(url: str, processes: int, concurrency: int, duration: float, warmup: float,
+                             request: dict[str, Any], timeout: float, api_key: str | None,
+                             ) -> tuple[list[float], Counter[str], float, str | None, str | None]:
+    """The closed loop spread over `processes` load-generator processes (one Python process's HTTP client tops
+    out far below what a GPU server answers): `concurrency` workers in all, measured over the same window."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    shares = [n for i in range(processes) if (n := concurrency // processes + (i < concurrency % processes))]
+    barrier, results = ctx.Barrier(len(shares) + 1), ctx.Queue()
+    procs = [ctx.Process(target=_client_process, args=(url, n, duration, warmup, request, timeout, api_key, barrier,
+                                                       results), daemon=True) for n in shares]
+    for p in procs:
+        p.start()
+    async with _client(url, 1, timeout, api_key) as scraper:
+        await asyncio.to_thread(barrier.wait, warmup + 120)
+        text_before = await scrape_metrics(scraper)
+        parts = [await asyncio.to_thread(results.get, True, duration + timeout + 60) for _ in procs]
+        text_after = await scrape_metrics(scraper)
+    for p in procs:
+        p.join(10)
+    latencies = [x for lat, _, _ in parts for x in lat]
+    statuses: Counter[str] = Counter()
+    for _, st, _ in parts:
+        statuses.update(st)
+    return latencies, statuses, max(e for _, _, e in parts), text_before, text_after
+
+
+async def run_load(url: str, *, model: str | None, concurrency: int, duration: float, warmup: float,
+                   image: bytes, image_name: str = "bench.jpg", images_per_request: int = 1, top_k: int = 5,
+                   api_key: str | None = None, timeout: float = 120.0, client_processes: int = 1) -> LoadResult:
+    """Warm up, then run `concurrency` closed-loop workers (in `client_processes` processes) for `duration`
+    seconds and summarise."""
+    ensure_loopback(url)
+    request: dict[str, Any] = {"image": image, "image_name": image_name, "images_per_request": images_per_request,
+               "top_k": top_k, "model": model}
+    if client_processes > 1:
+        latencies, statuses, elapsed, text_before, text_after = await _load_in_processes(
+            url, client_processes, concurrency, duration, warmup, request, timeout, api_key)
+    else:
+        latencies, statuses, elapsed, text_before, text_after = await _warm_then_measure(
+            url, concurrency, duration, warmup, request, timeout, api_key, scrape_metrics, scrape_metrics)
 
     latencies.sort()
     total = sum(statuses.values())
@@ -503,10 +576,16 @@ def run_matrix(args: argparse.Namespace, image: bytes) -> tuple[list[LoadResult]
                     r = asyncio.run(run_load(srv.url, model=model, concurrency=c, duration=args.duration,
                                              warmup=args.warmup, image=image, image_name=args.image_name,
                                              images_per_request=args.images_per_request, top_k=args.top_k,
-                                             timeout=args.timeout))
+                                             timeout=args.timeout, client_processes=args.client_processes))
                     r.batching = "on" if batching else "off"
+                    stages = r.extra.get("stages_ms")
+                    if stages and args.front_workers > 1:
+                        # /metrics is answered by one front worker, whose request timer saw only its share of
+                        # the requests: only the model host's columns (queue wait, forward) cover them all
+                        stages.update(server=math.nan, server_other=math.nan, outside_server=math.nan)
                     r.extra = {**r.extra, "max_batch_size": args.batch_size if batching else 1,
-                               "max_wait_ms": args.batch_wait_ms, "front_workers": args.front_workers}
+                               "max_wait_ms": args.batch_wait_ms, "front_workers": args.front_workers,
+                               "client_processes": args.client_processes}
                     results.append(r)
                     print(f"#   c={c}: {fmt(r.requests_per_s)} req/s, p50 {fmt(r.p50_ms)} ms, "
                           f"p99 {fmt(r.p99_ms)} ms, errors {describe_errors(r)}, "
@@ -551,6 +630,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-per-request", type=int, default=1)
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, seconds")
+    p.add_argument("--client-processes", type=int, default=1,
+                   help="load-generator processes sharing the concurrency (one Python client tops out at a few "
+                        "thousand requests/s)")
     p.add_argument("--api-key", default=os.environ.get("CNN_BENCH_API_KEY"), help="X-API-Key (single mode)")
     p.add_argument("--json", type=Path, default=None, help="write all results as JSON here")
     p.add_argument("--markdown", type=Path, default=None, help="also write the report as Markdown here")
@@ -598,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(asyncio.run(run_load(
                     args.url, model=model, concurrency=c, duration=args.duration, warmup=args.warmup, image=image,
                     image_name=args.image_name, images_per_request=args.images_per_request, top_k=args.top_k,
-                    api_key=args.api_key, timeout=args.timeout)))
+                    api_key=args.api_key, timeout=args.timeout, client_processes=args.client_processes)))
         infos = {m or "(default)": asyncio.run(model_info(args.url, m, args.api_key)) for m in models}
         for r in results:
             r.model = r.model or infos.get("(default)", {}).get("name") or "(default)"

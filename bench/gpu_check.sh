@@ -10,8 +10,8 @@
 # network is used: pip installs with --no-index from WHEELS_DIR only.
 #
 # Steps (each under `timeout`, its share of --budget-seconds; a step that fails or times out is recorded and
-# the next one runs): setup, tests, forward, classify, classify_before, classify16, text, style, faces, faces_e2e,
-# abuse, then
+# the next one runs): setup, tests, forward, classify, classify_fronts, classify_before, classify16,
+# classify16_fronts, text, style, faces, faces_e2e, abuse, then
 # the summary. --only / --skip take comma-separated step names (setup always runs; the venv is reused unless
 # --fresh-venv). OUT_DIR gets: env.json, steps.json, pytest-cuda.xml, <step>.json (+ .md), logs/, summary.md,
 # results.json (everything merged) and gpu-check.tar.gz (all of it); --export DIR copies summary.md,
@@ -47,7 +47,7 @@ mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
 # a previous run's files only (OUT_DIR may hold other things)
 OUTPUTS=(env.json steps.tsv steps.json pytest-cuda.xml summary.md results.json gpu-check.tar.gz style.json)
-for f in forward classify classify-before classify16 text faces-gallery faces-e2e abuse; do OUTPUTS+=("$f.json" "$f.md"); done
+for f in forward classify classify-fronts classify-before classify16 classify16-fronts text faces-gallery faces-e2e abuse; do OUTPUTS+=("$f.json" "$f.md"); done
 for f in "${OUTPUTS[@]}"; do rm -f "${OUT:?}/$f"; done
 rm -rf "${OUT:?}/logs" && mkdir -p "$OUT/logs" || exit 2
 BASE_PY=${GPU_CHECK_PYTHON:-python3}
@@ -225,6 +225,10 @@ elif [[ ${CUDA_OK:-0} == 1 ]]; then
   FWD=(--batch-sizes 1,16,64,256 --decode-batch-sizes 64 --seconds 1.5 --warmup 5)
   CLS=(--concurrency 32,128 --duration 8 --warmup 2 --batch-size 64)
   CLS16=(--concurrency 8,32 --duration 6 --warmup 2 --batch-size 128 --batch-queue 2048)
+  # several HTTP processes in front of the one model process, and a load generator in several processes too
+  FRONTS=(--front-workers 8 --client-processes 4)
+  CLSF=(--concurrency 128,256 --duration 8 --warmup 2 --batch-size 64)
+  CLS16F=(--concurrency 32,64 --duration 6 --warmup 2 --batch-size 128 --batch-queue 2048)
   TXT=(--forward-batch-sizes 1,64,256 --forward-duration 1.5 --concurrency 128 --duration 5 --warmup 1.5
        --batch-size 64)
   STY=(--size 512 --steps 300 --variants ours,reference)
@@ -237,6 +241,9 @@ elif [[ $CPU_MODE == 1 ]]; then
   FWD=(--batch-sizes 1,2 --decode-batch-sizes 4 --seconds 0.3 --warmup 1)
   CLS=(--concurrency 1,2 --duration 2 --warmup 0.5 --batch-size 64)
   CLS16=(--concurrency 1 --duration 2 --warmup 0.5 --batch-size 128 --batch-queue 2048)
+  FRONTS=(--front-workers 2 --client-processes 2)
+  CLSF=(--concurrency 2 --duration 2 --warmup 0.5 --batch-size 64)
+  CLS16F=(--concurrency 2 --duration 2 --warmup 0.5 --batch-size 128 --batch-queue 2048)
   TXT=(--forward-batch-sizes 1,8 --forward-duration 0.5 --concurrency 2 --duration 2 --warmup 0.5 --batch-size 64)
   STY=(--size 64 --steps 5 --variants ours,reference)
   FACES=(--sizes 2000 --dims 128 --kinds flat,ivf --queries 50 --single-queries 10 --enroll-calls 5 --chunk 100 --gpu)
@@ -270,6 +277,13 @@ if [[ -z ${SETUP_FAILED:-} && -z ${NO_DEVICE:-} ]]; then
     --batching on "${CLS[@]}" --device "$DEV" --server-log-dir "$OUT/logs/classify" \
     --json "$OUT/classify.json" --markdown "$OUT/classify.md"
 
+  # the same model behind front workers (`serve --front-workers`): HTTP parsed by several processes, batches and
+  # forwards in one model process
+  run_step classify_fronts 40 "${LOAD_ENV[@]}" CNN_TEXT_MODELS= "$PY" -m bench.classify_load --matrix \
+    --model resnet50 --batching on "${CLSF[@]}" "${FRONTS[@]}" --device "$DEV" \
+    --server-log-dir "$OUT/logs/classify_fronts" --json "$OUT/classify-fronts.json" \
+    --markdown "$OUT/classify-fronts.md"
+
   # the same load with the GPU settings of issue 14 undone (CPU decode, no batch buckets, torch's default thread
   # count): what they change, measured in the same run
   run_step classify_before 40 "${LOAD_ENV[@]}" CNN_TEXT_MODELS= CNN_GPU_DECODE=off CNN_BATCH_BUCKETS=off \
@@ -280,6 +294,11 @@ if [[ -z ${SETUP_FAILED:-} && -z ${NO_DEVICE:-} ]]; then
   run_step classify16 45 "${LOAD_ENV[@]}" CNN_TEXT_MODELS= "$PY" -m bench.classify_load --matrix --model resnet50 \
     --batching on --images-per-request 16 "${CLS16[@]}" --device "$DEV" \
     --server-log-dir "$OUT/logs/classify16" --json "$OUT/classify16.json" --markdown "$OUT/classify16.md"
+
+  run_step classify16_fronts 35 "${LOAD_ENV[@]}" CNN_TEXT_MODELS= "$PY" -m bench.classify_load --matrix \
+    --model resnet50 --batching on --images-per-request 16 "${CLS16F[@]}" "${FRONTS[@]}" --device "$DEV" \
+    --server-log-dir "$OUT/logs/classify16_fronts" --json "$OUT/classify16-fronts.json" \
+    --markdown "$OUT/classify16-fronts.md"
 
   run_step text 55 "${LOAD_ENV[@]}" "$PY" -m bench.text_load --model agnews-vdcnn9 --device "$DEV" \
     --batching on,off "${TXT[@]}" --server-log-dir "$OUT/logs/text" \

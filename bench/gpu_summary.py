@@ -3,8 +3,9 @@
     python -m bench.gpu_summary OUT_DIR [--budget-seconds 480] [--elapsed-seconds N]
 
 Reads what gpu_check.sh left in OUT_DIR (steps.tsv, env.json, pytest-cuda.xml, forward.json, classify.json,
-classify16.json, text.json, style.json, faces-gallery.json, faces-e2e.json, abuse.json; any may be missing) and
-writes OUT_DIR/summary.md, OUT_DIR/steps.json and OUT_DIR/results.json (all the JSON merged into one file).
+classify-fronts.json, classify-before.json, classify16.json, classify16-fronts.json, text.json, style.json,
+faces-gallery.json, faces-e2e.json, abuse.json; any may be missing) and writes OUT_DIR/summary.md,
+OUT_DIR/steps.json and OUT_DIR/results.json (all the JSON merged into one file).
 Only the standard library is used, so it also runs where the project's packages did not install.
 """
 
@@ -26,8 +27,8 @@ GOAL_REQUESTS_PER_S_1 = 2_500
 GOAL_E2E_RAW_RATIO = 0.6
 GOAL_STYLE_SECONDS = 3.0
 
-JSON_FILES = ("env", "forward", "classify", "classify-before", "classify16", "text", "style", "faces-gallery",
-              "faces-e2e", "abuse")
+JSON_FILES = ("env", "forward", "classify", "classify-fronts", "classify-before", "classify16", "classify16-fronts",
+              "text", "style", "faces-gallery", "faces-e2e", "abuse")
 
 
 def fmt(v: Any, digits: int = 1) -> str:
@@ -162,6 +163,14 @@ def classify_rows(data: dict[str, Any] | None) -> list[dict[str, Any]]:
     return list((data or {}).get("results") or [])
 
 
+def serving(r: dict[str, Any]) -> str:
+    """How the row's server ran: one process, or front workers in front of a model process."""
+    extra = r.get("extra") or {}
+    fronts, clients = extra.get("front_workers") or 0, extra.get("client_processes") or 1
+    return (f"{fronts} front workers" if fronts else "one process") + (f", {clients} client processes"
+                                                                        if clients > 1 else "")
+
+
 def section_goals(d: dict[str, Any]) -> list[str]:
     lines = ["", "## Issue 14 goals, this run", ""]
     on_gpu = bool((d.get("env") or {}).get("cuda_available"))
@@ -174,25 +183,26 @@ def section_goals(d: dict[str, Any]) -> list[str]:
         lines.append(f"| {goal} | {target} | {measured} | {'-' if met is None else ('yes' if met else '**no**')} |")
 
     raw = ((d.get("forward") or {}).get("raw") or {}).get("rows") or []
-    one = classify_rows(d.get("classify"))
+    one = classify_rows(d.get("classify")) + classify_rows(d.get("classify-fronts"))
     best1 = max(one, key=lambda r: r.get("requests_per_s") or 0, default=None)
     hi = [r for r in one if r.get("concurrency", 0) >= 128]
     best_hi = max(hi, key=lambda r: r.get("requests_per_s") or 0, default=None)
     if best_hi:
         row("/classify resnet50, 1 JPEG per request, concurrency >= 128", f"{GOAL_REQUESTS_PER_S_1:,} req/s",
-            f"{fmt(best_hi['requests_per_s'])} req/s at c={best_hi['concurrency']} (p99 {fmt(best_hi['p99_ms'])} ms)",
-            best_hi["requests_per_s"] >= GOAL_REQUESTS_PER_S_1)
+            f"{fmt(best_hi['requests_per_s'])} req/s at c={best_hi['concurrency']} (p99 {fmt(best_hi['p99_ms'])} ms; "
+            f"{serving(best_hi)})", best_hi["requests_per_s"] >= GOAL_REQUESTS_PER_S_1)
     elif best1:
         row("/classify resnet50, 1 JPEG per request", f"{GOAL_REQUESTS_PER_S_1:,} req/s at c >= 128",
             f"{fmt(best1['requests_per_s'])} req/s at c={best1['concurrency']} (no c >= 128 row)", None)
     else:
         row("/classify resnet50, 1 JPEG per request", f"{GOAL_REQUESTS_PER_S_1:,} req/s", "not measured", None)
-    sixteen = classify_rows(d.get("classify16"))
+    sixteen = classify_rows(d.get("classify16")) + classify_rows(d.get("classify16-fronts"))
     best16 = max(sixteen, key=lambda r: r.get("images_per_s") or 0, default=None)
     if best16:
         row("/classify resnet50, 16 JPEGs per request", f"{GOAL_IMAGES_PER_S_16:,} images/s",
             f"{fmt(best16['images_per_s'], 0)} images/s at c={best16['concurrency']} "
-            f"(mean batch {fmt(best16.get('mean_batch_size'))})", best16["images_per_s"] >= GOAL_IMAGES_PER_S_16)
+            f"(mean batch {fmt(best16.get('mean_batch_size'))}; {serving(best16)})",
+            best16["images_per_s"] >= GOAL_IMAGES_PER_S_16)
     else:
         row("/classify resnet50, 16 JPEGs per request", f"{GOAL_IMAGES_PER_S_16:,} images/s", "not measured", None)
     ratios = []
@@ -273,12 +283,12 @@ def section_classify(name: str, data: dict[str, Any] | None, raw: list[dict[str,
     lines.append(f"- {st.get('duration')} s per row after {st.get('warmup')} s warm-up, device {st.get('device')}, "
                  f"max batch {st.get('batch_size')}, wait {st.get('batch_wait_ms')} ms; weights: "
                  + ", ".join(f"{m}: {i.get('weights')}" for m, i in (data.get("models") or {}).items() if i))
-    lines += ["", "| model | img/req | c | req/s | img/s | p50 ms | p99 ms | errors | mean batch | raw img/s at that "
-              "batch | e2e / raw |", "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    lines += ["", "| model | serving | img/req | c | req/s | img/s | p50 ms | p99 ms | errors | mean batch | raw img/s "
+              "at that batch | e2e / raw |", "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         ref = raw_rate_at(raw, r.get("mean_batch_size"))
         errors = ", ".join(f"{k}: {v}" for k, v in (r.get("errors_by_status") or {}).items()) or "0"
-        lines.append(f"| {r.get('model')} | {r.get('images_per_request')} | {r['concurrency']} | "
+        lines.append(f"| {r.get('model')} | {serving(r)} | {r.get('images_per_request')} | {r['concurrency']} | "
                      f"{fmt(r['requests_per_s'])} | {fmt(r['images_per_s'], 0)} | {fmt(r['p50_ms'])} | "
                      f"{fmt(r['p99_ms'])} | {errors} | {fmt(r.get('mean_batch_size'), 2)} | {fmt(ref, 0)} | "
                      f"{fmt(r['images_per_s'] / ref if ref else None, 3)} |")
@@ -400,8 +410,10 @@ def main(argv: list[str] | None = None) -> int:
         ("goals", lambda: section_goals(d)),
         ("forward", lambda: section_forward(d["forward"])),
         ("classify", lambda: section_classify("classify", d["classify"], raw)),
+        ("classify-fronts", lambda: section_classify("classify-fronts", d["classify-fronts"], raw)),
         ("classify-before", lambda: section_classify("classify-before", d["classify-before"], raw)),
         ("classify16", lambda: section_classify("classify16", d["classify16"], raw)),
+        ("classify16-fronts", lambda: section_classify("classify16-fronts", d["classify16-fronts"], raw)),
         ("text", lambda: section_text(d["text"])),
         ("style", lambda: section_style(d["style"])),
         ("faces", lambda: section_faces(d["faces-gallery"], d["faces-e2e"])),
