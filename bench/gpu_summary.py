@@ -221,10 +221,15 @@ def section_goals(d: dict[str, Any]) -> list[str]:
         row("end to end / raw forward at the same batch size", f">= {GOAL_E2E_RAW_RATIO}", "not measured", None)
     style = ((d.get("style") or {}).get("results") or {}).get("ours")
     meta = (d.get("style") or {}).get("meta") or {}
+    full = meta.get("size") == 512 and meta.get("steps") == 300
     if style and "error" not in style:
         row(f"style {meta.get('size')} px, {meta.get('steps')} steps, one job", f"<= {GOAL_STYLE_SECONDS} s",
             f"{fmt(style['seconds'], 2)} s in a fresh process (cold: CUDA state and network not warm)",
-            style["seconds"] <= GOAL_STYLE_SECONDS if meta.get("size") == 512 and meta.get("steps") == 300 else None)
+            style["seconds"] <= GOAL_STYLE_SECONDS if full else None)
+        if warm := style.get("warm_job_seconds"):
+            row(f"style {meta.get('size')} px, {meta.get('steps')} steps, a later job of the same worker",
+                f"<= {GOAL_STYLE_SECONDS} s", f"{fmt(min(warm), 2)} s (best of {len(warm)} warm jobs; all: "
+                + ", ".join(fmt(v, 2) for v in warm) + ")", min(warm) <= GOAL_STYLE_SECONDS if full else None)
     else:
         row("style 512 px, 300 steps", f"<= {GOAL_STYLE_SECONDS} s",
             f"error: {style['error']}" if style else "not measured", None)
@@ -338,6 +343,10 @@ def section_style(s: dict[str, Any] | None) -> list[str]:
         setup = r.get("setup_seconds") if r.get("setup_seconds") is not None else t[0] - per_step
         lines.append(f"| {name} | {fmt(r['seconds'], 2)} | {fmt(setup, 2)} | {fmt(per_step, 4)} | "
                      f"{fmt(r['peak_bytes'] / 2**20, 0)} | {fmt(r['losses'][-1], 4) if r.get('losses') else '-'} |")
+    for name, r in (s.get("results") or {}).items():
+        if r.get("warm_job_seconds"):
+            lines.append(f"- {name}, later jobs in the same process (warm): "
+                         + ", ".join(f"{fmt(v, 2)} s" for v in r["warm_job_seconds"]))
     for name, row in (s.get("summary") or {}).items():
         lines.append(f"- {name}: {fmt(row.get('speedup_at_equal_loss'), 2)}x at equal loss")
     return lines

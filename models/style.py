@@ -36,6 +36,8 @@ import torchvision
 from PIL import Image
 from torch import Tensor, nn
 
+from models.lbfgs import CompactLBFGS
+
 PoolMode = Literal["max", "avg"]
 ProgressFn = Callable[["ProgressInfo"], bool]
 
@@ -699,12 +701,10 @@ def stylize(content: Image.Image, styles: Sequence[Image.Image], params: StylePa
     return to_pil(level.compose(x))
 
 
-def _new_lbfgs(x: Tensor) -> torch.optim.LBFGS:
-    # max_iter=1 and no line search: one step() is one iteration and exactly one evaluation, and
-    # the curvature memory lives in the optimiser state across calls; tolerances are off because
-    # the relative losses have tiny per-pixel gradients and `steps` decides when to stop
-    return torch.optim.LBFGS([x], lr=1.0, max_iter=1, history_size=LBFGS_HISTORY,
-                             tolerance_grad=0.0, tolerance_change=0.0)
+def _new_lbfgs(x: Tensor) -> CompactLBFGS:
+    # torch.optim.LBFGS's iteration (lr 1, one evaluation per step, no line search, no tolerances: `steps`
+    # decides when to stop) with one host synchronisation per step instead of 2 x history (models/lbfgs.py)
+    return CompactLBFGS(x, lr=1.0, history=LBFGS_HISTORY)
 
 
 def _optimise(level: _Level, x: Tensor, n_steps: int, done: int, params: StyleParams,
@@ -712,12 +712,12 @@ def _optimise(level: _Level, x: Tensor, n_steps: int, done: int, params: StylePa
     """Run n_steps evaluations on one level; returns the global step count and the best image evaluated."""
     lbfgs = _new_lbfgs(x) if params.optimizer == "lbfgs" else None
     adam = torch.optim.Adam([x], lr=params.lr) if params.optimizer == "adam" else None
-    parts: list[Tensor] = []
     best_loss = math.inf
     best = x.detach().clamp(0, 1).clone()
+    xc = best
 
     def closure() -> Tensor:
-        nonlocal best_loss
+        nonlocal xc
         x.grad = None
         # the loss is that of the valid image clamp(x): for L-BFGS the variable itself is never
         # projected, because clamping it in place between iterations invalidates the curvature pairs
@@ -725,17 +725,16 @@ def _optimise(level: _Level, x: Tensor, n_steps: int, done: int, params: StylePa
         xc = x.clamp(0, 1)
         total, c, s, tv = level.losses(xc)
         total.backward()
-        parts[:] = [total.detach(), c.detach(), s.detach(), tv.detach()]
-        value = float(total.detach())
+        return torch.stack([total.detach(), c.detach(), s.detach(), tv.detach()]).float()
+
+    for _ in range(n_steps):
+        # the step's one host synchronisation: the report (and, for L-BFGS, its curvature test)
+        parts = lbfgs.evaluate(closure) if lbfgs is not None else closure().tolist()
+        value = parts[0]
         if value < best_loss:
             best_loss = value
             best.copy_(xc.detach())
-        return total
-
-    for _ in range(n_steps):
         if lbfgs is not None:
-            lbfgs.step(closure)
-            value = float(parts[0])
             if not math.isfinite(value) or value > RESTART_FACTOR * best_loss:
                 # early overshoots of L-BFGS without line search (2-10x, while its curvature estimate
                 # rests on one tiny step) are productive and left alone; a blow-up goes back to the
@@ -743,15 +742,16 @@ def _optimise(level: _Level, x: Tensor, n_steps: int, done: int, params: StylePa
                 with torch.no_grad():
                     x.copy_(best)
                 lbfgs = _new_lbfgs(x)
+            else:
+                lbfgs.advance()
         else:
             assert adam is not None
-            closure()
             adam.step()
             with torch.no_grad():
                 x.clamp_(0, 1)  # projected Adam: momentum must not drift pixels out of range
         done += 1
         if progress is not None:
-            total, c, s, tv = (float(v) for v in parts)
+            total, c, s, tv = parts
             info = ProgressInfo(done, params.steps, k + 1, levels, total, c, s, tv, lambda: to_pil(level.compose(best)))
             if progress(info) is False:
                 raise StyleCancelled(done)

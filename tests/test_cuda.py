@@ -234,3 +234,31 @@ def test_style_on_the_gpu_follows_the_cpu() -> None:
     assert next(on_gpu.parameters()).device.type == "cuda"
     (cpu, _), (gpu, _) = _losses(on_cpu, "lbfgs"), _losses(on_gpu, "lbfgs", cuda)
     assert gpu[0] == pytest.approx(cpu[0], rel=0.03) and min(gpu) < 0.85 * gpu[0]
+
+
+def test_lbfgs_steps_on_the_gpu_without_synchronising() -> None:
+    """Style's L-BFGS on CUDA: advance() queues its work without one device synchronisation (torch's sync debug
+    mode turns any into an error), evaluate() reads back once, and the steps match the CPU's."""
+    from models.lbfgs import CompactLBFGS
+    from tests.models.test_lbfgs import _smooth, compact_path
+
+    f_cpu, x0 = _smooth(64)
+    f, _ = _smooth(64, "cuda")
+    cpu_path = list(compact_path(f_cpu, x0, 12, 4))
+    x = x0.to("cuda").requires_grad_(True)
+    opt = CompactLBFGS(x, history=4)
+
+    def closure() -> torch.Tensor:
+        x.grad = None
+        loss = f(x)
+        loss.backward()
+        return loss.detach().reshape(1)
+
+    for want in cpu_path:
+        opt.evaluate(closure)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.advance()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.testing.assert_close(x.detach().cpu(), want, rtol=1e-7, atol=1e-9)
