@@ -213,17 +213,19 @@ class ModelManager:
             st = await loop.run_in_executor(self._loader, build)
             if st.loaded is not None and st.status == "ready":
                 await pool.add(name, st.loaded, self.batch_config(name))
-            # from here to on_change no await: requests, /models and readiness see the model ready all at once
+            rec = self.store.models.get(name)
+            batching = rec.batching if rec is not None else None
+            detail = st.status + (f" ({st.reason})" if st.reason else "") + f" in {st.load_seconds or 0:.2f}s"
+            # recorded before it shows: once /models says ready, the load is over (an unload is not refused as busy)
+            await asyncio.to_thread(self.store.record, "load", name, by, detail,
+                                    update={name: ModelRecord("loaded", task, batching=batching)})
+            # from here to the end (busy released in finally) no await: requests, /models and readiness see the
+            # model ready all at once
             self.registry.states[name] = st
             if pool.default_model is None:
                 pool.default_model = pool.first_ready()
             self.on_change()
             self.metrics.model_ready.labels(name, task).set(1 if st.status == "ready" else 0)
-            rec = self.store.models.get(name)
-            batching = rec.batching if rec is not None else None
-            detail = st.status + (f" ({st.reason})" if st.reason else "") + f" in {st.load_seconds or 0:.2f}s"
-            await asyncio.to_thread(self.store.record, "load", name, by, detail,
-                                    update={name: ModelRecord("loaded", task, batching=batching)})
             log.info("model %s loaded at run time by %s: %s", name, by, detail)
         except asyncio.CancelledError:
             raise

@@ -290,7 +290,9 @@ def test_unload_returns_the_memory(base_settings: Settings, client_factory) -> N
             assert info["status"] == "ready" and info["weights"] == "untrained"
             module = weakref.ref(state.registry.states["resnet18"].loaded.model)
             loaded_rss = process_rss()
-            body = c.post("/models/resnet18/unload").json()
+            r = c.post("/models/resnet18/unload")  # ready means the load is over: never refused as busy
+            assert r.status_code == 200, r.text
+            body = r.json()
             gc.collect()
             assert module() is None, "the unloaded model is still referenced"
             after.append(body["freed"]["rss_after"])
