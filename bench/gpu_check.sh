@@ -231,7 +231,7 @@ elif [[ ${CUDA_OK:-0} == 1 ]]; then
   CLS16F=(--concurrency 32,64 --duration 6 --warmup 2 --batch-size 128 --batch-queue 2048)
   TXT=(--forward-batch-sizes 1,64,256 --forward-duration 1.5 --concurrency 128 --duration 5 --warmup 1.5
        --batch-size 64)
-  STY=(--size 512 --steps 300 --variants ours,reference --jobs 3)
+  STY=(--size 512 --steps 300 --variants ours,reference --jobs 3 --concurrent 2)
   FACES=(--sizes 100k --dims 128 --kinds flat,ivf --queries 200 --single-queries 50 --enroll-calls 10 --gpu)
   E2E=(--gallery-size 100000 --concurrency 8,32 --duration 5 --warmup 1.5)
   ABUSE=(--phases crafted,overload --overload-seconds 5 --probe-spawn-s 2)
@@ -245,7 +245,7 @@ elif [[ $CPU_MODE == 1 ]]; then
   CLSF=(--concurrency 2 --duration 2 --warmup 0.5 --batch-size 64)
   CLS16F=(--concurrency 2 --duration 2 --warmup 0.5 --batch-size 128 --batch-queue 2048)
   TXT=(--forward-batch-sizes 1,8 --forward-duration 0.5 --concurrency 2 --duration 2 --warmup 0.5 --batch-size 64)
-  STY=(--size 64 --steps 5 --variants ours,reference --jobs 2)
+  STY=(--size 64 --steps 5 --variants ours,reference --jobs 2 --concurrent 2)
   FACES=(--sizes 2000 --dims 128 --kinds flat,ivf --queries 50 --single-queries 10 --enroll-calls 5 --chunk 100 --gpu)
   E2E=(--gallery-size 2000 --chunk 100 --concurrency 2 --duration 2 --warmup 0.5)
   ABUSE=(--phases crafted,overload --overload-seconds 3 --overload-clients 8 --probe-spawn-s 3)

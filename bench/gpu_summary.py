@@ -226,6 +226,10 @@ def section_goals(d: dict[str, Any]) -> list[str]:
         row(f"style {meta.get('size')} px, {meta.get('steps')} steps, one job", f"<= {GOAL_STYLE_SECONDS} s",
             f"{fmt(style['seconds'], 2)} s in a fresh process (cold: CUDA state and network not warm)",
             style["seconds"] <= GOAL_STYLE_SECONDS if full else None)
+        if c := style.get("concurrent_jobs"):
+            row(f"{c['jobs']} style jobs at once on one GPU", "<= the sum of their times alone",
+                f"{fmt(c['together_seconds'], 2)} s vs {c['jobs']} x {fmt(c['one_alone_seconds'], 2)} s "
+                f"({fmt(c['together_over_sum_alone'], 2)} of the sum)", c["together_over_sum_alone"] <= 1.0)
         if warm := style.get("warm_job_seconds"):
             row(f"style {meta.get('size')} px, {meta.get('steps')} steps, a later job of the same worker",
                 f"<= {GOAL_STYLE_SECONDS} s", f"{fmt(min(warm), 2)} s (best of {len(warm)} warm jobs; all: "
@@ -347,6 +351,10 @@ def section_style(s: dict[str, Any] | None) -> list[str]:
         if r.get("warm_job_seconds"):
             lines.append(f"- {name}, later jobs in the same process (warm): "
                          + ", ".join(f"{fmt(v, 2)} s" for v in r["warm_job_seconds"]))
+        if c := r.get("concurrent_jobs"):
+            lines.append(f"- {name}, {c['jobs']} jobs at once (own stream each): {fmt(c['together_seconds'], 2)} s "
+                         f"against {fmt(c['one_alone_seconds'], 2)} s for one alone "
+                         f"({fmt(c['together_over_sum_alone'], 2)} of the sum)")
     for name, row in (s.get("summary") or {}).items():
         lines.append(f"- {name}: {fmt(row.get('speedup_at_equal_loss'), 2)}x at equal loss")
     return lines

@@ -258,6 +258,7 @@ def _measure(variant: str, args: dict[str, Any]) -> dict[str, Any]:
         exact = _reset_peak()
         base = _rss_kb() * 1024
     warm_jobs: list[float] = []
+    together: dict[str, Any] | None = None
     t0 = time.perf_counter()
     if variant == "ours":
         first = [0.0]
@@ -278,9 +279,10 @@ def _measure(variant: str, args: dict[str, Any]) -> dict[str, Any]:
             stylize(content, [style], params, net, device)
             _sync(device)
             warm_jobs.append(time.perf_counter() - t_job)
+        together = _concurrent_jobs(args.get("concurrent", 1), content, style, params, net, device)
     else:
         setup = run_reference(content, style, params, net, device, variant == "reference-frozen", log)
-    total = time.perf_counter() - t0 - sum(warm_jobs)
+    total = time.perf_counter() - t0 - sum(warm_jobs) - (together or {}).get("wall_seconds", 0.0)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - base
         how = "torch.cuda.max_memory_allocated"
@@ -289,7 +291,37 @@ def _measure(variant: str, args: dict[str, Any]) -> dict[str, Any]:
         how = "VmHWM delta" if exact else "ru_maxrss delta (includes set-up)"
     return {"variant": variant, "seconds": total, "setup_seconds": setup, "peak_bytes": peak, "memory": how,
             "losses": [v for _, v in log], "times": [t for t, _ in log], "torch_threads": torch.get_num_threads(),
-            "warm_job_seconds": warm_jobs}
+            "warm_job_seconds": warm_jobs, "concurrent_jobs": together}
+
+
+def _concurrent_jobs(k: int, content: Image.Image, style: Image.Image, params: StyleParams, net: VGGFeatures,
+                     device: torch.device) -> dict[str, Any] | None:
+    """k jobs at once, each in its own thread and (on CUDA) its own stream, as k style workers run them: the wall
+    time for all of them against k times one job alone, timed just before in the same way."""
+    import threading
+
+    from app.runtime.device import job_stream
+
+    if k < 2:
+        return None
+
+    def one() -> None:
+        with job_stream(device):
+            stylize(content, [style], params, net, device)
+            _sync(device)
+
+    t_alone = time.perf_counter()
+    one()
+    alone = time.perf_counter() - t_alone
+    threads = [threading.Thread(target=one) for _ in range(k)]
+    t_all = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t_all
+    return {"jobs": k, "wall_seconds": wall + alone, "together_seconds": wall, "one_alone_seconds": alone,
+            "together_over_sum_alone": wall / (k * alone)}
 
 
 def _images(args: dict[str, Any]) -> tuple[Image.Image, Image.Image]:
@@ -358,6 +390,10 @@ def markdown(results: dict[str, dict[str, Any]], summary: dict[str, Any], meta: 
         if r.get("warm_job_seconds"):
             lines.append(f"- {name}, later jobs in the same process (warm): "
                          + ", ".join(f"{v:.2f} s" for v in r["warm_job_seconds"]))
+        if c := r.get("concurrent_jobs"):
+            lines.append(f"- {name}, {c['jobs']} jobs at once: {c['together_seconds']:.2f} s against "
+                         f"{c['one_alone_seconds']:.2f} s for one alone "
+                         f"({c['together_over_sum_alone']:.2f} of the sum)")
     for name, row in summary.items():
         lines.append(f"- {name}: final losses {row['ours_final_loss']:.4f} (ours) / {row['reference_final_loss']:.4f}; "
                      f"to reach {row['equal_loss']:.4f} ours needs {row['ours_steps_to_equal_loss']} steps, "
@@ -380,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--style-weight", type=float, default=StyleParams().style_weight)
     ap.add_argument("--pool", choices=["max", "avg"], default=None, help="default: the feature network's")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--concurrent", type=int, default=1,
+                    help="ours: after the other jobs, this many at once in threads (own CUDA stream each), timed "
+                         "against one alone")
     ap.add_argument("--jobs", type=int, default=1,
                     help="ours: this many jobs in one process; the later ones (warm: network, CUDA state and "
                          "kernels as a style worker keeps them) are timed without per-step readings")
@@ -399,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
     cfg = {k: getattr(args, k) for k in ("size", "steps", "device", "threads", "content", "style", "style_weight",
-                                         "pool", "seed", "jobs")}
+                                         "pool", "seed", "jobs", "concurrent")}
     ctx = mp.get_context("spawn")
     load_start = _loadavg()
     rounds: list[dict[str, dict[str, Any]]] = []

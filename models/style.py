@@ -568,6 +568,23 @@ def _split_steps(steps: int, levels: int) -> list[int]:
     return [base + (1 if k >= levels - extra else 0) for k in range(levels)]
 
 
+def prepare_features(features: VGGFeatures, device: torch.device) -> VGGFeatures:
+    """Move the feature network to `device` in the layout stylize uses there (channels_last on CUDA and oneDNN
+    CPUs), and on CUDA wait for the copies: jobs on other CUDA streams may then read the weights at once. A
+    network already there is left alone (no wait: other jobs may be running)."""
+    first = next(features.parameters())
+    on_device = first.device.type == device.type and device.index in (None, first.device.index)
+    layout = torch.channels_last if _use_channels_last(device) else None
+    if on_device and (layout is None or first.is_contiguous(memory_format=layout)):
+        return features
+    features.to(device)
+    if layout is not None:
+        features.to(memory_format=layout)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return features
+
+
 def _use_channels_last(device: torch.device) -> bool:
     # cuDNN and oneDNN convolutions run NHWC natively (on this CPU at one thread no gain per step was measured:
     # 0.99x, docs/bench/style-checks.json; kept for CUDA and for the serving models)
@@ -678,9 +695,7 @@ def stylize(content: Image.Image, styles: Sequence[Image.Image], params: StylePa
     amp_dtype = _default_amp(device) if amp == "auto" else amp
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes for hundreds of steps: tuning pays off
-    features.to(device)
-    if _use_channels_last(device):
-        features.to(memory_format=torch.channels_last)  # a no-op after the first job
+    prepare_features(features, device)  # a no-op after the first job
     weighted = [(s, w) for s, w in zip(styles, plan.blend, strict=True) if w > 0]
     sizes, per_level = plan.levels, plan.steps
     gen = torch.Generator().manual_seed(params.seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -97,3 +98,23 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 def to_device_batch(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Move a 4-D batch to the device in channels_last, the models' memory format (see prepare_model)."""
     return to_device(x, device).contiguous(memory_format=torch.channels_last)
+
+
+_streams = threading.local()
+
+
+@contextlib.contextmanager
+def job_stream(device: torch.device) -> Iterator[None]:
+    """Run the block on this thread's own CUDA stream (made once per thread and device), so long jobs of several
+    threads, such as style workers', overlap on one GPU instead of queueing on the shared default stream; a no-op
+    off CUDA. What the block returns to the host (`.cpu()`, `.item()`) waits for its own stream only."""
+    if device.type != "cuda":
+        yield
+        return
+    key = str(device)
+    streams: dict[str, torch.cuda.Stream] = getattr(_streams, "by_device", None) or {}
+    _streams.by_device = streams
+    if key not in streams:
+        streams[key] = torch.cuda.Stream(device)
+    with torch.cuda.stream(streams[key]):
+        yield

@@ -20,6 +20,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from app.errors import Conflict, InvalidParameters, NotFound, ServiceUnavailable
+from app.runtime.device import job_stream
 from app.runtime.images import decode_image
 from app.services.results import StyleJob, StyleJobList
 from app.stores.interfaces import Job, JobStoreProtocol, QueueFull
@@ -373,7 +374,8 @@ class StyleWorker:
             self.store.heartbeat(job.id, self.id, step=0, total=job.params["steps"], loss=None, info=info)
             params = StyleParams(**job.params)
             progress = _Progress(self, job.id, int(job.params["steps"]))
-            result = stylize(content, styles, params, features, self.device, progress=progress)
+            with job_stream(self.device):  # several workers' jobs overlap on one GPU
+                result = stylize(content, styles, params, features, self.device, progress=progress)
             self.store.write_file(job.id, RESULT_FILE, encode_image(result))
             status = "succeeded"
         except StyleCancelled:
@@ -450,11 +452,12 @@ class FeatureSource:
         return found.path, f"{spec.source} ({found.source}: {found.path.name})"
 
     def _build(self, device: torch.device) -> tuple[Any, str]:
-        from models.style import VGGFeatures, random_vgg_features
+        from models.style import VGGFeatures, prepare_features, random_vgg_features
 
         path, tag = self.check()
         if path is None:
             net = random_vgg_features(seed=0)
         else:
             net = VGGFeatures.from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return net.to(device).eval(), tag
+        # on the device and in its layout before any job: workers' jobs on their own CUDA streams only read it
+        return prepare_features(net.eval(), device), tag

@@ -463,3 +463,18 @@ def test_property_plan_accepts_exactly_what_runs(features: VGGFeatures, monkeypa
         out = stylize(*images, params, features, CPU)
         assert out.size == plan.size, (kw, content, styles)
     assert accepted >= 12 and refused >= 12, (accepted, refused)  # both sides of the boundary were exercised
+
+
+def test_prepare_features_once() -> None:
+    """The feature network is moved and laid out once (what FeatureSource does before any job); later calls, one
+    per job, leave it alone, so jobs running on other threads never see its weights replaced."""
+    from models.style import prepare_features, random_vgg_features
+
+    net = random_vgg_features(seed=0)
+    assert prepare_features(net, CPU) is net
+    first = next(net.parameters())
+    if torch.backends.mkldnn.is_available():
+        assert first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last)
+    pointers = [p.data_ptr() for p in net.parameters()]
+    prepare_features(net, CPU)
+    assert [p.data_ptr() for p in net.parameters()] == pointers

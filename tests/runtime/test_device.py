@@ -84,3 +84,10 @@ def test_the_classifier_copies_the_batch_once_and_mirrors_it_after(monkeypatch: 
         x = torch.stack(batch)
         expected = (net(x).softmax(-1) + net(x.flip(-1)).softmax(-1)) / 2
     torch.testing.assert_close(probs, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_job_stream_is_a_no_op_off_cuda() -> None:
+    from app.runtime.device import job_stream
+
+    with job_stream(torch.device("cpu")):
+        assert torch.ones(2).sum().item() == 2.0
