@@ -13,10 +13,10 @@ async def start(ctx: AppContext) -> Started:
     """The classification service over the pool of image classifiers."""
     s = ctx.settings
     assert ctx.pool is not None
-    return Started(ClassificationService(ctx.pool, max_image_bytes=s.max_image_bytes,
-                                         max_image_pixels=s.max_image_pixels, max_images=s.max_images_per_request,
-                                         max_image_side=s.max_image_side, max_aspect_ratio=s.max_aspect_ratio,
-                                         device_decode=s.gpu_decode))
+    service = ClassificationService(ctx.pool, max_image_bytes=s.max_image_bytes, max_image_pixels=s.max_image_pixels,
+                                    max_images=s.max_images_per_request, max_image_side=s.max_image_side,
+                                    max_aspect_ratio=s.max_aspect_ratio, device_decode=s.gpu_decode)
+    return Started(service, stop=service.stop)
 
 
 APP = Application(

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -12,17 +12,22 @@ import torch
 from PIL import Image
 
 from app.errors import InvalidParameters
+from app.runtime.batcher import BatchConfig, MicroBatcher
 from app.runtime.gpu_decode import decode_and_preprocess, takes_device_path
 from app.runtime.images import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_SIDE, decode_image, plain_jpeg_size
 from app.runtime.registry import LoadedClassifier
 from app.services.pool import ModelPool, map_in_threads
 from app.services.results import ClassifyResponse, ImageResult, Prediction
-from models.preprocess import image_to_tensor
+from models.preprocess import ImageSpec, image_to_tensor
 
 if TYPE_CHECKING:
     from app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# device JPEG decode, coalesced across requests: at most this many JPEGs per decoder call, this many waiting
+DEVICE_DECODE_BATCH = 64
+DEVICE_DECODE_QUEUE = 4096
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,10 @@ class ClassificationService:
         self.device_decodes = 0  # images decoded on the device, and device decodes that fell back to the CPU
         self.device_decode_fallbacks = 0
         self._device_decode_lock = threading.Lock()  # one batched device decode at a time (decoder state is shared)
+        # one decode batcher per (preprocessing, device): requests' JPEGs queue together and go to the decoder in
+        # one call, so small requests do not each pay a decoder call (and wait for each other's under the lock)
+        self._decoders: dict[tuple[ImageSpec, str], MicroBatcher[bytes, torch.Tensor | None]] = {}
+        self._decode_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jpeg-decode")
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
         self.max_image_side = max_image_side
@@ -98,33 +107,73 @@ class ClassificationService:
     def _decodes_on_device(self, loaded: LoadedClassifier) -> bool:
         return self.device_decode == "on" or (self.device_decode == "auto" and loaded.device.type == "cuda")
 
-    def _device_decode(self, datas: list[bytes], loaded: LoadedClassifier) -> list[torch.Tensor]:
+    def _decode_batch(self, spec: ImageSpec, device: torch.device, datas: list[bytes]) -> list[torch.Tensor | None]:
+        """Blocking: one decoder call for the JPEGs of several requests; None for each one the decoder refuses (when
+        the batch fails, each JPEG is tried alone, so one bad file sends only itself to the CPU)."""
         with self._device_decode_lock:
-            return decode_and_preprocess(datas, loaded.preprocessing, loaded.device)
+            try:
+                return list(decode_and_preprocess(datas, spec, device))
+            except Exception as exc:
+                log.info("device JPEG decode of %d image(s) failed (%s: %s)", len(datas), type(exc).__name__,
+                         str(exc)[:200])
+                if len(datas) == 1:
+                    return [None]
+            out: list[torch.Tensor | None] = []
+            for d in datas:
+                try:
+                    out.append(decode_and_preprocess([d], spec, device)[0])
+                except Exception:
+                    out.append(None)
+            return out
+
+    async def _decoder(self, loaded: LoadedClassifier) -> MicroBatcher[bytes, torch.Tensor | None]:
+        key = (loaded.preprocessing, str(loaded.device))
+        decoder = self._decoders.get(key)
+        if decoder is None:
+            spec, device = loaded.preprocessing, loaded.device
+
+            def decode(datas: list[bytes]) -> list[torch.Tensor | None]:
+                return self._decode_batch(spec, device, datas)
+
+            config = BatchConfig(max_batch_size=DEVICE_DECODE_BATCH, max_wait_ms=0.0, max_queue=DEVICE_DECODE_QUEUE)
+            decoder = MicroBatcher(f"jpeg-decode:{device}", decode, config, executor=self._decode_thread,
+                                   observer=self.pool.observer)
+            self._decoders[key] = decoder
+            await decoder.start()
+        return decoder
 
     async def _device_inputs(self, uploads: list[Upload], loaded: LoadedClassifier) -> list[torch.Tensor]:
-        """The inputs with the plain JPEGs decoded and preprocessed on the model's device in one batched call, the
-        others (and all of them, when the device decoder refuses the batch) on the CPU and then moved there."""
+        """The inputs with the plain JPEGs decoded and preprocessed on the model's device (with other requests'
+        JPEGs, in one decoder call), the others (and any the decoder refuses) on the CPU and then moved there."""
         limits = self.limits
         eligible = await map_in_threads(lambda u: device_eligible(u, loaded, limits), uploads)
         inputs: list[torch.Tensor | None] = [None] * len(uploads)
         chosen = [i for i, ok in enumerate(eligible) if ok]
         if chosen:
             try:
-                done = await asyncio.to_thread(self._device_decode, [uploads[i].data for i in chosen], loaded)
-                for i, t in zip(chosen, done, strict=True):
-                    inputs[i] = t
-                self.device_decodes += len(chosen)
-            except Exception as exc:  # a JPEG nvJPEG will not decode (or a decoder failure): the CPU path decides
-                self.device_decode_fallbacks += len(chosen)
-                log.info("device JPEG decode failed (%s: %s); decoding %d image(s) on the CPU",
-                         type(exc).__name__, str(exc)[:200], len(chosen))
+                done = await (await self._decoder(loaded)).submit_many([uploads[i].data for i in chosen])
+            except Exception as exc:  # a full decode queue, a closing service, a passed deadline: the CPU path
+                log.info("device JPEG decode not used (%s); decoding %d image(s) on the CPU", type(exc).__name__,
+                         len(chosen))
+                done = [None] * len(chosen)
+            for i, t in zip(chosen, done, strict=True):
+                inputs[i] = t
+            decoded = sum(t is not None for t in done)
+            self.device_decodes += decoded
+            self.device_decode_fallbacks += len(chosen) - decoded
         rest = [i for i, t in enumerate(inputs) if t is None]
         # decoded on the CPU, these stay there until their batch goes to the device in one copy (stack_inputs)
         cpu = await map_in_threads(lambda u: classifier_input(u, loaded, limits), [uploads[i] for i in rest])
         for i, t in zip(rest, cpu, strict=True):
             inputs[i] = t
         return [t for t in inputs if t is not None]
+
+    async def stop(self) -> None:
+        """Close the decode batchers and their thread (at shutdown)."""
+        for decoder in self._decoders.values():
+            await decoder.close()
+        self._decoders.clear()
+        self._decode_thread.shutdown(wait=False, cancel_futures=True)
 
     @property
     def default_model(self) -> str | None:

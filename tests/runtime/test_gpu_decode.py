@@ -6,6 +6,7 @@ nvJPEG on a GPU."""
 from __future__ import annotations
 
 import io
+import time
 from typing import Any
 
 import numpy as np
@@ -133,3 +134,77 @@ def test_when_the_device_decoder_fails_the_cpu_path_answers(base_settings: Setti
     on, svc = _classify(base_settings.model_copy(update={"gpu_decode": "on"}), files)
     assert on.status_code == 200 and on.json()["results"] == off.json()["results"]
     assert svc.device_decode_fallbacks == 3 and svc.device_decodes == 0
+
+
+def test_jpegs_of_concurrent_requests_share_one_decoder_call(base_settings: Settings,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests of one JPEG each, arriving while the decoder is busy, are decoded together in its next call (one
+    call per batch, not per request); each still gets its own answer, equal to the CPU path's."""
+    import threading
+
+    import app.services.classification as classification
+
+    calls: list[int] = []
+    first_started, release = threading.Event(), threading.Event()
+    real = classification.decode_and_preprocess
+
+    def gated(datas: Any, spec: Any, device: Any) -> Any:
+        calls.append(len(datas))
+        if len(calls) == 1:
+            first_started.set()
+            assert release.wait(30)
+        return real(datas, spec, device)
+
+    monkeypatch.setattr(classification, "decode_and_preprocess", gated)
+    jpegs = [photo(seed=20 + i) for i in range(5)]
+    with TestClient(create_app(base_settings.model_copy(update={"gpu_decode": "on"}))) as client:
+        wait_ready(client)
+        results: dict[int, Any] = {}
+
+        def post(i: int) -> None:
+            results[i] = client.post("/classify", files={"image": (f"{i}.jpg", jpegs[i], "image/jpeg")})
+
+        first = threading.Thread(target=post, args=(0,))
+        first.start()
+        assert first_started.wait(30)  # the decoder is busy with request 0
+        others = [threading.Thread(target=post, args=(i,)) for i in range(1, 5)]
+        for t in others:
+            t.start()
+        svc = client.app_state["app_state"].services["classification"]
+        decoder = next(iter(svc._decoders.values()))
+        deadline = time.monotonic() + 30
+        while decoder.queue_depth < 4:  # requests 1-4 wait in the decode queue
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        release.set()
+        for t in [first, *others]:
+            t.join(60)
+    assert calls == [1, 4]
+    files = [("image", (f"{i}.jpg", j, "image/jpeg")) for i, j in enumerate(jpegs)]
+    off, _ = _classify(base_settings.model_copy(update={"gpu_decode": "off"}), files)
+    for i in range(5):
+        assert results[i].status_code == 200
+        got = {p["label"]: p["probability"] for p in results[i].json()["results"][0]["top_k"]}
+        want = {p["label"]: p["probability"] for p in off.json()["results"][i]["top_k"]}
+        assert max(abs(got[k] - want[k]) for k in want) < 0.02
+
+
+def test_one_jpeg_the_decoder_refuses_sends_only_itself_to_the_cpu(base_settings: Settings,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import app.services.classification as classification
+
+    bad = photo(seed=31)
+    real = classification.decode_and_preprocess
+
+    def picky(datas: Any, spec: Any, device: Any) -> Any:
+        if any(d == bad for d in datas):
+            raise RuntimeError("nvjpeg: unsupported JPEG")
+        return real(datas, spec, device)
+
+    monkeypatch.setattr(classification, "decode_and_preprocess", picky)
+    files = [("image", ("a.jpg", photo(seed=30), "image/jpeg")), ("image", ("bad.jpg", bad, "image/jpeg")),
+             ("image", ("c.jpg", photo(seed=32), "image/jpeg"))]
+    off, _ = _classify(base_settings.model_copy(update={"gpu_decode": "off"}), files)
+    on, svc = _classify(base_settings.model_copy(update={"gpu_decode": "on"}), files)
+    assert on.status_code == 200 and svc.device_decodes == 2 and svc.device_decode_fallbacks == 1
+    assert on.json()["results"][1] == off.json()["results"][1]  # the refused one: the CPU path's answer exactly
