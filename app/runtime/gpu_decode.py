@@ -2,8 +2,9 @@
 
 On a GPU machine the CPU's JPEG decode and resize cap `/classify` long before the GPU does (a few hundred 224-px
 images per second per core). For classifiers on CUDA, JPEGs that `images.plain_jpeg_size` accepts (colour or grey,
-upright, within every limit, checked from the header on the CPU) are decoded by nvJPEG in one batched
-`torchvision.io.decode_jpeg` call per request and resized, cropped and normalised there, as `models.preprocess`
+upright, within every limit, checked from the header on the CPU) are decoded by nvJPEG in batched
+`torchvision.io.decode_jpeg` calls (the classification service's decode batcher gathers the JPEGs of concurrent
+requests into one call) and resized, cropped and normalised there, as `models.preprocess`
 does on the CPU: the short side resized with the truncation rule of `resize_crop` (antialiased like PIL), rounded
 to 8 bits as PIL stores them, then the centred crop. Everything else (PNG, CMYK, EXIF-rotated, the thin strips that
 `resize_crop` treats specially) and any JPEG nvJPEG refuses takes the CPU path, so answers and errors stay those of
