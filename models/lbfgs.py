@@ -41,7 +41,9 @@ class CompactLBFGS:
             raise ValueError("x must be contiguous")
         self.x, self.lr, self.m = x, lr, history
         n = x.numel()
-        self.pairs = torch.zeros(2, history, n, dtype=x.dtype, device=x.device)  # [0]: S rows, [1]: Y rows, by slot
+        # [0]: S rows, [1]: Y rows, by slot; only the slots holding pairs are ever read (empty: on the CPU the pages
+        # become resident as pairs arrive, as torch's list of pairs grows)
+        self.pairs = torch.empty(2, history, n, dtype=x.dtype, device=x.device)
         f64, dev = torch.float64, x.device
         self.sy = torch.zeros(history, history, dtype=f64, device=dev)  # s_i . y_j, oldest first
         self.yy = torch.zeros(history, history, dtype=f64, device=dev)  # y_i . y_j, oldest first

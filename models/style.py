@@ -756,6 +756,7 @@ def _optimise(level: _Level, x: Tensor, n_steps: int, done: int, params: StylePa
                 # best point with a fresh memory
                 with torch.no_grad():
                     x.copy_(best)
+                lbfgs = None  # its memory goes before the fresh one's is taken
                 lbfgs = _new_lbfgs(x)
             else:
                 lbfgs.advance()
