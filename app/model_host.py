@@ -77,9 +77,9 @@ async def _read_frame(reader: asyncio.StreamReader) -> Any:
 class ModelHost:
     """Every application started as `serve` starts them, answering the front workers over a Unix socket."""
 
-    def __init__(self, settings: Settings, path: str) -> None:
+    def __init__(self, settings: Settings, path: str, host: ServiceHost | None = None) -> None:
         self.path = path
-        self.host = ServiceHost(settings, BUILTIN)
+        self.host = host or ServiceHost(settings, BUILTIN)  # another host: the transport benchmark's stand-in
 
     async def run(self, stop: asyncio.Event) -> None:
         """Listen (at once, so front workers can connect and report 'loading'), start the applications, serve

@@ -27,3 +27,13 @@ def test_load_from_several_client_processes_through_a_front_worker(tmp_path: Pat
         # the host's batches, read through the front worker's merged /metrics
         assert r.batches is not None and r.batches > 0
         assert r.mean_batch_size is not None and 1.0 <= r.mean_batch_size <= 3.0
+
+
+def test_the_transport_benchmark_runs() -> None:
+    """bench/host_transport.py's row: a model process with an echo service, one client process; every call
+    answered and counted."""
+    from bench.host_transport import run_row
+
+    row = run_row(clients=1, in_flight=4, payload=1000, seconds=0.5)
+    assert row["calls"] > 0 and row["calls_per_s"] > 0
+    assert row["p50_ms"] <= row["p99_ms"] and row["host_cpu_us_per_call"] is not None
