@@ -83,6 +83,8 @@ async def _start_application(state: AppState, app: Application, manager: ModelMa
             manager.add_pool(pool)
             await pool.start()
             state.pools.append(pool)
+            if s.warmup:
+                await pool.warm_buckets()  # bucketed models (CUDA): every batch shape tuned before the first request
         section = app.section() if app.section is not None else None
         ctx = AppContext(settings=s, section=section, registry=manager.registry, pool=pool,
                          executor=state.executor, metrics=state.metrics)

@@ -136,6 +136,11 @@ class LoadedModel:
         """One forward at start-up so the first request does not pay for lazy initialisation."""
         raise NotImplementedError
 
+    def warmup_input(self) -> Any | None:
+        """One input of the model's kind for warm-up passes of any batch size (None: the adapter has none, and
+        the first requests of each batch size pay for its tuning)."""
+        return None
+
 
 class LoadedClassifier(LoadedModel):
     """An image classifier; inputs are CHW tensors made by its ImageSpec."""
@@ -161,8 +166,11 @@ class LoadedClassifier(LoadedModel):
 
     def warmup(self) -> None:
         """One forward on a black image of the model's input size."""
+        self.forward([self.warmup_input()])
+
+    def warmup_input(self) -> torch.Tensor:
         side = self.preprocessing.crop
-        self.forward([torch.zeros(3, side, side)])
+        return torch.zeros(3, side, side)
 
 
 class LoadedTextClassifier(LoadedModel):
@@ -186,7 +194,10 @@ class LoadedTextClassifier(LoadedModel):
 
     def warmup(self) -> None:
         """One forward on a short text."""
-        self.forward(["warm-up"])
+        self.forward([self.warmup_input()])
+
+    def warmup_input(self) -> str:
+        return "warm-up"
 
 
 class LoadedFaceEmbedder(LoadedModel):
@@ -241,8 +252,11 @@ class LoadedFaceEmbedder(LoadedModel):
 
     def warmup(self) -> None:
         """One forward on a grey face crop."""
+        self.forward([self.warmup_input()])
+
+    def warmup_input(self) -> torch.Tensor:
         side = self.preprocessing.crop
-        self.forward([torch.zeros(3, side, side)])
+        return torch.zeros(3, side, side)
 
 
 class OnnxModule:

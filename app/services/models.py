@@ -212,7 +212,7 @@ class ModelManager:
             build = functools.partial(self.registry.build, name, task, warmup=self.warmup)
             st = await loop.run_in_executor(self._loader, build)
             if st.loaded is not None and st.status == "ready":
-                await pool.add(name, st.loaded, self.batch_config(name))
+                await pool.add(name, st.loaded, self.batch_config(name), warm=self.warmup)
             rec = self.store.models.get(name)
             batching = rec.batching if rec is not None else None
             detail = st.status + (f" ({st.reason})" if st.reason else "") + f" in {st.load_seconds or 0:.2f}s"

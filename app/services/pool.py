@@ -78,6 +78,11 @@ async def map_in_threads(fn: Callable[[Any], T], items: Sequence[Any], spare: Sp
     return results
 
 
+def bucket_sizes(max_batch: int) -> list[int]:
+    """Every size bucket_size makes for batches of 1 to max_batch: the powers of two below it, and it."""
+    return sorted({bucket_size(n, max_batch) for n in (*(1 << k for k in range(max_batch.bit_length())), max_batch)})
+
+
 def bucket_size(n: int, max_batch: int) -> int:
     """The batch size a batch of n is padded to: the next power of two, at most max_batch (never below n)."""
     size = 1 << max(0, n - 1).bit_length()
@@ -130,6 +135,7 @@ class ModelPool(Generic[M]):
         self.observer = observer
         self.batchers: dict[str, MicroBatcher[Any, Any]] = {}
         self.models: dict[str, M] = {}  # the model each batcher serves
+        self.padded: dict[str, PaddedForward] = {}  # the bucketed forwards, by model
         for name in registry.names(task):
             loaded = registry.states[name].loaded
             if loaded is not None:
@@ -145,7 +151,23 @@ class ModelPool(Generic[M]):
         batcher: list[MicroBatcher[Any, Any]] = []  # the max batch size is the batcher's, which can change
         padded = PaddedForward(loaded.forward, lambda: batcher[0].config.max_batch_size)
         batcher.append(MicroBatcher(name, padded, config, executor=self.executor, observer=self.observer))
+        self.padded[name] = padded
         return batcher[0]
+
+    async def warm_buckets(self, names: Sequence[str] | None = None) -> list[int]:
+        """One forward per bucket size for each bucketed model (all, or `names`), so cudnn.benchmark tunes every
+        shape the batcher will make now, not during the first requests of each size; returns the sizes run."""
+        loop = asyncio.get_running_loop()
+        ran: list[int] = []
+        for name in names if names is not None else list(self.padded):
+            padded, loaded, batcher = self.padded.get(name), self.models.get(name), self.batchers.get(name)
+            item = loaded.warmup_input() if loaded is not None else None
+            if padded is None or batcher is None or item is None:
+                continue
+            for size in bucket_sizes(batcher.config.max_batch_size):
+                await loop.run_in_executor(self.executor, padded.forward, [item] * size)
+                ran.append(size)
+        return ran
 
     def first_ready(self, *, besides: str | None = None) -> str | None:
         """The first configured model that serves, preferring trained weights over untrained ones."""
@@ -164,13 +186,16 @@ class ModelPool(Generic[M]):
         for b in self.batchers.values():
             await b.close()
 
-    async def add(self, name: str, loaded: M, config: BatchConfig) -> None:
+    async def add(self, name: str, loaded: M, config: BatchConfig, *, warm: bool = False) -> None:
         """Serve a newly loaded model (the caller then installs its state in the registry and, when the task has no
-        default, makes one with first_ready). The batcher starts before it serves: never an unstarted one."""
+        default, makes one with first_ready). The batcher starts before it serves: never an unstarted one; with
+        `warm`, its bucket sizes are warmed first (warm_buckets)."""
         b = self._batcher(name, loaded, config)
         await b.start()
         self.batchers[name] = b
         self.models[name] = loaded
+        if warm:
+            await self.warm_buckets([name])
 
     async def swap(self, name: str, loaded: M, config: BatchConfig | None = None) -> M:
         """Serve `loaded` in place of the current copy of `name` at once; the old copy runs what is already
@@ -184,6 +209,7 @@ class ModelPool(Generic[M]):
         """Stop serving `name`: no new work, queued work finishes. Returns the model (the caller frees it)."""
         b = self.batchers.pop(name, None)
         loaded = self.models.pop(name, None)
+        self.padded.pop(name, None)
         if self.default_model == name:
             self.default_model = self.first_ready(besides=name)
         if b is not None:

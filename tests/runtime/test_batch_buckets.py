@@ -4,6 +4,7 @@ never reach an answer. On by default only for models on CUDA; tested here on the
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -66,3 +67,43 @@ def test_served_answers_are_the_same_with_buckets_on(base_settings: Settings) ->
         assert torch.allclose(pa, pb, atol=1e-5)
     _, fn_auto = _classify(base_settings, 1)
     assert not isinstance(fn_auto, PaddedForward)
+
+
+@pytest.mark.parametrize(("max_batch", "sizes"), [(16, [1, 2, 4, 8, 16]), (12, [1, 2, 4, 8, 12]), (1, [1]),
+                                                  (64, [1, 2, 4, 8, 16, 32, 64])])
+def test_the_bucket_sizes_a_batcher_makes(max_batch: int, sizes: list[int]) -> None:
+    from app.services.pool import bucket_sizes
+
+    assert bucket_sizes(max_batch) == sizes
+    assert bucket_sizes(max_batch) == sorted({bucket_size(n, max_batch) for n in range(1, max_batch + 1)})
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_every_bucket_shape_is_warmed_at_start_up(base_settings: Settings, monkeypatch: pytest.MonkeyPatch,
+                                                  warmup: bool) -> None:
+    """With buckets on (as on CUDA) and warm-up on, start-up runs one forward per bucket size, so cudnn.benchmark
+    tunes each shape before a request; a model loaded at run time too; with warm-up off, none."""
+    from app.runtime.registry import LoadedClassifier
+
+    sizes: list[int] = []
+    real = LoadedClassifier.forward
+
+    def counting(self: LoadedClassifier, batch: list[Any]) -> list[Any]:
+        sizes.append(len(batch))
+        return real(self, batch)
+
+    monkeypatch.setattr(LoadedClassifier, "forward", counting)
+    settings = base_settings.model_copy(update={"batch_buckets": "on", "warmup": warmup, "batch_max_size": 8,
+                                                "allow_untrained": True})
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client)
+        at_start = list(sizes)
+        assert client.post("/models/resnet18/load").status_code == 202
+        while client.get("/models/resnet18").json()["status"] == "loading":
+            time.sleep(0.01)
+        after_load = sizes[len(at_start):]
+    if warmup:
+        assert at_start == [1, 1, 2, 4, 8]  # the registry's one-image warm-up, then each bucket
+        assert after_load == [1, 1, 2, 4, 8]
+    else:
+        assert at_start == [] and after_load == []
