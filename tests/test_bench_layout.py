@@ -35,3 +35,15 @@ def test_bench_script_runs_as_a_module(script: Path) -> None:
     assert _problems(script) == []
     spec = importlib.util.find_spec(f"bench.{script.stem}")
     assert spec is not None and spec.origin is not None and Path(spec.origin) == script
+
+
+def test_gpu_check_steps_fit_its_default_budget() -> None:
+    """bench/gpu_check.sh gives each step nominal seconds scaled to the budget: at the default budget (480 s, the
+    issue's 8 minutes) they must leave the summary's reserve, or the last steps would always be skipped."""
+    import re
+
+    script = (BENCH / "gpu_check.sh").read_text()
+    nominal = [int(n) for n in re.findall(r"^\s*run_step \w+ (\d+) ", script, flags=re.MULTILINE)]
+    budget = int(re.search(r"^BUDGET=(\d+)", script, flags=re.MULTILINE).group(1))  # type: ignore[union-attr]
+    reserve = int(re.search(r"^SUMMARY_RESERVE=(\d+)", script, flags=re.MULTILINE).group(1))  # type: ignore[union-attr]
+    assert len(nominal) == 12 and sum(nominal) <= budget - reserve
