@@ -102,7 +102,8 @@ def test_front_forwards_answers_problems_listings_and_metrics(front: tuple[TestC
     names = [m["name"] for m in c.get("/models").json()["models"]]
     assert sorted(names) == ["tiny-b", "tiny-cifar", "tiny-text"]
     assert c.get("/models/tiny-b").json()["status"] == "ready"
-    assert_problem(c.post("/models/tiny-b/unload"), 503)  # changed by restarting the host, as on Ray Serve
+    detail = assert_problem(c.post("/models/tiny-b/unload"), 503)["detail"]  # changed by restarting, as on Ray
+    assert "--front-workers" in detail
     metrics = c.get("/metrics").text
     batch_counts = [line for line in metrics.splitlines()
                     if line.startswith("cnn_batch_size_count") and 'model="tiny-b"' in line]

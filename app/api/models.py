@@ -59,9 +59,11 @@ async def _remote(state: AppState) -> dict[str, Any] | None:
 
 def _manager(state: AppState) -> ModelManager:
     if state.ready.is_set() and state.declared and not any(a.task for a in state.declared):
-        # no application of this process loads models: a Ray Serve ingress, whose models live in the deployments
-        raise ServiceUnavailable("this process holds no models: on Ray Serve each application's deployment holds "
-                                 "its own, and is changed by redeploying it (docs/scale-out.md)")
+        # no application of this process loads models: a Ray Serve ingress or a front worker, whose models live
+        # in other processes
+        raise ServiceUnavailable("this process holds no models: they live in another process (on Ray Serve each "
+                                 "application's deployment, changed by redeploying it; with `serve --front-workers` "
+                                 "the model process, changed by restarting the service) (docs/scale-out.md)")
     if state.models is None or state.registry is None:
         raise ServiceUnavailable("models are still loading; retry shortly", retry_after=5)
     return state.models
