@@ -12,6 +12,9 @@ class Metrics:
     """HTTP and batching metrics; also the batcher's observer."""
 
     def __init__(self) -> None:
+        # labels this process's own samples carry when merged with other processes' (a front worker: its id, so
+        # each series stays one worker's whichever worker answers a scrape)
+        self.process_labels: dict[str, str] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("cnn_http_requests", "HTTP requests by route, method and status",
@@ -90,13 +93,15 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def merge_expositions(own: str, others: list[tuple[dict[str, str], str]]) -> str:
-    """One exposition from this process's and other processes' (each with labels added to its samples, e.g. the
-    replica it came from): every family once, with the samples of all (Prometheus refuses a family twice)."""
+def merge_expositions(own: str, others: list[tuple[dict[str, str], str]],
+                      own_labels: dict[str, str] | None = None) -> str:
+    """One exposition from this process's (with `own_labels` added) and other processes' (each with labels added
+    to its samples, e.g. the replica it came from): every family once, with the samples of all (Prometheus refuses
+    a family twice)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     families: dict[str, tuple[str, str, list[str]]] = {}
-    for extra, text in [({}, own), *others]:
+    for extra, text in [(own_labels or {}, own), *others]:
         for fam in text_string_to_metric_families(text):
             _, _, lines = families.setdefault(fam.name, (fam.type, fam.documentation, []))
             for sample in fam.samples:

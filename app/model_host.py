@@ -10,7 +10,9 @@ the requests of every front worker, so the GPU sees one queue per model.
 The protocol is private to one machine and one user: length-prefixed pickle frames, several calls in flight per
 connection (one connection per front worker), the socket file readable only by its owner (pickle runs code on
 load, so nothing else may connect). If the model host exits, `serve` stops the front workers and exits non-zero
-(let the supervisor restart it); a front worker that loses its connection answers 503 until it is back.
+(let the supervisor restart it); a front worker that loses its connection answers 503 until it is back. Each
+front worker hands its own metrics to the host every REPORT_INTERVAL_S, so a scrape of any worker shows them all
+(labelled `worker`) with the host's batchers (`replica="model-host"`).
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from app.apps import BUILTIN
 from app.errors import ProblemError
+from app.metrics import Metrics
 from app.remote import REMOTE, ServiceHost, remote_twin
 from app.settings import Settings
 
@@ -38,6 +42,9 @@ log = logging.getLogger("app.model_host")
 _HEADER = struct.Struct("!Q")
 MAX_SOCKET_PATH = 100  # Unix socket paths are limited to 107 bytes on Linux (less elsewhere)
 CONNECT_PATIENCE_S = 900.0  # how long a front worker waits for the host's socket at start (model loading)
+REPORT_INTERVAL_S = 2.0  # how often each front worker hands its own metrics to the host (for the others' scrapes)
+REPORT_STALE_S = 30.0  # a front worker's metrics older than this are left out (it is gone)
+_client_ids = itertools.count()
 
 
 class HostUnavailable(ProblemError):
@@ -80,6 +87,7 @@ class ModelHost:
     def __init__(self, settings: Settings, path: str, host: ServiceHost | None = None) -> None:
         self.path = path
         self.host = host or ServiceHost(settings, BUILTIN)  # another host: the transport benchmark's stand-in
+        self.reports: dict[str, tuple[float, str]] = {}  # front worker -> (when, its own metrics exposition)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Listen (at once, so front workers can connect and report 'loading'), start the applications, serve
@@ -126,7 +134,11 @@ class ModelHost:
             elif op == "models":
                 value = self.host.models()
             elif op == "metrics":
-                value = self.host.metrics()
+                value = self._metrics(*args)
+            elif op == "report":
+                worker, text = args
+                self.reports[worker] = (time.monotonic(), text)
+                value = None
             else:
                 raise ValueError(f"unknown operation {op!r}")
             data = _frame((req_id, True, value))
@@ -136,6 +148,16 @@ class ModelHost:
         if not writer.is_closing():
             writer.write(data)
             await writer.drain()
+
+
+    def _metrics(self, asking: str) -> list[tuple[dict[str, str], str]]:
+        """The host's exposition and the last one each other live front worker reported (the asking worker renders
+        its own), each with the label that tells them apart."""
+        now = time.monotonic()
+        for worker in [w for w, (at, _) in self.reports.items() if now - at > REPORT_STALE_S]:
+            del self.reports[worker]
+        return [({"replica": "model-host"}, self.host.metrics()),
+                *(({"worker": w}, text) for w, (_, text) in sorted(self.reports.items()) if w != asking)]
 
 
 async def _claim(path: str) -> None:
@@ -183,6 +205,7 @@ class HostClient:
     def __init__(self, path: str, *, patience: float = CONNECT_PATIENCE_S) -> None:
         self.path = path
         self.patience = patience
+        self.worker = f"{os.getpid()}.{next(_client_ids)}"  # this front worker, as the others' scrapes label it
         self._ids = itertools.count()
         self._pending: dict[int, asyncio.Future[tuple[bool, Any]]] = {}
         self._writer: asyncio.StreamWriter | None = None
@@ -251,10 +274,12 @@ class HostClient:
 class HostHandle:
     """One application on the model host, as its twin's ServiceHandle (app/remote.py)."""
 
-    def __init__(self, client: HostClient, application: str, *, reports: bool) -> None:
+    def __init__(self, client: HostClient, application: str, *, reports: bool,
+                 report_interval: float = REPORT_INTERVAL_S) -> None:
         self.client = client
         self.application = application
         self.reports = reports  # the host's metrics and model listing: brought by one handle of the front only
+        self.report_interval = report_interval
 
     async def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = await self.client.request("describe", self.application)
@@ -268,16 +293,40 @@ class HostHandle:
         return listing
 
     async def metrics(self) -> list[tuple[dict[str, str], str]]:
-        return [({"replica": "model-host"}, await self.client.request("metrics"))]
+        parts: list[tuple[dict[str, str], str]] = await self.client.request("metrics", self.client.worker)
+        return parts
+
+    async def attach(self, metrics: Metrics) -> Callable[[], Awaitable[None]] | None:
+        """The reporting handle hands this worker's own metrics to the host every report_interval, so a scrape of
+        any worker shows every worker's requests (each labelled `worker`), not one worker's share."""
+        if not self.reports:
+            return None
+        metrics.process_labels = {"worker": self.client.worker}
+
+        async def report() -> None:
+            while True:
+                try:
+                    await self.client.request("report", self.client.worker, metrics.render().decode())
+                except (HostUnavailable, HostError) as exc:
+                    log.debug("metrics report to the model host failed: %s", exc)
+                await asyncio.sleep(self.report_interval)
+
+        task = asyncio.get_running_loop().create_task(report())
+
+        async def stop() -> None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+        return stop
 
 
-def build_front_app(settings: Settings, client: HostClient) -> Any:
+def build_front_app(settings: Settings, client: HostClient, *, report_interval: float = REPORT_INTERVAL_S) -> Any:
     """One front worker's app: the shipped applications, classification, text and faces as twins of the model
     host's; the style API here on the shared job store, its workers in the host."""
     from app.main import create_app
 
-    apps = [remote_twin(a, HostHandle(client, a.name, reports=a.name == REMOTE[0])) if a.name in REMOTE else a
-            for a in BUILTIN]
+    apps = [remote_twin(a, HostHandle(client, a.name, reports=a.name == REMOTE[0], report_interval=report_interval))
+            if a.name in REMOTE else a for a in BUILTIN]
     # the device is the host's: a front worker holds no model and must not open a CUDA context of its own
     return create_app(settings.model_copy(update={"style_workers": 0, "device": "cpu"}), applications=apps)
 

@@ -25,6 +25,7 @@ from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 from app.apps import BUILTIN
+from app.metrics import Metrics
 from app.remote import REMOTE, RemoteProblem, RemoteService, ServiceHost, remote_twin
 
 __all__ = ["REMOTE", "ApplicationReplica", "LifespanState", "RayHandle", "RemoteProblem", "RemoteService",
@@ -60,6 +61,9 @@ class RayHandle:
         # every live replica's, one `replica` label each (a replica that fails to answer is left out)
         results = await self.handle.broadcast("metrics").results_async(timeout_s=5, return_exceptions=True)
         return [r for r in results if isinstance(r, tuple)]
+
+    async def attach(self, metrics: Metrics) -> None:
+        return None  # the ingress replicas' own metrics stay their own (Ray's proxy picks one per scrape)
 
 
 class ApplicationReplica:

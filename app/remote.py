@@ -75,6 +75,10 @@ class ServiceHandle(Protocol):
     async def metrics(self) -> list[tuple[dict[str, str], str]]:
         """(labels, Prometheus exposition) of each process behind the handle."""
 
+    async def attach(self, metrics: Metrics) -> Callable[[], Awaitable[None]] | None:
+        """Called once the twin starts, with this process's metrics (the model host's handle shares them with the
+        other front workers); returns what to run at shutdown, or None."""
+
 
 def _plain_attributes(service: object) -> dict[str, Any]:
     """The service's plain settings (limits a router reads before calling, such as max_image_bytes)."""
@@ -144,7 +148,7 @@ def remote_twin(app: Application, handle: ServiceHandle) -> Application:
 
         return Started(service, status=service._status, status_source=status,
                        metrics=handle.metrics if handle.reports else None,
-                       models=handle.models if handle.reports else None)
+                       models=handle.models if handle.reports else None, stop=await handle.attach(ctx.metrics))
 
     def enabled(settings: Settings) -> bool:
         return app.is_enabled(settings)  # as configured, though the twin itself loads no model

@@ -580,8 +580,8 @@ def run_matrix(args: argparse.Namespace, image: bytes) -> tuple[list[LoadResult]
                     r.batching = "on" if batching else "off"
                     stages = r.extra.get("stages_ms")
                     if stages and args.front_workers > 1:
-                        # /metrics is answered by one front worker, whose request timer saw only its share of
-                        # the requests: only the model host's columns (queue wait, forward) cover them all
+                        # the other front workers' request timers reach /metrics up to 2 s late (their reports
+                        # to the model host): only the model host's columns (queue wait, forward) fit the window
                         stages.update(server=math.nan, server_other=math.nan, outside_server=math.nan)
                     r.extra = {**r.extra, "max_batch_size": args.batch_size if batching else 1,
                                "max_wait_ms": args.batch_wait_ms, "front_workers": args.front_workers,

@@ -112,6 +112,34 @@ def test_front_forwards_answers_problems_listings_and_metrics(front: tuple[TestC
     assert host.host is not None and host.host.host.state.services["classification"] is not None
 
 
+def test_a_scrape_of_any_front_worker_shows_every_workers_requests(host_settings: Settings) -> None:
+    """Each front worker hands its own metrics to the model host; a scrape of another worker includes them with a
+    `worker` label, so /metrics counts all requests whichever worker the scrape reaches."""
+    path = short_socket()
+    host = HostThread(host_settings, path).start()
+    clients = [HostClient(path, patience=30) for _ in range(2)]
+    try:
+        with TestClient(build_front_app(host_settings, clients[0], report_interval=0.05)) as a, \
+                TestClient(build_front_app(host_settings, clients[1], report_interval=0.05)) as b:
+            wait_ready(a)
+            wait_ready(b)
+            for _ in range(3):
+                assert a.post("/classify", files={"image": ("a.png", image_bytes())}).status_code == 200
+            deadline = time.monotonic() + 30
+            while True:
+                lines = [ln for ln in b.get("/metrics").text.splitlines()
+                         if ln.startswith("cnn_http_requests_total{") and 'route="/classify"' in ln]
+                from_a = [ln for ln in lines if f'worker="{clients[0].worker}"' in ln]
+                if from_a and sum(float(ln.rsplit(" ", 1)[1]) for ln in from_a) == 3:
+                    break
+                assert time.monotonic() < deadline, lines
+                time.sleep(0.05)
+            own = [ln for ln in lines if f'worker="{clients[1].worker}"' in ln]  # b's own, labelled too: 0 requests
+            assert all("worker=" in ln for ln in lines) and sum(float(ln.rsplit(" ", 1)[1]) for ln in own) == 0
+    finally:
+        host.stop()
+
+
 def test_a_lost_host_is_a_503_and_the_front_recovers(front: tuple[TestClient, HostThread],
                                                      host_settings: Settings) -> None:
     c, host = front

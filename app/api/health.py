@@ -122,5 +122,5 @@ async def metrics(state: State) -> Response:
     if state.metrics_sources:  # e.g. the application replicas of a Ray Serve deployment, one label per replica
         parts = await asyncio.gather(*(source() for source in state.metrics_sources), return_exceptions=True)
         others = [p for part in parts if not isinstance(part, BaseException) for p in part]
-        body = await asyncio.to_thread(merge_expositions, own.decode(), others)
+        body = await asyncio.to_thread(merge_expositions, own.decode(), others, state.metrics.process_labels)
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
