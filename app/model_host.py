@@ -210,6 +210,7 @@ class HostClient:
         self._pending: dict[int, asyncio.Future[tuple[bool, Any]]] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._lock: asyncio.Lock | None = None
+        self._reader: asyncio.Task[None] | None = None  # the task delivering answers (the loop holds tasks weakly)
         self._connected_once = False
 
     async def _connect(self) -> asyncio.StreamWriter:
@@ -230,7 +231,7 @@ class HostClient:
                     await asyncio.sleep(0.1)
             self._connected_once = True
             self._writer = writer
-            asyncio.get_running_loop().create_task(self._read(reader, writer))
+            self._reader = asyncio.get_running_loop().create_task(self._read(reader, writer))  # keep a reference
             return writer
 
     async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
