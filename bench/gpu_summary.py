@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.harness import style_job_lines
+
 # issue 14's goals on one H200
 GOAL_IMAGES_PER_S_16 = 10_000
 GOAL_REQUESTS_PER_S_1 = 2_500
@@ -347,14 +349,7 @@ def section_style(s: dict[str, Any] | None) -> list[str]:
         setup = r.get("setup_seconds") if r.get("setup_seconds") is not None else t[0] - per_step
         lines.append(f"| {name} | {fmt(r['seconds'], 2)} | {fmt(setup, 2)} | {fmt(per_step, 4)} | "
                      f"{fmt(r['peak_bytes'] / 2**20, 0)} | {fmt(r['losses'][-1], 4) if r.get('losses') else '-'} |")
-    for name, r in (s.get("results") or {}).items():
-        if r.get("warm_job_seconds"):
-            lines.append(f"- {name}, later jobs in the same process (warm): "
-                         + ", ".join(f"{fmt(v, 2)} s" for v in r["warm_job_seconds"]))
-        if c := r.get("concurrent_jobs"):
-            lines.append(f"- {name}, {c['jobs']} jobs at once (own stream each): {fmt(c['together_seconds'], 2)} s "
-                         f"against {fmt(c['one_alone_seconds'], 2)} s for one alone "
-                         f"({fmt(c['together_over_sum_alone'], 2)} of the sum)")
+    lines += style_job_lines(s.get("results") or {})
     for name, row in (s.get("summary") or {}).items():
         lines.append(f"- {name}: {fmt(row.get('speedup_at_equal_loss'), 2)}x at equal loss")
     return lines

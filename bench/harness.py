@@ -38,3 +38,18 @@ def pg_database(url: str | None) -> Iterator[tuple[str, str]]:
         raise SystemExit(f"no PostgreSQL URL given and no throwaway server can start: {why}")
     with running_server() as server:
         yield server.new_database(), "throwaway server (tests/pgserver.py: fsync=off, on this machine)"
+
+
+def style_job_lines(results: dict[str, dict[str, Any]]) -> list[str]:
+    """The style benchmark's lines for warm jobs (`--jobs`) and jobs at once (`--concurrent`), per variant (shared
+    by bench/style_speed.py's table and bench/gpu_summary.py's, which must import nothing but the standard library)."""
+    lines = []
+    for name, r in results.items():
+        if r.get("warm_job_seconds"):
+            lines.append(f"- {name}, later jobs in the same process (warm): "
+                         + ", ".join(f"{v:.2f} s" for v in r["warm_job_seconds"]))
+        if c := r.get("concurrent_jobs"):
+            lines.append(f"- {name}, {c['jobs']} jobs at once (own CUDA stream each): {c['together_seconds']:.2f} s "
+                         f"against {c['one_alone_seconds']:.2f} s for one alone "
+                         f"({c['together_over_sum_alone']:.2f} of the sum)")
+    return lines

@@ -53,6 +53,7 @@ import torchvision
 from PIL import Image
 from torch import Tensor, nn
 
+from bench.harness import style_job_lines
 from models.style import (
     VGG19_MODULES,
     ProgressInfo,
@@ -386,14 +387,7 @@ def markdown(results: dict[str, dict[str, Any]], summary: dict[str, Any], meta: 
         lines.append(f"| {name} | {r['seconds']:.1f} | {setup:.2f} | {per_step:.3f} | "
                      f"{r['peak_bytes'] / 2**20:.0f} | {r['losses'][-1]:.3f} |")
     lines.append("")
-    for name, r in results.items():
-        if r.get("warm_job_seconds"):
-            lines.append(f"- {name}, later jobs in the same process (warm): "
-                         + ", ".join(f"{v:.2f} s" for v in r["warm_job_seconds"]))
-        if c := r.get("concurrent_jobs"):
-            lines.append(f"- {name}, {c['jobs']} jobs at once: {c['together_seconds']:.2f} s against "
-                         f"{c['one_alone_seconds']:.2f} s for one alone "
-                         f"({c['together_over_sum_alone']:.2f} of the sum)")
+    lines += style_job_lines(results)
     for name, row in summary.items():
         lines.append(f"- {name}: final losses {row['ours_final_loss']:.4f} (ours) / {row['reference_final_loss']:.4f}; "
                      f"to reach {row['equal_loss']:.4f} ours needs {row['ours_steps_to_equal_loss']} steps, "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -90,10 +89,10 @@ class ClassificationService:
         self.device_decode = device_decode  # CNN_GPU_DECODE: JPEGs decoded and preprocessed on the model's device
         self.device_decodes = 0  # images decoded on the device, and device decodes that fell back to the CPU
         self.device_decode_fallbacks = 0
-        self._device_decode_lock = threading.Lock()  # one batched device decode at a time (decoder state is shared)
         # one decode batcher per (preprocessing, device): requests' JPEGs queue together and go to the decoder in
         # one call, so small requests do not each pay a decoder call (and wait for each other's under the lock)
         self._decoders: dict[tuple[ImageSpec, str], MicroBatcher[bytes, torch.Tensor | None]] = {}
+        # one thread for every decoder call: one at a time, as the decoder's state is shared
         self._decode_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jpeg-decode")
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
@@ -110,21 +109,20 @@ class ClassificationService:
     def _decode_batch(self, spec: ImageSpec, device: torch.device, datas: list[bytes]) -> list[torch.Tensor | None]:
         """Blocking: one decoder call for the JPEGs of several requests; None for each one the decoder refuses (when
         the batch fails, each JPEG is tried alone, so one bad file sends only itself to the CPU)."""
-        with self._device_decode_lock:
+        try:
+            return list(decode_and_preprocess(datas, spec, device))
+        except Exception as exc:
+            log.info("device JPEG decode of %d image(s) failed (%s: %s)", len(datas), type(exc).__name__,
+                     str(exc)[:200])
+            if len(datas) == 1:
+                return [None]
+        out: list[torch.Tensor | None] = []
+        for d in datas:
             try:
-                return list(decode_and_preprocess(datas, spec, device))
-            except Exception as exc:
-                log.info("device JPEG decode of %d image(s) failed (%s: %s)", len(datas), type(exc).__name__,
-                         str(exc)[:200])
-                if len(datas) == 1:
-                    return [None]
-            out: list[torch.Tensor | None] = []
-            for d in datas:
-                try:
-                    out.append(decode_and_preprocess([d], spec, device)[0])
-                except Exception:
-                    out.append(None)
-            return out
+                out.append(decode_and_preprocess([d], spec, device)[0])
+            except Exception:
+                out.append(None)
+        return out
 
     async def _decoder(self, loaded: LoadedClassifier) -> MicroBatcher[bytes, torch.Tensor | None]:
         key = (loaded.preprocessing, str(loaded.device))

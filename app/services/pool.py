@@ -80,7 +80,7 @@ async def map_in_threads(fn: Callable[[Any], T], items: Sequence[Any], spare: Sp
 
 def bucket_sizes(max_batch: int) -> list[int]:
     """Every size bucket_size makes for batches of 1 to max_batch: the powers of two below it, and it."""
-    return sorted({bucket_size(n, max_batch) for n in (*(1 << k for k in range(max_batch.bit_length())), max_batch)})
+    return [1 << k for k in range(max_batch.bit_length()) if 1 << k < max_batch] + [max_batch]
 
 
 def bucket_size(n: int, max_batch: int) -> int:
