@@ -32,7 +32,7 @@ bench: install
 
 lock:
 	$(BIN)/pip install -q uv
-	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	$(BIN)/uv pip compile pyproject.toml --extra dev --extra onnx --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 		--generate-hashes --no-header --no-annotate -o requirements.lock
 
 fetch-weights: install

@@ -40,6 +40,7 @@ def _load_models(state: AppState, apps: Sequence[Application], manager_store: Mo
     registry = ModelRegistry(
         s.weights_dir, hub_checkpoint_dir(s.torch_home), device,
         allow_download=s.allow_downloads, allow_untrained=s.allow_untrained, compile_model=s.compile,
+        cuda_graphs=s.cuda_graphs,
         adapters=adapters,
     )
     manager = ModelManager(registry, manager_store, metrics=state.metrics, warmup=s.warmup,

@@ -110,6 +110,8 @@ class Settings(BaseSettings):
     torch_threads: int = Field(default=0, description="intra-op CPU threads (0: torch default)")
     inference_threads: int = Field(default=2, description="threads running model forwards (one batch per model)")
     compile: bool = Field(default=False, description="torch.compile models on CUDA")
+    cuda_graphs: bool = Field(default=False, description="on CUDA, image classifiers and face embedders replay a "
+                              "CUDA graph per batch shape (recorded at the warm-up; pair with batch buckets)")
     warmup: bool = Field(default=True, description="run one forward per model at start-up")
 
     batch_max_size: int = Field(default=16, ge=1, le=1024)

@@ -10,7 +10,7 @@
 # network is used: pip installs with --no-index from WHEELS_DIR only.
 #
 # Steps (each under `timeout`, its share of --budget-seconds; a step that fails or times out is recorded and
-# the next one runs): setup, tests, forward, classify, classify_fronts, classify_before, classify16,
+# the next one runs): setup, tests, forward, classify, profile, classify_fronts, classify_before, classify16,
 # classify16_fronts, text, style, faces, faces_e2e, abuse, then
 # the summary. --only / --skip take comma-separated step names (setup always runs; the venv is reused unless
 # --fresh-venv). OUT_DIR gets: env.json, steps.json, pytest-cuda.xml, <step>.json (+ .md), logs/, summary.md,
@@ -226,6 +226,7 @@ elif [[ ${CUDA_OK:-0} == 1 ]]; then
   DEV=cuda
   FWD=(--batch-sizes 1,16,64,256 --decode-batch-sizes 64 --seconds 1.5 --warmup 5)
   CLS=(--concurrency 32,128 --duration 8 --warmup 2 --batch-size 64)
+  PROF=(--concurrency 128 --client-processes 2 --warmup 4 --duration 3)
   CLS16=(--concurrency 8,32 --duration 6 --warmup 2 --batch-size 128 --batch-queue 2048)
   # several HTTP processes in front of the one model process, and a load generator in several processes too
   FRONTS=(--front-workers 8 --client-processes 4)
@@ -242,6 +243,7 @@ elif [[ $CPU_MODE == 1 ]]; then
   say "no CUDA: GPU_CHECK_ALLOW_CPU=1, so the same steps run on the CPU with tiny sizes (plumbing only)"
   FWD=(--batch-sizes 1,2 --decode-batch-sizes 4 --seconds 0.3 --warmup 1)
   CLS=(--concurrency 1,2 --duration 2 --warmup 0.5 --batch-size 64)
+  PROF=(--concurrency 2 --warmup 1 --duration 1)
   CLS16=(--concurrency 1 --duration 2 --warmup 0.5 --batch-size 128 --batch-queue 2048)
   FRONTS=(--front-workers 2 --client-processes 2)
   CLSF=(--concurrency 2 --duration 2 --warmup 0.5 --batch-size 64)
@@ -279,6 +281,11 @@ if [[ -z ${SETUP_FAILED:-} && -z ${NO_DEVICE:-} ]]; then
     --batching on "${CLS[@]}" --device "$DEV" --server-log-dir "$OUT/logs/classify" \
     --json "$OUT/classify.json" --markdown "$OUT/classify.md"
 
+  # the same load inside torch.profiler: which operators took the CPU and the GPU, how busy the GPU was
+  run_step profile 25 "${LOAD_ENV[@]}" CNN_TEXT_MODELS= CNN_BATCH_MAX_SIZE=64 "$PY" -m bench.profile_service \
+    --route classify --model resnet50 --allow-untrained --device "$DEV" "${PROF[@]}" \
+    --json "$OUT/profile-classify.json" --markdown "$OUT/profile-classify.md"
+
   # the same model behind front workers (`serve --front-workers`): HTTP parsed by several processes, batches and
   # forwards in one model process
   run_step classify_fronts 40 "${LOAD_ENV[@]}" CNN_TEXT_MODELS= "$PY" -m bench.classify_load --matrix \
@@ -288,7 +295,7 @@ if [[ -z ${SETUP_FAILED:-} && -z ${NO_DEVICE:-} ]]; then
 
   # the same load with the GPU settings of issue 14 undone (CPU decode, no batch buckets, torch's default thread
   # count): what they change, measured in the same run
-  run_step classify_before 30 "${LOAD_ENV[@]}" CNN_TEXT_MODELS= CNN_GPU_DECODE=off CNN_BATCH_BUCKETS=off \
+  run_step classify_before 25 "${LOAD_ENV[@]}" CNN_TEXT_MODELS= CNN_GPU_DECODE=off CNN_BATCH_BUCKETS=off \
     CNN_TORCH_THREADS="$(nproc)" "$PY" -m bench.classify_load --matrix --model resnet50 \
     --batching on "${CLS[@]}" --device "$DEV" --server-log-dir "$OUT/logs/classify_before" \
     --json "$OUT/classify-before.json" --markdown "$OUT/classify-before.md"
@@ -297,7 +304,7 @@ if [[ -z ${SETUP_FAILED:-} && -z ${NO_DEVICE:-} ]]; then
     --batching on --images-per-request 16 "${CLS16[@]}" --device "$DEV" \
     --server-log-dir "$OUT/logs/classify16" --json "$OUT/classify16.json" --markdown "$OUT/classify16.md"
 
-  run_step classify16_fronts 35 "${LOAD_ENV[@]}" CNN_TEXT_MODELS= "$PY" -m bench.classify_load --matrix \
+  run_step classify16_fronts 30 "${LOAD_ENV[@]}" CNN_TEXT_MODELS= "$PY" -m bench.classify_load --matrix \
     --model resnet50 --batching on --images-per-request 16 "${CLS16F[@]}" "${FRONTS[@]}" --device "$DEV" \
     --server-log-dir "$OUT/logs/classify16_fronts" --json "$OUT/classify16-fronts.json" \
     --markdown "$OUT/classify16-fronts.md"
@@ -308,7 +315,7 @@ if [[ -z ${SETUP_FAILED:-} && -z ${NO_DEVICE:-} ]]; then
 
   run_step style 45 "$PY" -m bench.style_speed --device "$DEV" "${STY[@]}" --json "$OUT/style.json"
 
-  run_step faces 35 "$PY" -m bench.faces_gallery "${FACES[@]}" --tmp-dir "$WORK" --out "$OUT/faces-gallery.json"
+  run_step faces 30 "$PY" -m bench.faces_gallery "${FACES[@]}" --tmp-dir "$WORK" --out "$OUT/faces-gallery.json"
 
   # the H200 image's OpenCV has no Haar cascade: the e2e server serves detector=none (the upload is the face)
   "$PY" -c "
@@ -319,7 +326,7 @@ open(sys.argv[1], 'wb').write(make_test_image(160))" "$WORK/face.jpg"
     "$PY" -m bench.faces_gallery --e2e-model lfw-face-resnet --image "$WORK/face.jpg" "${E2E[@]}" \
     --tmp-dir "$WORK" --out "$OUT/faces-e2e.json"
 
-  run_step abuse 30 "$PY" -m bench.abuse --device "$DEV" "${ABUSE[@]}" --server-log-dir "$OUT/logs/abuse" \
+  run_step abuse 20 "$PY" -m bench.abuse --device "$DEV" "${ABUSE[@]}" --server-log-dir "$OUT/logs/abuse" \
     --json "$OUT/abuse.json" --markdown "$OUT/abuse.md"
 fi
 

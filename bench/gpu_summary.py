@@ -3,9 +3,9 @@
     python -m bench.gpu_summary OUT_DIR [--budget-seconds 480] [--elapsed-seconds N]
 
 Reads what gpu_check.sh left in OUT_DIR (steps.tsv, env.json, pytest-cuda.xml, forward.json, classify.json,
-classify-fronts.json, classify-before.json, classify16.json, classify16-fronts.json, text.json, style.json,
-faces-gallery.json, faces-e2e.json, abuse.json; any may be missing) and writes OUT_DIR/summary.md,
-OUT_DIR/steps.json and OUT_DIR/results.json (all the JSON merged into one file).
+profile-classify.json, classify-fronts.json, classify-before.json, classify16.json, classify16-fronts.json,
+text.json, style.json, faces-gallery.json, faces-e2e.json, abuse.json; any may be missing) and writes
+OUT_DIR/summary.md, OUT_DIR/steps.json and OUT_DIR/results.json (all the JSON merged into one file).
 Only the standard library is used, so it also runs where the project's packages did not install.
 """
 
@@ -29,8 +29,8 @@ GOAL_REQUESTS_PER_S_1 = 2_500
 GOAL_E2E_RAW_RATIO = 0.6
 GOAL_STYLE_SECONDS = 3.0
 
-JSON_FILES = ("env", "forward", "classify", "classify-fronts", "classify-before", "classify16", "classify16-fronts",
-              "text", "style", "faces-gallery", "faces-e2e", "abuse")
+JSON_FILES = ("env", "forward", "classify", "profile-classify", "classify-fronts", "classify-before", "classify16",
+              "classify16-fronts", "text", "style", "faces-gallery", "faces-e2e", "abuse")
 
 
 def fmt(v: Any, digits: int = 1) -> str:
@@ -311,6 +311,27 @@ def section_classify(name: str, data: dict[str, Any] | None, raw: list[dict[str,
     return lines
 
 
+def section_profile(p: dict[str, Any] | None) -> list[str]:
+    lines = ["", "## Where the time went: /classify under torch.profiler (`profile-classify.json`)", ""]
+    if not p:
+        return [*lines, "- not run"]
+    prof, load = p.get("profile") or {}, (p.get("load") or [{}])[0]
+    lines += [f"- device {p.get('device')}, concurrency {(p.get('settings') or {}).get('concurrency')}: "
+              f"{fmt(load.get('requests_per_s'))} req/s over the load's run, mean batch "
+              f"{fmt(load.get('mean_batch_size'), 2)}; profiled window {prof.get('window_s')} s",
+              f"- GPU kernels busy {fmt(100 * (prof.get('device_busy_fraction') or 0))}% of the window; torch "
+              f"operators' own CPU time {fmt(prof.get('torch_cpu_cores_busy'), 2)} cores on average", "",
+              "| operator | calls | self CPU ms | self device ms |", "|---|---:|---:|---:|"]
+    rows = (prof.get("top_self_device") or [])[:8] + (prof.get("top_self_cpu") or [])[:8]
+    seen = set()
+    for r in rows:
+        if r["name"] in seen:
+            continue
+        seen.add(r["name"])
+        lines.append(f"| `{r['name'][:60]}` | {r['calls']} | {fmt(r['self_cpu_ms'])} | {fmt(r['self_device_ms'])} |")
+    return lines
+
+
 def section_text(t: dict[str, Any] | None) -> list[str]:
     lines = ["", "## Text (`text.json`)", ""]
     if not t or "_unreadable" in t:
@@ -422,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         ("goals", lambda: section_goals(d)),
         ("forward", lambda: section_forward(d["forward"])),
         ("classify", lambda: section_classify("classify", d["classify"], raw)),
+        ("profile", lambda: section_profile(d["profile-classify"])),
         ("classify-fronts", lambda: section_classify("classify-fronts", d["classify-fronts"], raw)),
         ("classify-before", lambda: section_classify("classify-before", d["classify-before"], raw)),
         ("classify16", lambda: section_classify("classify16", d["classify16"], raw)),

@@ -46,4 +46,4 @@ def test_gpu_check_steps_fit_its_default_budget() -> None:
     nominal = [int(n) for n in re.findall(r"^\s*run_step \w+ (\d+) ", script, flags=re.MULTILINE)]
     budget = int(re.search(r"^BUDGET=(\d+)", script, flags=re.MULTILINE).group(1))  # type: ignore[union-attr]
     reserve = int(re.search(r"^SUMMARY_RESERVE=(\d+)", script, flags=re.MULTILINE).group(1))  # type: ignore[union-attr]
-    assert len(nominal) == 12 and sum(nominal) <= budget - reserve
+    assert len(nominal) == 13 and sum(nominal) <= budget - reserve

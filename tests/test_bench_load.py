@@ -37,3 +37,32 @@ def test_the_transport_benchmark_runs() -> None:
     row = run_row(clients=1, in_flight=4, payload=1000, seconds=0.5)
     assert row["calls"] > 0 and row["calls_per_s"] > 0
     assert row["p50_ms"] <= row["p99_ms"] and row["host_cpu_us_per_call"] is not None
+
+
+def test_the_profiler_sees_the_service_threads_under_load(tmp_path: Path) -> None:
+    """bench/profile_service.py: the service in its process, the load from another; the profile must hold the
+    forwards run by the service's worker threads (the main thread only sleeps through the window)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    write_tiny_classifier(tmp_path / "weights")
+    env = {**os.environ, "CNN_WEIGHTS_DIR": str(tmp_path / "weights"), "CNN_DATA_DIR": str(tmp_path / "data"),
+           "CNN_FACE_MODELS": "", "CNN_TEXT_MODELS": ""}
+    out = tmp_path / "profile.json"
+    r = subprocess.run([sys.executable, "-m", "bench.profile_service", "--model", "tiny-cifar", "--device", "cpu",
+                        "--concurrency", "2", "--warmup", "1", "--duration", "1", "--json", str(out),
+                        "--markdown", str(tmp_path / "profile.md")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    load, prof = data["load"][0], data["profile"]
+    assert load["ok"] > 0 and load["errors"] == 0
+    assert 0.9 <= prof["window_s"] <= 5
+    names = {row["name"] for row in prof["top_self_cpu"]}
+    assert any("conv" in n for n in names), names  # the classifier's forwards, from the batch threads
+    assert prof["torch_cpu_cores_busy"] > 0 and prof["device_busy_fraction"] == 0  # no device on the CPU
+    assert "top operators by self CPU time" in (tmp_path / "profile.md").read_text()

@@ -105,6 +105,54 @@ def test_cuda_settings_are_on(base_settings: Settings, client_factory: Any) -> N
         assert torch.get_num_threads() == 1
 
 
+def test_cuda_graph_replays_match_the_eager_forward() -> None:
+    """CNN_CUDA_GRAPHS' recorder: a replay answers a new batch as the eager forward does (bf16 autocast in both,
+    so the same kernels: tolerance 1e-2), one recording per batch shape."""
+    import torchvision
+
+    from app.runtime.cuda_graphs import GraphedForward
+    from app.runtime.device import inference_context, prepare_model
+
+    dev = torch.device("cuda")
+    model = prepare_model(torchvision.models.resnet18(num_classes=10), dev)
+    g = GraphedForward(model)
+    for n in (1, 2, 4, 8):
+        with inference_context(dev):
+            g(torch.randn(n, 3, 64, 64, device=dev).contiguous(memory_format=torch.channels_last))  # eager, records
+            x = torch.randn(n, 3, 64, 64, device=dev).contiguous(memory_format=torch.channels_last)
+            replayed, eager = g(x), model(x)
+        torch.testing.assert_close(replayed.float(), eager.float(), rtol=1e-2, atol=1e-2)
+    assert len(g.recordings) == 4 and g.replays == 4 and not g.eager_only
+
+
+def test_classification_and_faces_with_cuda_graphs_match_the_cpu(base_settings: Settings,
+                                                                  client_factory: Any) -> None:
+    """The service with CNN_CUDA_GRAPHS: the warm-up records every bucket, requests replay them."""
+    from app.runtime.cuda_graphs import GraphedForward
+
+    write_tiny_face_model(base_settings.weights_dir)
+    settings = base_settings.model_copy(update={"face_models": ["tiny-face"], "cuda_graphs": True})
+    files = [("image", (f"{i}.png", image_bytes(color=(30 * i, 200 - 20 * i, 90), size=(64, 48)), "image/png"))
+             for i in range(5)]
+
+    def call(c: Any) -> Any:
+        r = c.post("/classify", files=files, data={"top_k": "10"})
+        f = c.post("/faces/embed", data=NONE, files=[img("image", pattern(i)) for i in range(3)])
+        assert r.status_code == 200 and f.status_code == 200, (r.text, f.text)
+        graphed = [st.loaded.model for st in c.app_state["app_state"].registry.states.values()
+                   if st.loaded is not None and isinstance(st.loaded.model, GraphedForward)]
+        return r.json()["results"], [np.asarray(res["faces"][0]["embedding"]) for res in f.json()["results"]], graphed
+
+    (cpu, cpu_faces, cpu_graphed), (gpu, gpu_faces, gpu_graphed) = _both(settings, client_factory, call)
+    assert not cpu_graphed and len(gpu_graphed) == 2  # the classifier and the face embedder, on CUDA only
+    assert all(m.recordings and m.replays for m in gpu_graphed)
+    for a, b in zip(cpu, gpu, strict=True):
+        pa, pb = _probs(a), _probs(b)
+        assert max(abs(pa[k] - pb[k]) for k in pa) <= PROB_ATOL
+    for a, b in zip(cpu_faces, gpu_faces, strict=True):
+        assert float(a @ b) >= COSINE_MIN
+
+
 def test_faiss_gpu_search_agrees_with_the_cpu_under_concurrent_requests() -> None:
     import faiss
 
@@ -148,7 +196,13 @@ def test_onnx_embedder_runs_on_cuda_when_onnxruntime_can(tmp_path: Any) -> None:
     torch.onnx.export(net, (torch.zeros(1, 3, 16, 16),), str(path), dynamo=False, input_names=["x"],
                       output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17)
     module = OnnxModule(path, torch.device("cuda"))
-    assert module.session.get_providers()[0] == "CUDAExecutionProvider"
+    assert module.session.get_providers()[0] == "CUDAExecutionProvider" and module.device.type == "cuda"
+    # the batch is read from torch's device memory and the answer written there (I/O binding, no host copy)
+    x = torch.randn(4, 3, 16, 16, device="cuda").to(memory_format=torch.channels_last)
+    got = module(x)
+    assert got.is_cuda and got.shape == (4, 4)
+    want = OnnxModule(path, torch.device("cpu"))(x.cpu())
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-3, atol=1e-4)  # cuDNN's convolution vs the CPU's
 
 
 def test_nvjpeg_decode_and_preprocessing_match_the_cpu_path() -> None:

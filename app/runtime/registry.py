@@ -46,6 +46,7 @@ from models.weights import sha256_file as sha256_of
 from models.zoo import build_model as build_family_model
 from models.zoo import build_torchvision, fix_torchvision_state_dict, torchvision_classifiers, torchvision_weights
 
+from .cuda_graphs import GraphedForward
 from .device import inference_context, prepare_model, stack_inputs, to_device, to_device_batch
 
 __all__ = [
@@ -57,6 +58,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# tasks whose inputs have fixed shapes per batch size (images of the model's size), so CNN_CUDA_GRAPHS records a
+# few graphs per model; a text batch's shape follows its longest text
+GRAPHED_TASKS = ("image-classification", "face-embedding")
 
 Status = Literal["loading", "ready", "unavailable", "failed", "unloading"]
 
@@ -259,25 +264,64 @@ class LoadedFaceEmbedder(LoadedModel):
         return torch.zeros(3, side, side)
 
 
+ONNX_INSTALL_HINT = ("pip install 'cnn-apps[onnx]' for onnxruntime's CPU build, or 'cnn-apps[onnx-gpu]' for its CUDA "
+                     "build (one or the other: both install the module onnxruntime)")
+
+
 class OnnxModule:
-    """An onnxruntime session behind a callable like an nn.Module's forward (NCHW float32 in)."""
+    """An onnxruntime session behind a callable like an nn.Module's forward (NCHW float32 in, float32 out).
+
+    The batch is handed to onnxruntime where it lies, through an I/O binding: on CUDA with onnxruntime's CUDA
+    provider (the `onnx-gpu` extra) the input is read from, and the output written to, torch's device memory, with
+    no copy through the host; otherwise the batch is copied to host memory once. onnxruntime is an optional
+    dependency (extras `onnx` / `onnx-gpu`): without it the model fails to load with a message saying how to get it.
+    """
 
     def __init__(self, path: Path, device: torch.device) -> None:
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise RuntimeError(f"ONNX models need onnxruntime, which is not installed: {ONNX_INSTALL_HINT}") from exc
 
         providers = ["CPUExecutionProvider"]
-        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
+        if device.type == "cuda":
+            if "CUDAExecutionProvider" in ort.get_available_providers():
+                providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))  # type: ignore[arg-type]
+            else:
+                log.warning("%s: onnxruntime has no CUDA provider here, so this ONNX model runs on the CPU (%s)",
+                            path.name, ONNX_INSTALL_HINT)
         opts = ort.SessionOptions()
-        threads = torch.get_num_threads()
-        opts.intra_op_num_threads = threads
+        opts.intra_op_num_threads = torch.get_num_threads()
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-        self.input_name = self.session.get_inputs()[0].name
+        # where the session runs: CUDA only if onnxruntime could start its CUDA provider (it falls back to the CPU,
+        # with a warning of its own, when the CUDA or cuDNN libraries it was built for are missing)
+        self.device = (torch.device("cuda", device.index or 0)
+                       if self.session.get_providers()[0] == "CUDAExecutionProvider" else torch.device("cpu"))
+        inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
+        self.input_name, self.output_name = inp.name, out.name
+        # the output's shape after the batch dimension, when the model states it and both ends are float32 (else
+        # session.run, which allocates the output itself)
+        tail = list(out.shape)[1:]
+        bindable = inp.type == out.type == "tensor(float)" and all(isinstance(d, int) and d > 0 for d in tail)
+        self.output_tail: list[int] | None = tail if bindable else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # onnxruntime reads the buffer as NCHW: a channels_last batch must be made C-contiguous first
-        out = self.session.run(None, {self.input_name: x.detach().float().cpu().contiguous().numpy()})[0]
-        return torch.from_numpy(out)
+        x = x.detach().to(self.device, torch.float32).contiguous()
+        if self.output_tail is None:
+            out = self.session.run(None, {self.input_name: x.cpu().numpy()})[0]
+            return torch.from_numpy(out)
+        import numpy as np
+
+        y = torch.empty([x.shape[0], *self.output_tail], dtype=torch.float32, device=self.device)
+        kind, index = self.device.type, self.device.index or 0
+        if kind == "cuda":  # onnxruntime runs on its own stream: the batch must be complete before it reads it
+            torch.cuda.current_stream(self.device).synchronize()
+        binding = self.session.io_binding()
+        binding.bind_input(self.input_name, kind, index, np.float32, list(x.shape), x.data_ptr())
+        binding.bind_output(self.output_name, kind, index, np.float32, list(y.shape), y.data_ptr())
+        self.session.run_with_iobinding(binding)  # returns once the outputs are written (it synchronises its stream)
+        return y
 
 
 class LoadedOnnxFaceEmbedder(LoadedFaceEmbedder):
@@ -344,7 +388,7 @@ class ModelRegistry:
     """Configured models, their status and the loaded instances."""
 
     def __init__(self, weights_dir: Path, hub_dir: Path, device: torch.device, *, allow_download: bool,
-                 allow_untrained: bool, compile_model: bool = False,
+                 allow_untrained: bool, compile_model: bool = False, cuda_graphs: bool = False,
                  adapters: dict[str, type[LoadedModel]] | None = None) -> None:
         self.adapters = dict(_LOADERS if adapters is None else adapters)  # task -> its loaded-model adapter
         self.weights_dir = weights_dir
@@ -353,6 +397,7 @@ class ModelRegistry:
         self.allow_download = allow_download
         self.allow_untrained = allow_untrained
         self.compile_model = compile_model
+        self.cuda_graphs = cuda_graphs
         self.manifest = load_manifest(weights_dir)
         self.states: dict[str, ModelState] = {}
 
@@ -432,6 +477,8 @@ class ModelRegistry:
             else:
                 model = build_model(spec, resolved.path if resolved is not None else None)
                 model = prepare_model(model, self.device, compile_model=self.compile_model)
+                if self.cuda_graphs and self.device.type == "cuda" and task in GRAPHED_TASKS:
+                    model = GraphedForward(model)
                 loaded = self.adapters[task](
                     spec, model, self.device,
                     weights_tag="trained" if resolved else "untrained",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,66 @@ def test_onnx_adapter_gives_the_same_embeddings(tmp_path: Path) -> None:
     a = torch.stack(ref.forward(batch))  # type: ignore[union-attr]
     b = torch.stack(st.loaded.forward(batch))
     assert float(torch.nn.functional.cosine_similarity(a, b).min()) > 0.999
+
+
+def _tiny_onnx(path: Path, *, dynamic_tail: bool = False) -> None:
+    """A small conv net exported to ONNX (6 outputs); with dynamic_tail its output is the flattened feature map of
+    an input of any size, so the output's second dimension is symbolic in the file."""
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = [torch.nn.Conv2d(3, 6, 3), torch.nn.ReLU()]
+    layers += [torch.nn.Flatten()] if dynamic_tail else [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()]
+    axes = ({"x": {0: "n", 2: "h", 3: "w"}, "y": {0: "n", 1: "k"}} if dynamic_tail
+            else {"x": {0: "n"}, "y": {0: "n"}})
+    torch.onnx.export(torch.nn.Sequential(*layers), (torch.zeros(1, 3, 12, 12),), str(path), dynamo=False,
+                      input_names=["x"], output_names=["y"], dynamic_axes=axes, opset_version=17)
+
+
+@pytest.mark.parametrize("dynamic_tail", [False, True])
+def test_onnx_module_answers_what_onnxruntime_answers_for_any_memory_layout(tmp_path: Path,
+                                                                           dynamic_tail: bool) -> None:
+    """The batch goes to onnxruntime through an I/O binding (a pointer to torch's memory, the output written into
+    a torch tensor) when the output shape is known, else through session.run: both must read a channels_last or
+    sliced batch as NCHW."""
+    ort = pytest.importorskip("onnxruntime")
+    from app.runtime.registry import OnnxModule
+
+    path = tmp_path / "tiny.onnx"
+    _tiny_onnx(path, dynamic_tail=dynamic_tail)
+    module = OnnxModule(path, torch.device("cpu"))
+    assert module.device == torch.device("cpu")
+    assert module.output_tail == (None if dynamic_tail else [6])
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    torch.manual_seed(1)
+    base = torch.randn(5, 3, 12, 12)
+    width = 6 * 10 * 10 if dynamic_tail else 6
+    for x in (base, base.to(memory_format=torch.channels_last), torch.randn(5, 3, 12, 24)[..., ::2]):
+        want = torch.from_numpy(ref.run(None, {"x": x.contiguous().numpy()})[0])
+        got = module(x)
+        assert got.shape == (5, width) and got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert module(torch.randn(1, 3, 12, 12)).shape == (1, width)  # the batch size changes between calls
+
+
+def test_an_onnx_model_without_onnxruntime_fails_to_load_and_names_the_extras(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime is an optional extra (onnx / onnx-gpu): without it the ONNX model is "failed" with the way to get
+    it, and the PyTorch embedders load as before."""
+    w = tmp_path / "w"
+    write_tiny_face_model(w)
+    manifest = json.loads((w / "manifest.json").read_text())
+    _tiny_onnx(w / "tiny.onnx")
+    entry = {**manifest["models"][0], "name": "tiny-onnx", "family": "onnx", "file": "tiny.onnx",
+             "sha256": sha256_file(w / "tiny.onnx")}
+    del entry["arch"]
+    manifest["models"].append(entry)
+    (w / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
+    reg = registry(w, tmp_path)
+    st = reg.load("tiny-onnx", "face-embedding")
+    assert st.status == "failed"
+    assert "onnxruntime" in (st.reason or "") and "cnn-apps[onnx]" in (st.reason or "") and \
+        "cnn-apps[onnx-gpu]" in (st.reason or "")
+    assert reg.load("tiny-face", "face-embedding").status == "ready"
 
 
 def test_missing_onnx_file_is_unavailable_even_when_untrained_is_allowed(tmp_path: Path) -> None:
