@@ -444,6 +444,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def model_ready(c: httpx.Client, model: str, where: str = "") -> str | None:
+    """None once `model` is "ready" in GET /models, else what it is now; raises when it never will be (not
+    configured, failed, unavailable). `where` (a log path) goes into the error."""
+    r = c.get("/models")
+    if r.status_code != 200:
+        return f"/models {r.status_code}"
+    entry = next((m for m in r.json().get("models", []) if m.get("name") == model), None)
+    if entry is None:
+        raise RuntimeError(f"server started without {model!r}; log: {where}")
+    if entry.get("status") == "ready":
+        return None
+    if entry.get("status") in ("failed", "unavailable"):
+        raise RuntimeError(f"{model}: {entry['status']}: {entry.get('reason')}; log: {where}")
+    return f"{model} {entry.get('status')}"
+
+
 class Server:
     """`python -m app.cli serve` on 127.0.0.1:<free port> as a child process."""
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from bench.classify_load import PROJECT_ROOT, free_port, machine_description
+from bench.classify_load import PROJECT_ROOT, free_port, machine_description, model_ready
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -79,14 +79,10 @@ class InProcessServer:
                 if not self.thread.is_alive():
                     raise RuntimeError("the server stopped before it was ready")
                 try:
-                    r = c.get("/models")
-                    if r.status_code == 200:
-                        entry = next((m for m in r.json()["models"] if m["name"] == self.model), None)
-                        if entry and entry["status"] == "ready":
-                            return
-                        if entry and entry["status"] in ("failed", "unavailable"):
-                            raise RuntimeError(f"{self.model}: {entry['status']}: {entry.get('reason')}")
-                        last = str(entry and entry["status"])
+                    status = model_ready(c, self.model, "this process's output")
+                    if status is None:
+                        return
+                    last = status
                 except httpx.HTTPError as exc:
                     last = type(exc).__name__
                 time.sleep(0.3)

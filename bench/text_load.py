@@ -54,6 +54,7 @@ from bench.classify_load import (
     fmt,
     machine_description,
     machine_lines,
+    model_ready,
     parse_batch_metrics,
     parse_int_list,
     percentile,
@@ -335,14 +336,8 @@ class TextServer(Server):
             if body.get("status") == "failed":
                 raise RuntimeError(f"server start-up failed ({last}); log: {self.log_path}")
             return last
-        entry = next((m for m in r.json().get("models", []) if m.get("name") == self.model), None)
-        if entry is None:
-            raise RuntimeError(f"server started without {self.model!r}; log: {self.log_path}")
-        if entry.get("status") == "ready":
-            return None
-        if entry.get("status") in ("failed", "unavailable"):
-            raise RuntimeError(f"{self.model}: {entry['status']}: {entry.get('reason')}; log: {self.log_path}")
-        return f"{self.model} {entry.get('status')}"
+        return model_ready(c, self.model, str(self.log_path))
+
 
 def server_env(args: argparse.Namespace, model: str, batching: bool) -> dict[str, str]:
     """The classify benchmark's server settings (batching, threads, device), serving only the text model."""

@@ -45,6 +45,7 @@ from bench.classify_load import (
     ensure_loopback,
     machine_description,
     make_test_image,
+    model_ready,
     parse_int_list,
     parse_str_list,
     percentile,
@@ -100,17 +101,7 @@ class TreeServer(Server):
         self._wait_ready()
 
     def _probe(self, c: httpx.Client) -> str | None:
-        r = c.get("/models")
-        if r.status_code != 200:
-            return f"/models {r.status_code}"
-        entry = next((m for m in r.json().get("models", []) if m.get("name") == self.model), None)
-        if entry is None:
-            return f"{self.model} not listed yet"
-        if entry.get("status") == "ready":
-            return None
-        if entry.get("status") in ("failed", "unavailable"):
-            raise RuntimeError(f"{self.model}: {entry['status']}: {entry.get('reason')}; log: {self.log_path}")
-        return f"{self.model} {entry.get('status')}"
+        return model_ready(c, self.model, str(self.log_path))
 
 
 def _first(pattern: str) -> Path | None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -311,8 +312,6 @@ class OnnxModule:
         if self.output_tail is None:
             out = self.session.run(None, {self.input_name: x.cpu().numpy()})[0]
             return torch.from_numpy(out)
-        import numpy as np
-
         y = torch.empty([x.shape[0], *self.output_tail], dtype=torch.float32, device=self.device)
         kind, index = self.device.type, self.device.index or 0
         if kind == "cuda":  # onnxruntime runs on its own stream: the batch must be complete before it reads it
