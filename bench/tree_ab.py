@@ -19,12 +19,25 @@ on a server that loads only the models it needs (its own `python -m app.cli serv
 
 Reported per workload, tree and concurrency: requests/s, p50/p99 latency, errors; the summary gives the
 mean of each tree's runs and head/base.
+
+`--paired K` measures differently, for differences smaller than the drift of a shared machine (the same
+tree's throughput moves by 10-20% between runs minutes apart here): both trees' servers run at once (the idle
+one uses next to no CPU), and each concurrency level is measured as K pairs of short windows, base then head
+or head then base in turn (ABBA), so every pair sees the same moment of the machine. Per window it also reads
+the server process's CPU time per request (/proc, Linux), which scheduling noise moves less than throughput.
+The summary gives the geometric mean of the K per-pair head/base ratios with a 95% bootstrap interval
+(fixed seed):
+
+    python -m bench.tree_ab --base da4dfc5 --workloads text --paired 12 --duration 5 --json out.json
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import io
+import math
+import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -182,6 +195,87 @@ def run_one(tree: Path, label: str, name: str, levels: list[int], args: argparse
             "loadavg_after": loadavg(), "levels": rows}
 
 
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def ratio_interval(ratios: list[float], *, draws: int = 4000, seed: int = 0) -> tuple[float, float, float]:
+    """Geometric mean of per-pair ratios and its 95% bootstrap interval (percentile method, fixed seed)."""
+    logs = [math.log(r) for r in ratios]
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(logs, k=len(logs))) for _ in range(draws))
+    lo, hi = means[int(0.025 * draws)], means[min(draws - 1, int(0.975 * draws))]
+    return math.exp(statistics.fmean(logs)), math.exp(lo), math.exp(hi)
+
+
+def run_paired(trees: dict[str, Path], name: str, levels: list[int], pairs: int, args: argparse.Namespace,
+               log_dir: Path) -> dict[str, Any]:
+    """Both trees served at once; per level, `pairs` pairs of windows in ABBA order (see the module's doc)."""
+    w = workload(name)
+    servers = {label: TreeServer(w["env"], root=trees[label], model=w["model"], python=args.python,
+                                 log_path=log_dir / f"paired-{label}-{name}-{time.time_ns()}.log",
+                                 startup_timeout=args.startup_timeout) for label in ("base", "head")}
+    out: dict[str, Any] = {"workload": name, "input": w["input"], "model": w["model"], "levels": []}
+    with servers["base"], servers["head"]:
+        for c in levels:
+            for srv in servers.values():  # warm both at this level before any window counts
+                asyncio.run(measure(srv.url, w, c, args.warmup, 0.0))
+            windows: list[dict[str, Any]] = []
+            for i in range(pairs):
+                order = ("base", "head") if i % 2 == 0 else ("head", "base")
+                for label in order:
+                    srv = servers[label]
+                    assert srv.proc is not None
+                    cpu0 = process_cpu_s(srv.proc.pid)
+                    row = asyncio.run(measure(srv.url, w, c, args.duration, 0.0))
+                    cpu1 = process_cpu_s(srv.proc.pid)
+                    if cpu0 is not None and cpu1 is not None and row["ok"]:
+                        row["server_cpu_ms_per_request"] = round(1000 * (cpu1 - cpu0) / row["ok"], 3)
+                    windows.append({"pair": i, "tree": label, **row})
+                print(f"{name} c={c} pair {i}: " + ", ".join(
+                    f"{r['tree']} {r['requests_per_s']} req/s" for r in windows[-2:]), flush=True)
+            out["levels"].append({"concurrency": c, "windows": windows, **paired_summary(windows, pairs)})
+    return out
+
+
+def paired_summary(windows: list[dict[str, Any]], pairs: int) -> dict[str, Any]:
+    """Per-pair head/base ratios of req/s and of server CPU per request, with their intervals."""
+    by = {(r["pair"], r["tree"]): r for r in windows}
+    rps = [by[(i, "head")]["requests_per_s"] / by[(i, "base")]["requests_per_s"] for i in range(pairs)
+           if by[(i, "base")]["requests_per_s"] > 0 and by[(i, "head")]["requests_per_s"] > 0]
+    cpu = [by[(i, "head")]["server_cpu_ms_per_request"] / by[(i, "base")]["server_cpu_ms_per_request"]
+           for i in range(pairs) if by[(i, "head")].get("server_cpu_ms_per_request")
+           and by[(i, "base")].get("server_cpu_ms_per_request")]
+    summary: dict[str, Any] = {}
+    for key, ratios in (("rps_head_over_base", rps), ("cpu_per_request_head_over_base", cpu)):
+        if len(ratios) >= 2:
+            g, lo, hi = ratio_interval(ratios)
+            summary[key] = {"geometric_mean": round(g, 4), "ci95": [round(lo, 4), round(hi, 4)], "pairs": len(ratios)}
+    return summary
+
+
+def paired_table(results: list[dict[str, Any]]) -> list[str]:
+    lines = ["| workload | concurrency | base req/s (median) | head req/s (median) | head / base req/s (95% CI) "
+             "| head / base server CPU per request (95% CI) |", "|---|---:|---:|---:|---|---|"]
+    for res in results:
+        for lv in res["levels"]:
+            med = {t: statistics.median(r["requests_per_s"] for r in lv["windows"] if r["tree"] == t)
+                   for t in ("base", "head")}
+
+            def cell(key: str, lv: dict[str, Any] = lv) -> str:
+                s = lv.get(key)
+                return f"{s['geometric_mean']:.3f} ({s['ci95'][0]:.3f}-{s['ci95'][1]:.3f})" if s else "-"
+
+            lines.append(f"| {res['workload']} | {lv['concurrency']} | {med['base']:.1f} | {med['head']:.1f} | "
+                         f"{cell('rps_head_over_base')} | {cell('cpu_per_request_head_over_base')} |")
+    return lines
+
+
 def summarise(runs: list[dict[str, Any]], workloads: list[str], levels: dict[str, list[int]]) -> list[str]:
     lines = ["| workload | concurrency | base req/s (runs) | head req/s (runs) | head / base | base p99 ms "
              "| head p99 ms |", "|---|---:|---|---|---:|---:|---:|"]
@@ -214,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=1, help="rounds of base, head, head, base (see --order)")
     p.add_argument("--order", choices=("base-first", "head-first"), default="base-first",
                    help="head-first: head, base, base, head (to tell a position effect from a code one)")
+    p.add_argument("--paired", type=int, default=0, metavar="K",
+                   help="both trees served at once, K pairs of short windows per level (see above); --rounds ignored")
     p.add_argument("--duration", type=float, default=15.0)
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--python", default=sys.executable)
@@ -233,6 +329,18 @@ def main(argv: list[str] | None = None) -> int:
                   for w in args.workloads}
         runs: list[dict[str, Any]] = []
         log_dir = scratch / "logs"
+        if args.paired > 0:
+            results = [run_paired(trees, name, levels[name], args.paired, args, log_dir) for name in args.workloads]
+            table = paired_table(results)
+            print("\n".join(table))
+            write_json(args.json, {"revisions": revs, "mode": f"paired: both servers up, {args.paired} pairs of "
+                                   "windows per level, ABBA", "duration_s": args.duration, "warmup_s": args.warmup,
+                                   "machine": machine_description("cpu"), "loadavg_after": loadavg(),
+                                   "results": results, "summary_markdown": table})
+            if args.markdown:
+                args.markdown.parent.mkdir(parents=True, exist_ok=True)
+                args.markdown.write_text("\n".join(table) + "\n")
+            return 0
         for rnd in range(args.rounds):
             for name in args.workloads:
                 for label in (("base", "head", "head", "base") if args.order == "base-first"

@@ -58,6 +58,31 @@ def test_same_text_same_answer_alone_or_batched(tclient: TestClient) -> None:
         assert abs(a["probability"] - b["probability"]) < 1e-4
 
 
+def test_small_inputs_are_checked_on_the_loop_large_ones_in_a_thread(
+        tclient: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    import app.services.text as text_service
+
+    hops: list[str] = []
+    real = text_service.asyncio.to_thread
+
+    async def counting(fn, *a, **kw):  # type: ignore[no-untyped-def]
+        hops.append(getattr(fn, "__name__", "?"))
+        return await real(fn, *a, **kw)
+
+    monkeypatch.setattr(text_service.asyncio, "to_thread", counting)
+    small = ["a" * 60, "b" * (text_service.INLINE_CHARS - 60)]  # exactly at the limit
+    large = [*small, "c"]
+    for texts, want in ((small, []), (large, ["check_and_measure"])):
+        hops.clear()
+        r = tclient.post("/text/classify", json={"texts": texts})
+        assert r.status_code == 200, r.text
+        assert hops == want
+        assert [x["truncated"] for x in r.json()["results"]] == [False, True] + [False] * (len(texts) - 2)
+    # the same checks either way: a blank text is refused with its index, however the request is sized
+    for texts in (["ok", " "], ["x" * 3000, " "]):
+        assert "texts[1]" in assert_problem(tclient.post("/text/classify", json={"texts": texts}), 422)["detail"]
+
+
 @pytest.mark.parametrize(
     ("payload", "needle"),
     [
