@@ -137,10 +137,12 @@ def flatmap_body(context: schemathesis.HookContext, body: Any) -> st.SearchStrat
     multipart = "multipart/form-data" in context.operation.definition.raw.get("requestBody", {}).get("content", {})
     fields: dict[str, st.SearchStrategy[Any]] = {}
     for key, value in body.items():
-        if key in IMAGE_FIELDS and isinstance(value, list):
+        # images only go into multipart bodies: a JSON body can carry a key named like an image field (an extra
+        # property whose name Hypothesis drew from the project's string constants), and bytes are not JSON
+        if multipart and key in IMAGE_FIELDS and isinstance(value, list):
             fields[key] = st.tuples(*(_maybe(v, hostile_images) if isinstance(v, str | bytes) else st.just(v)
                                       for v in value)).map(list)
-        elif key in IMAGE_FIELDS and isinstance(value, str | bytes):
+        elif multipart and key in IMAGE_FIELDS and isinstance(value, str | bytes):
             fields[key] = _maybe(value, hostile_images)
         elif key == "model" and model is not None:
             fields[key] = _maybe(value, st.just(model))
