@@ -32,7 +32,6 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from PIL import Image
 from torch import Tensor, nn
 
@@ -70,6 +69,24 @@ def _vgg19_module_names() -> tuple[str, ...]:
 
 
 VGG19_MODULES = _vgg19_module_names()
+
+
+def vgg19_features(upto: int) -> nn.Sequential:
+    """VGG-19's convolutional part (Simonyan and Zisserman 2015, configuration E) up to module index `upto`
+    (inclusive), laid out as torchvision's ``vgg19().features`` (3x3 convolutions with padding 1, each followed by
+    an in-place ReLU; 2x2 max pooling with stride 2), so checkpoints and layer names match by index. Built here
+    rather than by torchvision, whose import costs seconds in every process that serves style transfer."""
+    layers: list[nn.Module] = []
+    channels = 3
+    for v in _VGG19_CFG:
+        if len(layers) > upto:
+            break
+        if v == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers += [nn.Conv2d(channels, int(v), kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+            channels = int(v)
+    return nn.Sequential(*layers[: upto + 1])
 
 
 def layer_index(name: str) -> int:
@@ -110,11 +127,10 @@ class VGGFeatures(nn.Module):
         _check_pool(pool)
         self.layer_names = tuple(dict.fromkeys(layers))
         last = max(layer_index(n) for n in self.layer_names)
-        # torchvision's own builder on the meta device: no memory and no time spent on the
-        # 120M-parameter classifier we would throw away; real storage is allocated below
+        # built on the meta device (no memory, no default initialisation), real storage allocated below
         with torch.device("meta"):
-            full = torchvision.models.vgg19(weights=None).features
-        self.layers = nn.Sequential(*list(full.children())[: last + 1]).to_empty(device="cpu")
+            features = vgg19_features(last)
+        self.layers = features.to_empty(device="cpu")
         self.pool = pool
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))

@@ -172,6 +172,19 @@ def test_features_subset_and_pooling(features: VGGFeatures) -> None:
     assert not torch.equal(other["conv2_1"], full["conv2_1"])
 
 
+def test_the_feature_layers_are_torchvisions_vgg19_features() -> None:
+    """VGG-19 is built here (not by torchvision, whose import costs seconds per process): module for module the
+    same layout as torchvision's vgg19().features, so its checkpoints and layer indices apply unchanged."""
+    with torch.device("meta"):
+        theirs = list(torchvision.models.vgg19(weights=None).features.children())
+        ours = list(style_module.vgg19_features(len(theirs) - 1).children())
+        shallow = list(style_module.vgg19_features(layer_index("conv4_2")).children())
+    assert len(ours) == len(theirs) == len(style_module.VGG19_MODULES)
+    for a, b in zip(ours, theirs, strict=True):
+        assert type(a) is type(b) and repr(a) == repr(b)  # kernel, stride, padding, channels, in-place
+    assert [repr(m) for m in shallow] == [repr(m) for m in theirs[: layer_index("conv4_2") + 1]]
+
+
 def test_torchvision_state_dict_loads() -> None:
     torch.manual_seed(1)
     sd = torchvision.models.vgg19(weights=None).state_dict()
