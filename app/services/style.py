@@ -25,6 +25,7 @@ from app.runtime.images import decode_image
 from app.services.results import StyleJob, StyleJobList
 from app.stores.interfaces import Job, JobStoreProtocol, QueueFull
 from models.style import StyleCancelled, StyleParams, plan_stylize, stylize
+from models.weights import WeightsRef
 
 log = logging.getLogger(__name__)
 
@@ -419,6 +420,14 @@ class _Progress:
         return ok and not self.worker._stop.is_set()
 
 
+# torchvision's default VGG-19 weights (VGG19_Weights.IMAGENET1K_V1): the file name, whose hex digits are the start of
+# its sha256 (torch.hub's convention), as torchvision publishes it. Pinned here so that looking for the file does not
+# import torchvision (seconds and ~150 MB in every process that checks, front workers included); a test compares
+# both with torchvision's own metadata
+VGG19_WEIGHTS = WeightsRef("vgg19-dcbb9e9d.pth", hash_prefix="dcbb9e9d")
+VGG19_SOURCE = "torchvision VGG19_Weights.IMAGENET1K_V1"
+
+
 class FeatureSource:
     """The VGG-19 feature network for style transfer: torchvision's ImageNet weights when present,
     otherwise the project's offline fallback (see docs/style-transfer.md); built once, on first use."""
@@ -440,16 +449,15 @@ class FeatureSource:
     def check(self) -> tuple[Path | None, str]:
         """Resolve the weights (hashing a file that is present): (file or None for the offline fallback, description).
         A file that is present but damaged is a RuntimeError, never a silent fall back to random features."""
-        from app.runtime.registry import WeightsUnavailable, resolve_weights, spec_from_torchvision
+        from app.runtime.registry import WeightsUnavailable, resolve_weights
 
-        spec = spec_from_torchvision("vgg19")
         try:
-            found = resolve_weights(spec.weights, self.weights_dir, self.hub_dir, allow_download=False)
+            found = resolve_weights(VGG19_WEIGHTS, self.weights_dir, self.hub_dir, allow_download=False)
         except WeightsUnavailable as exc:
-            if any((d / spec.weights.file_name).is_file() for d in (self.weights_dir, self.hub_dir)):
+            if any((d / VGG19_WEIGHTS.file_name).is_file() for d in (self.weights_dir, self.hub_dir)):
                 raise RuntimeError(f"the style feature network cannot be used: {exc}") from exc
-            return None, f"random VGG-19 (seed 0): {spec.weights.file_name} not found, see docs/style-transfer.md"
-        return found.path, f"{spec.source} ({found.source}: {found.path.name})"
+            return None, f"random VGG-19 (seed 0): {VGG19_WEIGHTS.file_name} not found, see docs/style-transfer.md"
+        return found.path, f"{VGG19_SOURCE} ({found.source}: {found.path.name})"
 
     def _build(self, device: torch.device) -> tuple[Any, str]:
         from models.style import VGGFeatures, prepare_features, random_vgg_features

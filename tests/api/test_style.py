@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -502,3 +504,40 @@ def test_metrics_never_wait_on_a_slow_or_failing_job_store(base_settings: Settin
         m = c.get("/metrics")
         assert m.status_code == 200 and "cnn_style_counts_errors_total 3.0" in m.text
         assert 'cnn_style_jobs{state="queued"} 1.0' in m.text  # the last values stay
+
+
+def test_the_pinned_vgg19_weights_are_torchvisions() -> None:
+    """The style service looks for VGG-19's weights by a pinned name and hash prefix (no torchvision import at
+    start-up): they must be what torchvision itself publishes for its default VGG-19 weights."""
+    from app.runtime.registry import spec_from_torchvision
+    from app.services.style import VGG19_SOURCE, VGG19_WEIGHTS
+
+    spec = spec_from_torchvision("vgg19")
+    assert (VGG19_WEIGHTS.file_name, VGG19_WEIGHTS.hash_prefix) == (spec.weights.file_name, spec.weights.hash_prefix)
+    assert spec.source == VGG19_SOURCE
+
+
+def test_starting_the_service_does_not_import_torchvision(tmp_path: Path) -> None:
+    """A process serving only the project's own models, with style on, never imports torchvision (its import costs
+    seconds and memory: it pulls in torch._dynamo); checked in a fresh interpreter."""
+    code = (
+        "import sys, time\n"
+        "from fastapi.testclient import TestClient\n"
+        "from app.main import create_app\n"
+        "from app.settings import Settings\n"
+        "from tests.conftest import write_tiny_classifier\n"
+        f"w = __import__('pathlib').Path({str(tmp_path)!r}) / 'weights'\n"
+        "write_tiny_classifier(w)\n"
+        f"s = Settings(weights_dir=w, torch_home=w.parent / 'th', data_dir=w.parent / 'data', device='cpu',\n"
+        "             classifiers=['tiny-cifar'], text_models=[], face_models=[], style_workers=1)\n"
+        "with TestClient(create_app(s)) as c:\n"
+        "    for _ in range(600):\n"
+        "        if c.get('/health/ready').status_code == 200: break\n"
+        "        time.sleep(0.1)\n"
+        "    assert c.get('/health/ready').json()['applications']['style']['status'] == 'ready'\n"
+        "print('torchvision' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
