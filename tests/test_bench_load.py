@@ -62,6 +62,7 @@ def test_the_profiler_sees_the_service_threads_under_load(tmp_path: Path) -> Non
     load, prof = data["load"][0], data["profile"]
     assert load["ok"] > 0 and load["errors"] == 0
     assert 0.9 <= prof["window_s"] <= 5
+    assert prof["answered_in_window"] > 0  # the window opens only once the load is being answered
     names = {row["name"] for row in prof["top_self_cpu"]}
     assert any("conv" in n for n in names), names  # the classifier's forwards, from the batch threads
     assert prof["torch_cpu_cores_busy"] > 0 and prof["device_busy_fraction"] == 0  # no device on the CPU
