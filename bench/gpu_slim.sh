@@ -5,7 +5,9 @@
 #   bench/gpu_slim.sh aside [DIR]     # move them to DIR (default: ../gpu-slim-aside, outside the checkout)
 #   bench/gpu_slim.sh restore [DIR]   # move them back and check them against git
 #   bench/gpu_slim.sh list            # the files, one per line
-#   bench/gpu_slim.sh size            # MiB of the checkout with and without them
+#   bench/gpu_slim.sh size            # MiB of the checkout with and without them (either side of `aside`)
+#   bench/gpu_slim.sh travel-bytes    # bytes of what a device call carries now: the tracked and untracked,
+#                                     # not ignored files that exist (bench/gpu_wheels.sh's check uses it)
 #
 # Why: a device call carries the working tree and the wheels together, 64 MiB at most (bench/gpu_wheels.sh checks
 # 62). The shipped weights are most of the checkout; the GPU check serves resnet50 (random weights allowed),
@@ -36,17 +38,33 @@ cmd=$1
 DIR=${2:-$ROOT/../gpu-slim-aside}
 cd "$ROOT"
 
-checkout_bytes() {
-  git ls-files -z --cached --others --exclude-standard | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1
+# Files moved aside are still listed by git (as deleted): only the files present count, so this works either side
+# of `aside` (du over the list failed on the missing ones and, under `set -e`, ended the script without a word).
+travel_bytes() {
+  local total=0 f
+  while IFS= read -r -d '' f; do
+    [[ -f $f && ! -L $f ]] && total=$((total + $(stat -c %s -- "$f")))
+  done < <(git ls-files -z --cached --others --exclude-standard)
+  echo "$total"
+}
+# the slim files' sizes as git records them (present or aside)
+slim_bytes() {
+  local total=0 f
+  for f in "${SLIM[@]}"; do
+    if git cat-file -e "HEAD:$f" 2>/dev/null; then total=$((total + $(git cat-file -s "HEAD:$f"))); fi
+  done
+  echo "$total"
 }
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
 
 case $cmd in
   list) printf '%s\n' "${SLIM[@]}" ;;
+  travel-bytes) travel_bytes ;;
   size)
-    all=$(checkout_bytes)
-    slim=$(du -cb "${SLIM[@]}" 2>/dev/null | tail -1 | cut -f1)
-    echo "checkout $(mib "$all") MiB; without the files gpu_check.sh does not use $(mib $((all - slim))) MiB" ;;
+    without=$(travel_bytes)
+    for f in "${SLIM[@]}"; do [[ -f $f ]] && without=$((without - $(stat -c %s -- "$f"))); done
+    all=$((without + $(slim_bytes)))
+    echo "checkout $(mib "$all") MiB; without the files gpu_check.sh does not use $(mib "$without") MiB" ;;
   aside)
     mkdir -p "$DIR"
     for f in "${SLIM[@]}"; do

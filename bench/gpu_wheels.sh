@@ -9,8 +9,9 @@
 # (to install the project itself), and writes WHEELS_DIR/requirements.txt, the list gpu_check.sh installs.
 #
 # Left out (GPU_WHEELS_SKIP, space-separated): large packages the H200 image already has (numpy, pillow,
-# opencv-python-headless, onnx, onnxruntime, matplotlib and their dependencies, pygments); pip on the GPU machine takes
-# them from its own Python. Set GPU_WHEELS_SKIP= (empty) for a machine that has only torch and torchvision.
+# opencv-python-headless, onnx, onnxruntime, matplotlib and their dependencies); pip on the GPU machine takes
+# them from its own Python. pygments (1.2 MB, required by pytest 9) is carried: the image's listing does not name it,
+# and a run of gpu_check.sh from a Python 3.12 + torch 2.11 environment without it stopped at set-up. Set GPU_WHEELS_SKIP= (empty) for a machine that has only torch and torchvision.
 #
 # FAISS: faiss-gpu 1.15.1 is a 135 MB wheel that also needs the CUDA 12 runtime and cuBLAS wheels (hundreds
 # of MB; the H200 image has CUDA 13), far over the 64 MiB a device call carries, so the default is faiss-cpu
@@ -44,7 +45,7 @@ if [[ -z $PY ]]; then
   if [[ -x $ROOT/.venv/bin/python ]]; then PY=$ROOT/.venv/bin/python; else PY=python3; fi
 fi
 # packages of the H200 image (as listed for it) that are large: carried only when GPU_WHEELS_SKIP says so
-SKIP=${GPU_WHEELS_SKIP-numpy pillow opencv-python-headless onnx onnxruntime matplotlib contourpy fonttools kiwisolver protobuf sympy mpmath ml-dtypes pygments}
+SKIP=${GPU_WHEELS_SKIP-numpy pillow opencv-python-headless onnx onnxruntime matplotlib contourpy fonttools kiwisolver protobuf sympy mpmath ml-dtypes}
 # manylinux tags up to glibc 2.34 (the image is Ubuntu 24.04-based: Python 3.12.3); pip matches tags exactly
 PLATFORMS=${GPU_WHEELS_PLATFORMS:-manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64 manylinux_2_31_x86_64 manylinux_2_34_x86_64}
 
@@ -104,8 +105,7 @@ for name in $SKIP; do
 done
 
 wheels=$(du -cb "$DEST"/*.whl | tail -1 | cut -f1)
-checkout=$(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | xargs -0 du -cb 2>/dev/null \
-  | awk '$2 == "total" {s += $1} END {print s + 0}')
+checkout=$(bash "$ROOT/bench/gpu_slim.sh" travel-bytes)  # what travels now (after `gpu_slim.sh aside` too)
 mib() { awk -v b="$1" 'BEGIN {printf "%.1f", b / 1048576}'; }
 echo "# wheels: $(ls "$DEST"/*.whl | wc -l) files, $(mib "$wheels") MiB in $DEST"
 ls -S "$DEST"/*.whl | head -5 | while read -r f; do echo "#   $(mib "$(stat -c %s "$f")") MiB $(basename "$f")"; done

@@ -47,3 +47,20 @@ def test_gpu_check_steps_fit_its_default_budget() -> None:
     budget = int(re.search(r"^BUDGET=(\d+)", script, flags=re.MULTILINE).group(1))  # type: ignore[union-attr]
     reserve = int(re.search(r"^SUMMARY_RESERVE=(\d+)", script, flags=re.MULTILINE).group(1))  # type: ignore[union-attr]
     assert len(nominal) == 13 and sum(nominal) <= budget - reserve
+
+
+def test_the_gpu_check_collects_every_cuda_test(request: pytest.FixtureRequest) -> None:
+    """bench/gpu_check.sh collects only the test modules that mention `pytest.mark.cuda` (collecting the whole suite
+    failed on modules needing packages it does not carry): every test this session collected with the `cuda`
+    marker must live in one of them. Meaningful when the whole suite is collected (make test)."""
+    import re
+
+    script = (BENCH / "gpu_check.sh").read_text()
+    assert "grep -rlE --include='*.py' 'pytest[.]mark[.]cuda' tests" in script
+    tests_dir = BENCH.parent / "tests"
+    grepped = {p.resolve() for p in tests_dir.rglob("*.py") if re.search(r"pytest[.]mark[.]cuda", p.read_text())}
+    marked = {Path(item.path).resolve() for item in request.session.items if item.get_closest_marker("cuda")}
+    if not marked:
+        pytest.skip("no cuda-marked test collected in this session (run with the whole suite)")
+    assert marked <= grepped, sorted(str(p) for p in marked - grepped)
+    assert tests_dir / "test_cuda.py" in marked

@@ -76,10 +76,21 @@ def test_aside_and_restore_round_trip(tmp_path: Path) -> None:
     assert not any((repo / f).exists() for f in slim_files()) and (repo / "weights" / "kept.pt").exists()
     assert sorted(p.name for p in aside.iterdir()) == sorted(Path(f).name for f in slim_files())
     assert sorted(git("ls-files", "--deleted").split()) == sorted(slim_files())
+    # what travels now, and the sizes either side of `aside`: the moved files are listed by git as deleted, which
+    # made the old byte count (du over git's list) fail and end bench/gpu_wheels.sh without a word
+    kept = sum((repo / p).stat().st_size for p in ("weights/kept.pt", "bench/gpu_slim.sh"))
+    moved = sum(len(f.encode() * 100) for f in slim_files())
+    travel = subprocess.run(["bash", "bench/gpu_slim.sh", "travel-bytes"], cwd=repo, capture_output=True, text=True)
+    assert travel.returncode == 0 and int(travel.stdout) == kept, travel
+    size = slim("size")
+    mib = (f"{(kept + moved) / 2**20:.1f}", f"{kept / 2**20:.1f}")
+    assert size.returncode == 0 and size.stdout.strip() == (
+        f"checkout {mib[0]} MiB; without the files gpu_check.sh does not use {mib[1]} MiB")
     second = slim("aside")  # a second aside would overwrite the first: refused
     assert second.returncode == 1 and "restore first" in second.stderr
     assert slim("restore").returncode == 0
     assert git("status", "--porcelain") == "" and not any(aside.iterdir())
+    assert slim("size").stdout == size.stdout  # the same numbers with the files back
     # a file damaged while aside is caught on the way back
     assert slim("aside").returncode == 0
     (aside / Path(slim_files()[0]).name).write_bytes(b"damaged")
