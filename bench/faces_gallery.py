@@ -653,7 +653,7 @@ def run_e2e(args: argparse.Namespace, settings: dict[str, Any]) -> int:
         t0 = time.perf_counter()
         faces = seed_gallery(root / "gallery", key, args.gallery_size, chunk=args.chunk, seed=args.seed)
         print(f"# seeded {faces} faces in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        env = {"CNN_DATA_DIR": str(root), "CNN_CLASSIFIERS": "cifar10-resnet20", "CNN_TEXT_MODELS": "",
+        env = {"CNN_DATA_DIR": str(root), "CNN_CLASSIFIERS": "", "CNN_TEXT_MODELS": "",
                "CNN_FACE_MODELS": key.name, "CNN_STYLE_ENABLED": "false", "CNN_LOG_LEVEL": "warning"}
         with Server(env, python=sys.executable, log_path=root / "server.log", startup_timeout=600) as server:
             results = [asyncio.run(run_http_identify(server.url, args.image, gallery_size=faces, concurrency=c,
@@ -663,6 +663,12 @@ def run_e2e(args: argparse.Namespace, settings: dict[str, Any]) -> int:
         write_outputs(args.out, [*http_lines(results, args.image), "", *machine_lines(machine)],
                       {"machine": machine, "settings": settings, "results": results})
         return 0
+    except BaseException:  # also a timeout's SIGINT: the server's log goes with the temporary folder, so show it
+        log = root / "server.log"
+        if log.is_file():
+            print(f"# the server's log ({log}), last 3000 characters:\n{log.read_text(errors='replace')[-3000:]}",
+                  file=sys.stderr)
+        raise
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

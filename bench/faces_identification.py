@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         root = Path(tempfile.mkdtemp(prefix="faces-ident-", dir=args.tmp_dir))
         try:
-            env = {"CNN_DATA_DIR": str(root), "CNN_CLASSIFIERS": "cifar10-resnet20", "CNN_TEXT_MODELS": "",
+            env = {"CNN_DATA_DIR": str(root), "CNN_CLASSIFIERS": "", "CNN_TEXT_MODELS": "",
                    "CNN_FACE_MODELS": args.model, "CNN_STYLE_ENABLED": "false", "CNN_LOG_LEVEL": "warning"}
             with Server(env, python=sys.executable, log_path=root / "server.log", startup_timeout=600) as server:
                 payload = run(server.url, args)

@@ -190,7 +190,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--route", choices=("classify", "text"), default="classify")
-    p.add_argument("--model", default=None, help="default: cifar10-resnet20 (classify), agnews-vdcnn9 (text)")
+    p.add_argument("--model", default=None, help="default: cifar10-resnet56 (classify), agnews-vdcnn9 (text)")
     p.add_argument("--device", default=None, help="CNN_DEVICE (default: inherited, else auto)")
     p.add_argument("--allow-untrained", action="store_true", help="CNN_ALLOW_UNTRAINED (torchvision models)")
     p.add_argument("--concurrency", type=int, default=32)
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--markdown", type=Path, default=None)
     args = p.parse_args(argv)
-    args.model = args.model or ("cifar10-resnet20" if args.route == "classify" else "agnews-vdcnn9")
+    args.model = args.model or ("cifar10-resnet56" if args.route == "classify" else "agnews-vdcnn9")
 
     import torch
     from torch.profiler import ProfilerActivity, profile
