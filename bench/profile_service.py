@@ -223,9 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     for path in (args.json, args.markdown, args.trace):
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-    # The profiler's first start in a process initialises its back end (1.7 s idle, 3.4 s under load on a 2-core
-    # machine without a GPU, measured): done once here, before the load, so the window opens when it is asked to
-    # and the load generator (which runs for a fixed time) has not ended by then.
+    # The profiler's first start in a process initialises its back end (seconds on a 2-core machine without a GPU,
+    # timed by hand): done once here, before the load, so the window opens when it is asked to and the load
+    # generator (which runs for a fixed time) has not ended by then.
     with profile(activities=activities, experimental_config=experimental_config(cuda)):
         pass
     with tempfile.TemporaryDirectory() as tmp:
