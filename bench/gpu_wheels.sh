@@ -10,8 +10,9 @@
 #
 # Left out (GPU_WHEELS_SKIP, space-separated): large packages the H200 image already has (numpy, pillow,
 # opencv-python-headless, onnx, onnxruntime, matplotlib and their dependencies); pip on the GPU machine takes
-# them from its own Python. pygments (1.2 MB, required by pytest 9) is carried: the image's listing does not name it,
-# and a run of gpu_check.sh from a Python 3.12 + torch 2.11 environment without it stopped at set-up. Set GPU_WHEELS_SKIP= (empty) for a machine that has only torch and torchvision.
+# them from its own Python. pygments (1.2 MB, required by pytest 9) is carried: the image's listing does not
+# name it, and a run of gpu_check.sh from a Python 3.12 + torch 2.11 environment without it stopped at set-up.
+# Set GPU_WHEELS_SKIP= (empty) for a machine that has only torch and torchvision.
 #
 # FAISS: faiss-gpu 1.15.1 is a 135 MB wheel that also needs the CUDA 12 runtime and cuBLAS wheels (hundreds
 # of MB; the H200 image has CUDA 13), far over the 64 MiB a device call carries, so the default is faiss-cpu

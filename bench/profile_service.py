@@ -74,14 +74,19 @@ class AnsweredCounter:
         await self.app(scope, receive, send=counting_send)
 
 
-def wait_for_answers(counter: AnsweredCounter, since: int, timeout: float, load: subprocess.Popen[bytes]) -> None:
+def stopped_early(load: subprocess.Popen[bytes]) -> RuntimeError:
+    err = load.stderr.read().decode()[-2000:] if load.stderr else ""
+    return RuntimeError(f"the load generator stopped early: {err}")
+
+
+def wait_for_answers(counter: AnsweredCounter, timeout: float, load: subprocess.Popen[bytes]) -> None:
     """Until the load generator's first request on the route is answered (its start-up, imports and warm-up
     requests take a variable time on a busy machine, so a fixed sleep can leave the window empty)."""
     deadline = time.monotonic() + timeout
+    since = counter.answered
     while counter.answered <= since:
         if load.poll() is not None:
-            raise RuntimeError(f"the load generator stopped early: {load.stderr.read().decode()[-2000:]}"
-                               if load.stderr else "the load generator stopped early")
+            raise stopped_early(load)
         if time.monotonic() > deadline:
             raise RuntimeError(f"no request answered within {timeout:.0f} s of starting the load")
         time.sleep(0.05)
@@ -233,10 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         load = subprocess.Popen(load_command(args, server.url, load_json), cwd=PROJECT_ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            wait_for_answers(server.counter, server.counter.answered, args.startup_timeout, load)
+            wait_for_answers(server.counter, args.startup_timeout, load)
             time.sleep(args.warmup)
             if load.poll() is not None:
-                raise RuntimeError(f"the load generator stopped early: {load.stderr.read().decode()[-2000:]}")
+                raise stopped_early(load)
             with profile(activities=activities, experimental_config=experimental_config(cuda)) as prof:
                 before = server.counter.answered
                 t0 = time.perf_counter()
