@@ -115,7 +115,9 @@ def resolve_weights(ref: WeightsRef, weights_dir: Path, hub_dir: Path, *, allow_
     hint = f"put {ref.file_name} in {weights_dir} or {hub_dir}"
     if ref.url:
         hint += " (fetch it with `python -m app.cli fetch-weights` on a machine with internet)"
-    raise WeightsUnavailable("; ".join([*problems, f"weights file {ref.file_name} not found: {hint}"]))
+    # a damaged copy is not "not found": say that no verified copy exists (the problems above name the bad ones)
+    missing = f"no verified copy of {ref.file_name}" if problems else f"weights file {ref.file_name} not found"
+    raise WeightsUnavailable("; ".join([*problems, f"{missing}: {hint}"]))
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

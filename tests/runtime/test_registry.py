@@ -122,8 +122,13 @@ def test_hub_cache_with_torchvision_file_name_and_hash_prefix(tmp_path: Path) ->
     assert got.source == "hub_cache"
     bad = WeightsRef(f"squeezenet1_1-{'0' * 8}.pth", hash_prefix="0" * 8)
     shutil.copy(tmp, hub / bad.file_name)
-    with pytest.raises(WeightsUnavailable, match="does not match"):
+    with pytest.raises(WeightsUnavailable, match="does not match") as err:
         resolve_weights(bad, tmp_path / "w", hub, allow_download=False)
+    # the damaged copy is named, and the message does not also call the file "not found"
+    assert "no verified copy of" in str(err.value) and "not found" not in str(err.value)
+    with pytest.raises(WeightsUnavailable, match="not found"):
+        resolve_weights(WeightsRef("absent-00000000.pth", hash_prefix="0" * 8), tmp_path / "w", hub,
+                        allow_download=False)
     assert spec.weights.hash_prefix and spec.weights.file_name.startswith("squeezenet1_1-")
 
 
